@@ -1,0 +1,163 @@
+// The reference server's routing rules: pure functions of the request line, no I/O, no Beast.
+// Kept apart so that tests (and fuzzers) can drive them directly.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace wsbroadcast_server {
+
+/// LNbits' rule for an id: 1 to 128 bytes of [A-Za-z0-9:_-].
+constexpr std::size_t max_id_length = 128;
+
+inline bool valid_id(std::string_view id) {
+    if (id.empty() || id.size() > max_id_length) return false;
+    for (unsigned char c : id) {
+        const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == ':' ||
+                        c == '_' || c == '-';
+        if (!ok) return false;
+    }
+    return true;
+}
+
+/// Percent-decoding. In a query string '+' also means a space. A malformed escape is an error.
+inline std::optional<std::string> url_decode(std::string_view in, bool plus_is_space = false) {
+    auto hex = [](char c) -> int {
+        if (c >= '0' && c <= '9') return c - '0';
+        if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+        if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+        return -1;
+    };
+    std::string out;
+    out.reserve(in.size());
+    for (std::size_t i = 0; i < in.size(); ++i) {
+        if (in[i] == '%') {
+            if (i + 2 >= in.size()) return std::nullopt;
+            const int hi = hex(in[i + 1]), lo = hex(in[i + 2]);
+            if (hi < 0 || lo < 0) return std::nullopt;
+            out.push_back(static_cast<char>(hi * 16 + lo));
+            i += 2;
+        } else if (in[i] == '+' && plus_is_space) {
+            out.push_back(' ');
+        } else {
+            out.push_back(in[i]);
+        }
+    }
+    return out;
+}
+
+/// The raw (still encoded) value of `name` in a query string ("a=1&data=x"); nullopt if absent.
+inline std::optional<std::string_view> query_param(std::string_view query, std::string_view name) {
+    while (!query.empty()) {
+        const auto amp = query.find('&');
+        const auto pair = query.substr(0, amp);
+        const auto eq = pair.find('=');
+        if (pair.substr(0, eq) == name) return eq == pair.npos ? std::string_view{} : pair.substr(eq + 1);
+        if (amp == query.npos) break;
+        query.remove_prefix(amp + 1);
+    }
+    return std::nullopt;
+}
+
+/// JSON string escaping (RFC 8259): quotes, backslash and control characters.
+inline std::string json_string(std::string_view s) {
+    std::string out = "\"";
+    for (unsigned char c : s) {
+        switch (c) {
+        case '"': out += "\\\""; break;
+        case '\\': out += "\\\\"; break;
+        case '\n': out += "\\n"; break;
+        case '\r': out += "\\r"; break;
+        case '\t': out += "\\t"; break;
+        default:
+            if (c < 0x20) {
+                static constexpr char digits[] = "0123456789abcdef";
+                out += "\\u00";
+                out += digits[c >> 4];
+                out += digits[c & 15];
+            } else {
+                out += static_cast<char>(c);
+            }
+        }
+    }
+    return out + '"';
+}
+
+enum class route_kind {
+    page,            // GET /
+    subscribe,       // GET /api/v1/ws/{id}, must be a WebSocket upgrade
+    push_body,       // POST /api/v1/ws/{id}: ?data= or the body
+    push_path,       // GET /api/v1/ws/{id}/{data}
+    bad_request,     // 400: bad id or malformed escape
+    not_found,       // 404
+    wrong_method,    // 405
+};
+
+struct route {
+    route_kind kind = route_kind::not_found;
+    std::string id;
+    std::optional<std::string> data;  // push_path: the decoded data; push_body: ?data= if present
+    std::string_view allow;           // wrong_method: the Allow header
+    std::string_view problem;         // bad_request: why
+};
+
+inline constexpr std::string_view ws_prefix = "/api/v1/ws";
+
+/// Routes a request by method ("GET", "POST", ...) and target ("/path?query").
+inline route route_request(std::string_view method, std::string_view target) {
+    const auto question = target.find('?');
+    const auto path = target.substr(0, question);
+    const auto query = question == target.npos ? std::string_view{} : target.substr(question + 1);
+
+    route r;
+    if (path == "/") {
+        if (method == "GET") r.kind = route_kind::page;
+        else r.kind = route_kind::wrong_method, r.allow = "GET";
+        return r;
+    }
+    if (path != ws_prefix && !(path.starts_with(ws_prefix) && path[ws_prefix.size()] == '/')) return r;
+
+    auto rest = path.substr(std::min(path.size(), ws_prefix.size() + 1));
+    const auto slash = rest.find('/');
+    const auto raw_id = rest.substr(0, slash);
+    const bool has_data = slash != rest.npos;
+
+    auto bad = [&r](std::string_view why) {
+        r.kind = route_kind::bad_request;
+        r.problem = why;
+        return r;
+    };
+    auto id = url_decode(raw_id);
+    if (!id || !valid_id(*id)) return bad("invalid id: expected 1 to 128 characters of [A-Za-z0-9:_-]");
+    r.id = std::move(*id);
+
+    if (has_data) {
+        if (method != "GET") {
+            r.kind = route_kind::wrong_method;
+            r.allow = "GET";
+            return r;
+        }
+        r.data = url_decode(rest.substr(slash + 1));
+        if (!r.data) return bad("malformed percent-escape in data");
+        r.kind = route_kind::push_path;
+        return r;
+    }
+    if (method == "GET") {
+        r.kind = route_kind::subscribe;
+    } else if (method == "POST") {
+        r.kind = route_kind::push_body;
+        if (const auto raw = query_param(query, "data")) {
+            r.data = url_decode(*raw, true);
+            if (!r.data) return bad("malformed percent-escape in ?data=");
+        }
+    } else {
+        r.kind = route_kind::wrong_method;
+        r.allow = "GET, POST";
+    }
+    return r;
+}
+
+}  // namespace wsbroadcast_server

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what wsbroadcast needs on Debian 12, as root. Usage: scripts/deps.sh server|test
+set -euo pipefail
+# --no-install-recommends: libasio-dev recommends Boost 1.74, which conflicts with 1.81.
+server_packages=(g++ cmake ninja-build libboost1.81-dev)
+test_packages=("${server_packages[@]}" ccache libasio-dev doctest-dev meson pkg-config
+               clang-19 libclang-rt-19-dev llvm-19)
+case "${1:-}" in
+  server) packages=("${server_packages[@]}") ;;
+  test) packages=("${test_packages[@]}") ;;
+  *) echo "usage: $0 server|test" >&2; exit 2 ;;
+esac
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,135 @@
+// An in-memory WebSocket-like stream for unit tests: no network, fully observable.
+//
+// The server side is fake_socket, handed to the manager. The test keeps a shared_ptr to the
+// fake_peer, which records what was written and lets the test play the client: send a message,
+// close, make writes fail, or stop reading (stall). Every operation completes asynchronously
+// through the executor, like a real socket, and all of it runs on the io_context's thread.
+#pragma once
+
+#include "wsbroadcast.hpp"
+
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace test {
+
+namespace net = wsbroadcast::net;
+using wsbroadcast::error_code;
+
+struct fake_peer {
+    explicit fake_peer(net::any_io_executor ex) : executor(ex), read_signal(ex), write_gate(ex) {}
+
+    net::any_io_executor executor;
+
+    // What the server wrote, in order; and where each write's bytes lived (to prove sharing).
+    std::vector<std::string> received;
+    std::vector<bool> received_binary;
+    std::vector<const void*> write_addresses;
+
+    std::deque<std::string> inbox;  // what the "client" sent, waiting to be read by the server
+    bool client_closed = false;
+    bool server_closed = false;  // async_close was called
+    std::uint16_t close_code = 0;
+    bool aborted = false;        // the lowest layer was closed without a handshake
+    bool stalled = false;        // writes do not complete until unstall()
+    int writes_before_failure = -1;  // >= 0: that many writes succeed, then each fails
+    error_code failure = net::error::connection_reset;
+
+    net::steady_timer read_signal;  // a pending read waits here
+    net::steady_timer write_gate;   // a stalled write waits here
+
+    // Client-side actions. Call them on the io_context's thread (or post them there).
+    void client_send(std::string text) {
+        inbox.push_back(std::move(text));
+        read_signal.cancel();
+    }
+    void client_close() {
+        client_closed = true;
+        read_signal.cancel();
+    }
+    void unstall() {
+        stalled = false;
+        write_gate.cancel();
+    }
+};
+
+class fake_socket {
+public:
+    using executor_type = net::any_io_executor;
+
+    explicit fake_socket(std::shared_ptr<fake_peer> peer) : peer_(std::move(peer)) {}
+
+    executor_type get_executor() const { return peer_->executor; }
+
+    void binary(bool b) { binary_ = b; }
+
+    template <class Token>
+    auto async_write(net::const_buffer buffer, Token&& token) {
+        return net::async_compose<Token, void(error_code, std::size_t)>(
+            [p = peer_, buffer, binary = binary_, started = false](auto& self, error_code = {}) mutable {
+                if (!std::exchange(started, true)) return net::post(p->executor, std::move(self));
+                if (p->aborted || p->server_closed) return self.complete(net::error::operation_aborted, 0);
+                if (p->stalled) {
+                    p->write_gate.expires_at(net::steady_timer::time_point::max());
+                    return p->write_gate.async_wait(std::move(self));
+                }
+                if (p->writes_before_failure == 0) return self.complete(p->failure, 0);
+                if (p->writes_before_failure > 0) --p->writes_before_failure;
+                p->received.emplace_back(static_cast<const char*>(buffer.data()), buffer.size());
+                p->received_binary.push_back(binary);
+                p->write_addresses.push_back(buffer.data());
+                self.complete({}, buffer.size());
+            },
+            token, peer_->executor);
+    }
+
+    template <class DynamicBuffer, class Token>
+    auto async_read(DynamicBuffer& buffer, Token&& token) {
+        return net::async_compose<Token, void(error_code, std::size_t)>(
+            [p = peer_, &buffer, started = false](auto& self, error_code = {}) mutable {
+                if (!std::exchange(started, true)) return net::post(p->executor, std::move(self));
+                if (p->aborted) return self.complete(net::error::operation_aborted, 0);
+                if (!p->inbox.empty()) {
+                    auto text = std::move(p->inbox.front());
+                    p->inbox.pop_front();
+                    buffer.commit(net::buffer_copy(buffer.prepare(text.size()), net::buffer(text)));
+                    return self.complete({}, text.size());
+                }
+                if (p->client_closed || p->server_closed) return self.complete(net::error::eof, 0);
+                p->read_signal.expires_at(net::steady_timer::time_point::max());
+                p->read_signal.async_wait(std::move(self));
+            },
+            token, peer_->executor);
+    }
+
+    // Like Beast's: sends a close frame; a pending read then ends.
+    template <class Token>
+    auto async_close(std::uint16_t code, Token&& token) {
+        return net::async_compose<Token, void(error_code)>(
+            [p = peer_, code, started = false](auto& self, error_code = {}) mutable {
+                if (!std::exchange(started, true)) return net::post(p->executor, std::move(self));
+                if (p->aborted) return self.complete(net::error::operation_aborted);
+                p->server_closed = true;
+                p->close_code = code;
+                p->read_signal.cancel();
+                self.complete({});
+            },
+            token, peer_->executor);
+    }
+
+    // The manager tears a socket down through get_lowest_layer(s).close(), as with Beast.
+    friend fake_socket& get_lowest_layer(fake_socket& s) { return s; }
+    void close() {
+        peer_->aborted = true;
+        peer_->read_signal.cancel();
+        peer_->write_gate.cancel();
+    }
+
+private:
+    std::shared_ptr<fake_peer> peer_;
+    bool binary_ = false;
+};
+
+}  // namespace test

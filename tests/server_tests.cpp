@@ -1,0 +1,373 @@
+// Integration tests: the real wsbroadcast-server, started as a process on a loopback port, driven
+// by real Beast WebSocket and HTTP clients. Every wait is bounded by a timeout.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/websocket.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef WSBROADCAST_SERVER_PATH
+#error "WSBROADCAST_SERVER_PATH must name the wsbroadcast-server binary"
+#endif
+
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace websocket = beast::websocket;
+namespace net = boost::asio;
+using tcp = net::ip::tcp;
+using namespace std::chrono_literals;
+
+extern char** environ;
+
+namespace {
+
+constexpr auto io_timeout = 5s;
+
+// ---- the server process ---------------------------------------------------------------------
+
+class server_process {
+public:
+    explicit server_process(std::vector<std::string> args = {}) {
+        int out[2];
+        REQUIRE(pipe(out) == 0);
+        posix_spawn_file_actions_t actions;
+        posix_spawn_file_actions_init(&actions);
+        posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+        posix_spawn_file_actions_addclose(&actions, out[0]);
+        std::vector<std::string> all = {WSBROADCAST_SERVER_PATH, "--port", "0", "--threads", "2"};
+        all.insert(all.end(), args.begin(), args.end());
+        std::vector<char*> argv;
+        for (auto& a : all) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        REQUIRE(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ) == 0);
+        posix_spawn_file_actions_destroy(&actions);
+        close(out[1]);
+        // The first line says where it listens: "... listening on http://127.0.0.1:PORT with ..."
+        FILE* f = fdopen(out[0], "r");
+        char line[256] = {};
+        REQUIRE(fgets(line, sizeof line, f) != nullptr);
+        fclose(f);
+        const std::string text = line;
+        const auto colon = text.rfind(':', text.find(" with"));
+        port_ = static_cast<unsigned short>(std::stoi(text.substr(colon + 1)));
+        REQUIRE(port_ != 0);
+    }
+    ~server_process() {
+        if (pid_ > 0) {
+            kill(pid_, SIGKILL);
+            waitpid(pid_, nullptr, 0);
+        }
+    }
+    unsigned short port() const { return port_; }
+
+    // Sends `sig` and waits (bounded) for the exit status; -1 if it did not exit in time.
+    int stop(int sig = SIGTERM, std::chrono::milliseconds limit = 10s) {
+        kill(pid_, sig);
+        const auto deadline = std::chrono::steady_clock::now() + limit;
+        while (std::chrono::steady_clock::now() < deadline) {
+            int status = 0;
+            if (waitpid(pid_, &status, WNOHANG) == pid_) {
+                pid_ = -1;
+                return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+            }
+            std::this_thread::sleep_for(10ms);
+        }
+        return -1;
+    }
+
+private:
+    pid_t pid_ = -1;
+    unsigned short port_ = 0;
+};
+
+// One server for the tests that do not stop it.
+server_process& shared_server() {
+    static server_process server;
+    return server;
+}
+
+// ---- clients --------------------------------------------------------------------------------
+
+// Runs one async operation on `ioc` to completion; the stream's own timer bounds it.
+template <class Start>
+beast::error_code run(net::io_context& ioc, Start start) {
+    beast::error_code result = net::error::would_block;
+    start([&](beast::error_code ec, auto&&...) { result = ec; });
+    ioc.restart();
+    ioc.run();
+    return result;
+}
+
+struct ws_client {
+    net::io_context ioc;
+    websocket::stream<beast::tcp_stream> ws{ioc};
+    beast::flat_buffer buffer;
+    http::response<http::string_body> handshake_response;
+
+    beast::error_code connect(unsigned short port, const std::string& target) {
+        beast::get_lowest_layer(ws).expires_after(io_timeout);
+        auto ec = run(ioc, [&](auto done) {
+            beast::get_lowest_layer(ws).async_connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), done);
+        });
+        if (ec) return ec;
+        return run(ioc, [&](auto done) {
+            ws.async_handshake(handshake_response, "127.0.0.1:" + std::to_string(port), target, done);
+        });
+    }
+
+    // The next message, or nullopt after `timeout` (or on close, with `ec` saying which).
+    std::optional<std::string> read(std::chrono::milliseconds timeout = io_timeout, beast::error_code* ec_out = nullptr) {
+        beast::get_lowest_layer(ws).expires_after(timeout);
+        buffer.clear();
+        const auto ec = run(ioc, [&](auto done) { ws.async_read(buffer, done); });
+        if (ec_out) *ec_out = ec;
+        if (ec) return std::nullopt;
+        return beast::buffers_to_string(buffer.data());
+    }
+
+    void send(const std::string& text) {
+        beast::get_lowest_layer(ws).expires_after(io_timeout);
+        REQUIRE_FALSE(run(ioc, [&](auto done) { ws.async_write(net::buffer(text), done); }));
+    }
+
+    void close() {
+        beast::get_lowest_layer(ws).expires_after(io_timeout);
+        run(ioc, [&](auto done) { ws.async_close(websocket::close_code::normal, done); });
+    }
+};
+
+std::unique_ptr<ws_client> subscriber(const std::string& id, unsigned short port = shared_server().port()) {
+    auto c = std::make_unique<ws_client>();
+    REQUIRE_FALSE(c->connect(port, "/api/v1/ws/" + id));
+    return c;
+}
+
+http::response<http::string_body> request(http::verb method, const std::string& target, std::string body = {},
+                                          unsigned short port = shared_server().port()) {
+    net::io_context ioc;
+    beast::tcp_stream stream(ioc);
+    stream.expires_after(io_timeout);
+    REQUIRE_FALSE(run(ioc, [&](auto done) {
+        stream.async_connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), done);
+    }));
+    http::request<http::string_body> req{method, target, 11};
+    req.set(http::field::host, "127.0.0.1");
+    req.body() = std::move(body);
+    req.prepare_payload();
+    REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_write(stream, req, done); }));
+    beast::flat_buffer buffer;
+    http::response_parser<http::string_body> parser;
+    parser.body_limit(4 * 1024 * 1024);
+    REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_read(stream, buffer, parser, done); }));
+    return parser.release();
+}
+
+// Writes raw bytes and returns everything the server answers before it closes (or times out).
+std::string raw_exchange(const std::string& bytes, unsigned short port = shared_server().port()) {
+    net::io_context ioc;
+    beast::tcp_stream stream(ioc);
+    stream.expires_after(io_timeout);
+    REQUIRE_FALSE(run(ioc, [&](auto done) {
+        stream.async_connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), done);
+    }));
+    REQUIRE_FALSE(run(ioc, [&](auto done) { net::async_write(stream, net::buffer(bytes), done); }));
+    std::string answer;
+    auto buffer = net::dynamic_buffer(answer);
+    run(ioc, [&](auto done) { net::async_read(stream, buffer, done); });  // ends with eof
+    return answer;
+}
+
+std::string push_answer(const std::string& data, std::size_t connections) {
+    return R"({"sent":true,"data":")" + data + R"(","connections":)" + std::to_string(connections) + "}";
+}
+
+// Connection counts fall as closes are processed: poll a push to a dead id until it reaches 0.
+std::string connections_after_close(const std::string& id) {
+    std::string body;
+    for (int i = 0; i < 200; ++i) {
+        body = request(http::verb::post, "/api/v1/ws/" + id + "?data=probe").body();
+        if (body.find(R"("connections":0)") != std::string::npos) break;
+        std::this_thread::sleep_for(10ms);
+    }
+    return body;
+}
+
+}  // namespace
+
+// ---- pushing --------------------------------------------------------------------------------
+
+TEST_CASE("a POST body reaches every subscriber of the id and nobody else") {
+    auto a1 = subscriber("alpha"), a2 = subscriber("alpha"), a3 = subscriber("alpha");
+    auto b = subscriber("beta");
+
+    const auto res = request(http::verb::post, "/api/v1/ws/alpha", R"({"paid": true})");
+    CHECK(res.result() == http::status::ok);
+    CHECK(res[http::field::content_type] == "application/json");
+    CHECK(res.body() == R"({"sent":true,"data":"{\"paid\": true}","connections":3})");
+    for (auto* c : {a1.get(), a2.get(), a3.get()}) CHECK(c->read() == R"({"paid": true})");
+
+    // If beta had been sent alpha's message, it would arrive before this marker.
+    CHECK(request(http::verb::post, "/api/v1/ws/beta", "marker").body() == push_answer("marker", 1));
+    CHECK(b->read() == "marker");
+    // And each alpha subscriber got exactly one message.
+    for (auto* c : {a1.get(), a2.get(), a3.get()}) CHECK_FALSE(c->read(200ms).has_value());
+}
+
+TEST_CASE("POST ?data= (the LNbits form) and GET /{id}/{data} push the decoded data") {
+    auto c = subscriber("inv:42_x-y");
+    CHECK(request(http::verb::post, "/api/v1/ws/inv:42_x-y?data=hello+world%21").body() ==
+          push_answer("hello world!", 1));
+    CHECK(c->read() == "hello world!");
+    CHECK(request(http::verb::get, "/api/v1/ws/inv:42_x-y/paid%20in%20full%2F1").body() ==
+          push_answer("paid in full/1", 1));
+    CHECK(c->read() == "paid in full/1");
+}
+
+TEST_CASE("messages to one subscriber arrive in push order") {
+    auto c = subscriber("ordered");
+    for (int i = 0; i < 50; ++i) request(http::verb::post, "/api/v1/ws/ordered", "n" + std::to_string(i));
+    for (int i = 0; i < 50; ++i) CHECK(c->read() == "n" + std::to_string(i));
+}
+
+TEST_CASE("text from a client is read but not echoed") {
+    auto c = subscriber("quiet");
+    c->send("hello server");
+    CHECK(request(http::verb::post, "/api/v1/ws/quiet", "from server").body() == push_answer("from server", 1));
+    CHECK(c->read() == "from server");
+}
+
+TEST_CASE("closing clients brings the counts back to 0") {
+    auto c1 = subscriber("leaving"), c2 = subscriber("leaving");
+    CHECK(request(http::verb::post, "/api/v1/ws/leaving", "x").body() == push_answer("x", 2));
+    c1->close();
+    c2->ws.next_layer().close();  // one leaves cleanly, one just drops the TCP connection
+    CHECK(connections_after_close("leaving") == push_answer("probe", 0));
+}
+
+TEST_CASE("a push to an id nobody listens on reaches 0 connections") {
+    CHECK(request(http::verb::post, "/api/v1/ws/nobody-here", "x").body() == push_answer("x", 0));
+}
+
+// ---- bad input ------------------------------------------------------------------------------
+
+TEST_CASE("unknown routes get 404, wrong methods 405, a plain GET on the socket route 426") {
+    CHECK(request(http::verb::get, "/nope").result() == http::status::not_found);
+    CHECK(request(http::verb::get, "/api/v1/wsx/abc").result() == http::status::not_found);
+    CHECK(request(http::verb::get, "/api/v2/ws/abc").result() == http::status::not_found);
+
+    auto del = request(http::verb::delete_, "/api/v1/ws/abc");
+    CHECK(del.result() == http::status::method_not_allowed);
+    CHECK(del[http::field::allow] == "GET, POST");
+    CHECK(request(http::verb::put, "/api/v1/ws/abc/data").result() == http::status::method_not_allowed);
+    CHECK(request(http::verb::post, "/").result() == http::status::method_not_allowed);
+
+    auto plain = request(http::verb::get, "/api/v1/ws/abc");
+    CHECK(plain.result() == http::status::upgrade_required);
+    CHECK(plain[http::field::upgrade] == "websocket");
+}
+
+TEST_CASE("invalid ids are refused with 400, for pushes and for subscriptions") {
+    const std::string too_long(129, 'a');
+    for (const std::string& id : {std::string(""), too_long, std::string("bad%20id"), std::string("a.b"),
+                                 std::string("%C3%A9"), std::string("a%2Fb")}) {
+        CAPTURE(id);
+        auto res = request(http::verb::post, "/api/v1/ws/" + id, "x");
+        CHECK(res.result() == http::status::bad_request);
+        CHECK(res.body().find("invalid id") != std::string::npos);
+        ws_client c;
+        CHECK(c.connect(shared_server().port(), "/api/v1/ws/" + id) == websocket::error::upgrade_declined);
+        CHECK(c.handshake_response.result() == http::status::bad_request);
+    }
+    // 128 bytes is still fine.
+    CHECK(request(http::verb::post, "/api/v1/ws/" + std::string(128, 'a'), "x").result() == http::status::ok);
+    CHECK(request(http::verb::get, "/api/v1/ws/abc/%zz").result() == http::status::bad_request);
+}
+
+TEST_CASE("a malformed request gets 400 and the server carries on") {
+    auto watcher = subscriber("still-alive");
+    CHECK(raw_exchange("GARBAGE\r\n\r\n").starts_with("HTTP/1.1 400"));
+    CHECK(raw_exchange("GET /\r\n\r\n").starts_with("HTTP/1.1 400"));
+    CHECK(raw_exchange("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n").starts_with("HTTP/1.1 400"));
+    CHECK(raw_exchange(std::string("\x16\x03\x01\x00\xff garbage", 14)).starts_with("HTTP/1.1 400"));
+    CHECK(request(http::verb::post, "/api/v1/ws/still-alive", "ok").body() == push_answer("ok", 1));
+    CHECK(watcher->read() == "ok");
+}
+
+TEST_CASE("a push body over 1 MiB gets 413 and is delivered to no one") {
+    auto c = subscriber("big");
+    CHECK(raw_exchange("POST /api/v1/ws/big HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+              .starts_with("HTTP/1.1 413"));
+    CHECK(request(http::verb::post, "/api/v1/ws/big", "small").body() == push_answer("small", 1));
+    CHECK(c->read() == "small");
+}
+
+TEST_CASE("a client message over the limit is closed with 1009, others unaffected") {
+    auto big = subscriber("limits"), other = subscriber("limits");
+    big->send(std::string(100 * 1024, 'x'));
+    // The server sends close 1009 and hangs up; the client's reply may find the socket gone.
+    CHECK_FALSE(big->read().has_value());
+    CHECK(big->ws.reason().code == websocket::close_code::too_big);
+    CHECK(request(http::verb::post, "/api/v1/ws/limits", "fine").body() == push_answer("fine", 1));
+    CHECK(other->read() == "fine");
+}
+
+// ---- the page -------------------------------------------------------------------------------
+
+TEST_CASE("GET / serves a page that subscribes over ws: or wss:") {
+    auto res = request(http::verb::get, "/");
+    CHECK(res.result() == http::status::ok);
+    CHECK(res[http::field::content_type] == "text/html; charset=utf-8");
+    CHECK(res.body().find("new WebSocket(") != std::string::npos);
+    CHECK(res.body().find(R"(location.protocol !== "http:" ? "wss://" : "ws://")") != std::string::npos);
+}
+
+// ---- the process ----------------------------------------------------------------------------
+
+TEST_CASE("SIGTERM closes every client with 1001 and exits 0") {
+    server_process server;
+    auto c1 = subscriber("bye", server.port()), c2 = subscriber("bye-too", server.port());
+    CHECK(request(http::verb::post, "/api/v1/ws/bye", "before", server.port()).body() == push_answer("before", 1));
+
+    // The clients answer the close frame while the server waits for them.
+    std::thread stopper([&] { CHECK(server.stop(SIGTERM) == 0); });
+    CHECK(c1->read() == "before");
+    for (auto* c : {c1.get(), c2.get()}) {
+        beast::error_code ec;
+        CHECK_FALSE(c->read(io_timeout, &ec).has_value());
+        CHECK(ec == websocket::error::closed);
+        CHECK(c->ws.reason().code == websocket::close_code::going_away);
+    }
+    stopper.join();
+}
+
+TEST_CASE("SIGINT with no clients exits 0; --help exits 0; a bad option exits 2") {
+    server_process server;
+    CHECK(server.stop(SIGINT) == 0);
+
+    auto run_status = [](std::vector<std::string> args) {
+        std::vector<std::string> all = {WSBROADCAST_SERVER_PATH};
+        all.insert(all.end(), args.begin(), args.end());
+        std::string cmd;
+        for (auto& a : all) cmd += a + " ";
+        return WEXITSTATUS(std::system((cmd + " >/dev/null 2>&1").c_str()));
+    };
+    CHECK(run_status({"--help"}) == 0);
+    CHECK(run_status({"--bogus"}) == 2);
+    CHECK(run_status({"--port", "notanumber"}) == 2);
+    CHECK(run_status({"--threads", "0"}) == 2);
+}

@@ -1,0 +1,485 @@
+// Unit tests of wsbroadcast.hpp against the in-memory fake socket. Built once per Asio flavour.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include "fake_socket.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <future>
+#include <optional>
+#include <string>
+#include <thread>
+
+using namespace std::chrono_literals;
+using test::fake_peer;
+using test::fake_socket;
+namespace net = wsbroadcast::net;
+using wsbroadcast::error_code;
+
+using manager_type = wsbroadcast::ConnectionManager<fake_socket>;
+
+namespace {
+
+struct fixture {
+    net::io_context ioc;
+
+    std::shared_ptr<fake_peer> peer() { return std::make_shared<fake_peer>(ioc.get_executor()); }
+
+    // Runs until nothing is left to do right now: the writers have drained and parked.
+    void settle() {
+        ioc.restart();
+        ioc.run_for(50ms);
+    }
+};
+
+std::vector<std::string> numbered(int n, const std::string& prefix = "m") {
+    std::vector<std::string> out;
+    for (int i = 0; i < n; ++i) out.push_back(prefix + std::to_string(i));
+    return out;
+}
+
+}  // namespace
+
+// ---- concepts -------------------------------------------------------------------------------
+
+struct not_a_socket {};
+struct socket_without_write {
+    using executor_type = net::any_io_executor;
+    executor_type get_executor() const;
+};
+
+static_assert(wsbroadcast::message_socket<fake_socket>);
+static_assert(wsbroadcast::readable_message_socket<fake_socket>);
+static_assert(!wsbroadcast::message_socket<int>);
+static_assert(!wsbroadcast::message_socket<not_a_socket>);
+static_assert(!wsbroadcast::message_socket<socket_without_write>);
+static_assert(wsbroadcast::has_executor<socket_without_write>);
+
+struct no_hash_key {
+    int v;
+    bool operator==(const no_hash_key&) const = default;
+};
+static_assert(!wsbroadcast::hashable_key<no_hash_key, std::hash<no_hash_key>, std::equal_to<>>);
+static_assert(wsbroadcast::hashable_key<int, std::hash<int>, std::equal_to<>>);
+
+// ---- registration ---------------------------------------------------------------------------
+
+TEST_CASE_FIXTURE(fixture, "subscribe registers, unsubscribe and destruction unregister") {
+    manager_type manager;
+    CHECK(manager.size() == 0);
+    CHECK_FALSE(manager.has("a"));
+
+    auto a1 = manager.subscribe(fake_socket(peer()), "a");
+    auto a2 = manager.subscribe(fake_socket(peer()), "a");
+    {
+        auto b = manager.subscribe(fake_socket(peer()), "b");
+        CHECK(manager.size() == 3);
+        CHECK(manager.key_count() == 2);
+        CHECK(manager.count("a") == 2);
+        CHECK(manager.count(std::string_view("b")) == 1);
+        CHECK(manager.has(std::string("b")));
+    }
+    CHECK(manager.size() == 2);
+    CHECK_FALSE(manager.has("b"));
+
+    a1.unsubscribe();
+    a1.unsubscribe();  // idempotent
+    CHECK_FALSE(a1);
+    CHECK(manager.count("a") == 1);
+    a2 = manager_type::subscription();  // move-assigning over a live subscription releases it
+    CHECK(manager.size() == 0);
+    CHECK(manager.key_count() == 0);
+    settle();
+}
+
+// ---- send and broadcast ---------------------------------------------------------------------
+
+TEST_CASE_FIXTURE(fixture, "send reaches exactly the connections under the key") {
+    manager_type manager;
+    auto pa1 = peer(), pa2 = peer(), pb = peer();
+    auto a1 = manager.subscribe(fake_socket(pa1), "a");
+    auto a2 = manager.subscribe(fake_socket(pa2), "a");
+    auto b = manager.subscribe(fake_socket(pb), "b");
+
+    auto r = manager.send("a", R"({"paid": true})");
+    CHECK(r.queued == 2);
+    CHECK(r.dropped == 0);
+    CHECK(r.closed == 0);
+    settle();
+
+    CHECK(pa1->received == std::vector<std::string>{R"({"paid": true})"});
+    CHECK(pa2->received == std::vector<std::string>{R"({"paid": true})"});
+    CHECK(pb->received.empty());
+    CHECK(manager.stats().deliveries == 2);
+    CHECK(manager.stats().messages == 1);
+}
+
+TEST_CASE_FIXTURE(fixture, "sending to a key nobody listens on is a no-op") {
+    manager_type manager;
+    auto p = peer();
+    auto s = manager.subscribe(fake_socket(p), "a");
+    auto r = manager.send("nobody", "hello");
+    CHECK(r.queued == 0);
+    CHECK(manager.stats().messages == 0);
+    settle();
+    CHECK(p->received.empty());
+}
+
+TEST_CASE_FIXTURE(fixture, "one message is stored once and shared by every recipient") {
+    manager_type manager;
+    std::vector<std::shared_ptr<fake_peer>> peers;
+    std::vector<manager_type::subscription> subs;
+    for (int i = 0; i < 5; ++i) {
+        peers.push_back(peer());
+        subs.push_back(manager.subscribe(fake_socket(peers.back()), "k"));
+    }
+    CHECK(manager.send("k", std::string(1000, 'x')).queued == 5);
+    settle();
+    for (auto& p : peers) {
+        REQUIRE(p->write_addresses.size() == 1);
+        CHECK(p->write_addresses[0] == peers[0]->write_addresses[0]);  // the same bytes, not a copy
+        CHECK(p->received[0] == std::string(1000, 'x'));
+    }
+}
+
+TEST_CASE_FIXTURE(fixture, "broadcast reaches every connection under every key") {
+    manager_type manager;
+    auto pa = peer(), pb = peer(), pc = peer();
+    auto a = manager.subscribe(fake_socket(pa), "a");
+    auto b = manager.subscribe(fake_socket(pb), "b");
+    auto c = manager.subscribe(fake_socket(pc), "c");
+    CHECK(manager.broadcast("to all").queued == 3);
+    CHECK(manager.broadcast(wsbroadcast::message::binary(std::string("\x00\x01", 2))).queued == 3);
+    settle();
+    for (auto& p : {pa, pb, pc}) {
+        CHECK(p->received == std::vector<std::string>{"to all", std::string("\x00\x01", 2)});
+        CHECK(p->received_binary == std::vector<bool>{false, true});
+    }
+}
+
+TEST_CASE_FIXTURE(fixture, "messages to one connection arrive in the order they were sent") {
+    manager_type manager;
+    auto p = peer();
+    auto s = manager.subscribe(fake_socket(p), "k");
+    const auto expected = numbered(500);
+    for (int i = 0; i < 500; ++i) {
+        manager.send("k", expected[static_cast<std::size_t>(i)]);
+        if (i % 50 == 0) ioc.poll();  // let the writer run between some of the sends
+    }
+    settle();
+    CHECK(p->received == expected);
+}
+
+TEST_CASE_FIXTURE(fixture, "a connection failing in the middle of a fan-out does not stop the others") {
+    std::vector<std::string> errors;
+    wsbroadcast::options opts;
+    opts.on_error = [&](const wsbroadcast::error_event& e) { errors.push_back(std::string(e.operation)); };
+    manager_type manager(opts);
+
+    auto good1 = peer(), bad = peer(), good2 = peer();
+    bad->writes_before_failure = 2;
+    bad->failure = net::error::timed_out;  // not a normal ending: it must be reported
+    auto s1 = manager.subscribe(fake_socket(good1), "k");
+    auto s2 = manager.subscribe(fake_socket(bad), "k");
+    auto s3 = manager.subscribe(fake_socket(good2), "k");
+
+    const auto expected = numbered(10);
+    for (auto& m : expected) manager.send("k", m);
+    settle();
+
+    CHECK(good1->received == expected);
+    CHECK(good2->received == expected);
+    CHECK(bad->received == std::vector<std::string>{"m0", "m1"});
+    CHECK(manager.count("k") == 2);  // the failed connection unregistered itself
+    CHECK(errors == std::vector<std::string>{"write"});
+    CHECK(manager.stats().errors == 1);
+
+    // Later sends go to the survivors only.
+    CHECK(manager.send("k", "after").queued == 2);
+}
+
+TEST_CASE_FIXTURE(fixture, "a peer that resets its connection is removed quietly") {
+    std::size_t errors = 0;
+    wsbroadcast::options opts;
+    opts.on_error = [&](const wsbroadcast::error_event&) { ++errors; };
+    manager_type manager(opts);
+    auto p = peer();
+    p->writes_before_failure = 0;  // connection_reset: an expected ending
+    auto s = manager.subscribe(fake_socket(p), "k");
+    manager.send("k", "x");
+    settle();
+    CHECK(manager.size() == 0);
+    CHECK(errors == 0);
+}
+
+// ---- threads --------------------------------------------------------------------------------
+
+TEST_CASE("sends from several threads at once keep each sender's order and lose nothing") {
+    net::io_context ioc;
+    wsbroadcast::options opts;
+    opts.max_queued_messages = 1'000'000;  // this test is about races, not limits
+    opts.max_queued_bytes = 1'000'000'000;
+    manager_type manager(opts);
+
+    constexpr int senders = 4, per_sender = 2000, receivers = 3;
+    std::vector<std::shared_ptr<fake_peer>> peers;
+    std::vector<manager_type::subscription> subs;
+    for (int i = 0; i < receivers; ++i) {
+        peers.push_back(std::make_shared<fake_peer>(ioc.get_executor()));
+        subs.push_back(manager.subscribe(fake_socket(peers.back()), "shared"));
+    }
+
+    auto guard = net::make_work_guard(ioc);
+    std::thread io([&] { ioc.run(); });
+    std::vector<std::thread> threads;
+    for (int t = 0; t < senders; ++t)
+        threads.emplace_back([&, t] {
+            for (int i = 0; i < per_sender; ++i)
+                manager.send("shared", std::to_string(t) + ":" + std::to_string(i));
+        });
+    for (auto& t : threads) t.join();
+    // Drain: once the sends are done the writers need only a moment, but bound the wait.
+    for (int spin = 0; spin < 500; ++spin) {
+        std::promise<bool> done;
+        net::post(ioc, [&] {
+            done.set_value(std::all_of(peers.begin(), peers.end(), [](auto& p) {
+                return p->received.size() == senders * per_sender;
+            }));
+        });
+        if (done.get_future().get()) break;
+        std::this_thread::sleep_for(10ms);
+    }
+    guard.reset();
+    subs.clear();
+    ioc.stop();
+    io.join();
+
+    for (auto& p : peers) {
+        REQUIRE(p->received.size() == senders * per_sender);
+        std::vector<int> next(senders, 0);
+        bool in_order = true;
+        for (auto& m : p->received) {
+            const auto colon = m.find(':');
+            const int t = std::stoi(m.substr(0, colon)), i = std::stoi(m.substr(colon + 1));
+            in_order = in_order && i == next[static_cast<std::size_t>(t)];
+            next[static_cast<std::size_t>(t)] = i + 1;
+        }
+        CHECK(in_order);
+    }
+    CHECK(manager.stats().deliveries == std::uint64_t{senders} * per_sender * receivers);
+}
+
+TEST_CASE("subscribe and unsubscribe race with sends from other threads") {
+    net::io_context ioc;
+    manager_type manager;
+    auto guard = net::make_work_guard(ioc);
+    std::thread io([&] { ioc.run(); });
+
+    std::atomic<bool> stop{false};
+    std::thread sender([&] {
+        for (int i = 0; i < 20000 && !stop; ++i) manager.send("k" + std::to_string(i % 4), "x");
+    });
+    for (int round = 0; round < 200; ++round) {
+        auto s = manager.subscribe(fake_socket(std::make_shared<fake_peer>(ioc.get_executor())),
+                                   "k" + std::to_string(round % 4));
+        if (round % 3 == 0) s.unsubscribe();
+    }
+    stop = true;
+    sender.join();
+    CHECK(manager.size() == 0);
+    guard.reset();
+    ioc.stop();
+    io.join();
+}
+
+// ---- key types ------------------------------------------------------------------------------
+
+struct wallet_key {
+    std::string wallet;
+    int channel;
+    bool operator==(const wallet_key&) const = default;
+};
+template <>
+struct std::hash<wallet_key> {
+    std::size_t operator()(const wallet_key& k) const noexcept {
+        return std::hash<std::string>{}(k.wallet) ^ (static_cast<std::size_t>(k.channel) << 1);
+    }
+};
+
+TEST_CASE_FIXTURE(fixture, "integer and user-defined keys") {
+    wsbroadcast::ConnectionManager<fake_socket, int> by_int;
+    auto p1 = peer();
+    auto s1 = by_int.subscribe(fake_socket(p1), 42);
+    CHECK(by_int.send(42, "int").queued == 1);
+    CHECK(by_int.send(7, "int").queued == 0);
+
+    wsbroadcast::ConnectionManager<fake_socket, wallet_key> by_struct;
+    auto p2 = peer();
+    auto s2 = by_struct.subscribe(fake_socket(p2), wallet_key{"w1", 2});
+    CHECK(by_struct.has(wallet_key{"w1", 2}));
+    CHECK_FALSE(by_struct.has(wallet_key{"w1", 3}));
+    CHECK(by_struct.send(wallet_key{"w1", 2}, "struct").queued == 1);
+    settle();
+    CHECK(p1->received == std::vector<std::string>{"int"});
+    CHECK(p2->received == std::vector<std::string>{"struct"});
+}
+
+// ---- the endpoint helper --------------------------------------------------------------------
+
+TEST_CASE_FIXTURE(fixture, "serve registers, hands client messages over, and unregisters on close") {
+    manager_type manager;
+    auto p = peer();
+    std::vector<std::string> from_client;
+    std::optional<error_code> ended;
+    net::co_spawn(
+        ioc,
+        manager.serve(fake_socket(p), "inv-1", [&](std::string_view m) { from_client.emplace_back(m); }),
+        [&](std::exception_ptr e, error_code ec) {
+            CHECK_FALSE(e);
+            ended = ec;
+        });
+    settle();
+    CHECK(manager.count("inv-1") == 1);
+
+    p->client_send("hello");
+    p->client_send("again");
+    manager.send("inv-1", "pushed");
+    settle();
+    CHECK(from_client == std::vector<std::string>{"hello", "again"});
+    CHECK(p->received == std::vector<std::string>{"pushed"});  // client text is not echoed
+
+    p->client_close();
+    settle();
+    REQUIRE(ended.has_value());
+    CHECK(*ended == net::error::eof);
+    CHECK(manager.size() == 0);
+}
+
+TEST_CASE_FIXTURE(fixture, "serve unregisters when the message handler throws, and rethrows") {
+    manager_type manager;
+    auto p = peer();
+    std::exception_ptr thrown;
+    net::co_spawn(ioc,
+                  manager.serve(fake_socket(p), "k",
+                                [](std::string_view) { throw std::runtime_error("bad client message"); }),
+                  [&](std::exception_ptr e, error_code) { thrown = e; });
+    settle();
+    CHECK(manager.size() == 1);
+    p->client_send("boom");
+    settle();
+    CHECK(thrown);
+    CHECK(manager.size() == 0);
+}
+
+TEST_CASE("serve unregisters when its io_context is destroyed mid-flight (cancellation)") {
+    manager_type manager;  // declared first: it outlives the io_context
+    {
+        net::io_context ioc;
+        auto p = std::make_shared<fake_peer>(ioc.get_executor());
+        net::co_spawn(ioc, manager.serve(fake_socket(p), "k"), [](std::exception_ptr, error_code) {});
+        ioc.run_for(20ms);
+        CHECK(manager.size() == 1);
+        manager.send("k", "queued but never written");
+    }
+    CHECK(manager.size() == 0);
+}
+
+// ---- bounded outboxes -----------------------------------------------------------------------
+
+TEST_CASE_FIXTURE(fixture, "a full outbox closes the connection by default; the others get everything") {
+    wsbroadcast::options opts;
+    opts.max_queued_messages = 8;
+    manager_type manager(opts);
+    auto slow = peer(), fast = peer();
+    slow->stalled = true;
+    auto s1 = manager.subscribe(fake_socket(slow), "k");
+    auto s2 = manager.subscribe(fake_socket(fast), "k");
+
+    const auto expected = numbered(20);
+    std::size_t closed = 0;
+    for (auto& m : expected) {
+        auto r = manager.send("k", m);
+        closed += r.closed;
+        ioc.poll();
+    }
+    settle();
+    CHECK(closed == 1);
+    CHECK(fast->received == expected);
+    CHECK(slow->aborted);  // its write never completed: torn down, not waited on
+    CHECK(manager.count("k") == 1);
+    CHECK(manager.stats().overflow_closes == 1);
+}
+
+TEST_CASE_FIXTURE(fixture, "an idle connection over its byte limit is closed with the overflow code") {
+    wsbroadcast::options opts;
+    opts.max_queued_bytes = 10;
+    manager_type manager(opts);
+    auto p = peer();
+    auto s = manager.subscribe(fake_socket(p), "k");
+    settle();
+    // Two sends before the writer runs: the second one does not fit.
+    CHECK(manager.send("k", "123456").queued == 1);
+    CHECK(manager.send("k", "7890ab").closed == 1);
+    settle();
+    CHECK(p->received.empty());  // nothing queued is written once the policy closed it
+    CHECK(p->server_closed);
+    CHECK(p->close_code == 1008);
+    CHECK(manager.size() == 0);
+}
+
+TEST_CASE_FIXTURE(fixture, "drop_newest keeps the queue and drops what does not fit") {
+    wsbroadcast::options opts;
+    opts.max_queued_messages = 4;
+    opts.on_overflow = wsbroadcast::overflow_policy::drop_newest;
+    manager_type manager(opts);
+    auto p = peer();
+    p->stalled = true;
+    auto s = manager.subscribe(fake_socket(p), "k");
+    settle();
+    std::size_t dropped = 0;
+    for (auto& m : numbered(10)) dropped += manager.send("k", m).dropped;
+    CHECK(dropped == 6);
+    p->unstall();
+    settle();
+    CHECK(p->received == numbered(4));
+    CHECK(manager.size() == 1);
+    CHECK(manager.stats().dropped == 6);
+}
+
+TEST_CASE_FIXTURE(fixture, "drop_oldest keeps the newest messages and the one being written") {
+    wsbroadcast::options opts;
+    opts.max_queued_messages = 4;
+    opts.on_overflow = wsbroadcast::overflow_policy::drop_oldest;
+    manager_type manager(opts);
+    auto p = peer();
+    p->stalled = true;
+    auto s = manager.subscribe(fake_socket(p), "k");
+    settle();
+    manager.send("k", "m0");
+    settle();  // m0 is now in flight
+    std::size_t dropped = 0;
+    for (int i = 1; i < 10; ++i) dropped += manager.send("k", "m" + std::to_string(i)).dropped;
+    CHECK(dropped == 6);
+    p->unstall();
+    settle();
+    CHECK(p->received == std::vector<std::string>{"m0", "m7", "m8", "m9"});
+}
+
+// ---- closing --------------------------------------------------------------------------------
+
+TEST_CASE_FIXTURE(fixture, "close_all writes what is queued, then closes with 1001") {
+    manager_type manager;
+    auto p1 = peer(), p2 = peer();
+    net::co_spawn(ioc, manager.serve(fake_socket(p1), "a"), [](std::exception_ptr, error_code) {});
+    net::co_spawn(ioc, manager.serve(fake_socket(p2), "b"), [](std::exception_ptr, error_code) {});
+    settle();
+    manager.send("a", "last words");
+    manager.close_all();
+    CHECK(manager.send("a", "too late").queued == 0);
+    settle();
+    CHECK(p1->received == std::vector<std::string>{"last words"});
+    CHECK(p1->close_code == 1001);
+    CHECK(p2->close_code == 1001);
+    CHECK(manager.size() == 0);
+}

@@ -1,0 +1,761 @@
+// wsbroadcast.hpp - WebSocket fan-out for C++20 and Asio, in one header.
+//
+// A ConnectionManager keeps WebSocket connections registered under keys (an invoice id, a user, a
+// room) and delivers a message to every connection under a key, or to all of them, without ever
+// waiting on a peer. It is the "connection manager" pattern of the LNbits docs, done properly:
+// a message is stored once and shared by all its recipients, each connection has its own bounded,
+// ordered outbox and its own writer, and a slow or failing peer costs only itself.
+//
+// QUICK START (with Boost.Beast; any type that models wsbroadcast::message_socket works)
+//
+//   #include "wsbroadcast.hpp"
+//   namespace websocket = boost::beast::websocket;
+//   using socket_type = websocket::stream<boost::beast::tcp_stream>;
+//   wsbroadcast::ConnectionManager<socket_type> manager;   // keys are std::string
+//
+//   // in your HTTP session, once you have seen an upgrade request for /ws/{id}:
+//   net::awaitable<void> subscribe(socket_type ws, http::request<http::string_body> req,
+//                                  std::string id) {
+//       co_await ws.async_accept(req, net::use_awaitable);
+//       co_await manager.serve(std::move(ws), std::move(id));   // returns when the peer leaves
+//   }
+//
+//   // anywhere, from any thread:
+//   manager.send("invoice-42", R"({"paid": true})");
+//
+// COMPILE-TIME OPTIONS (define before including)
+//
+//   WSBROADCAST_STANDALONE_ASIO            use standalone Asio (<asio.hpp>) instead of Boost.Asio.
+//                                          Standalone Asio 1.22 on clang also needs
+//                                          -DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=1.
+//   WSBROADCAST_DEFAULT_MAX_QUEUED_BYTES    default outbox limit per connection in bytes (1 MiB).
+//   WSBROADCAST_DEFAULT_MAX_QUEUED_MESSAGES default outbox limit per connection in messages (1024).
+//
+// NOTES: the threading contract
+//
+//   - send(), broadcast(), close_all(), the queries and subscription::unsubscribe() may be called from
+//     any thread and any coroutine, concurrently. They never block on I/O and never await a peer:
+//     they take a short lock, push a shared pointer into each recipient's outbox and wake its writer.
+//   - Every operation on a socket (reads, writes, closes) runs on the socket's executor. Give each
+//     socket a strand (Beast: make_strand(ioc)) when the io_context runs on more than one thread.
+//   - Messages to one connection are written in the order send() was called for it. Messages sent
+//     concurrently from two threads are ordered by whichever call takes the registry lock first.
+//   - The manager must outlive every connection it manages: declare it before the io_context, so
+//     the io_context (and the coroutines it owns) are destroyed first.
+//
+// LICENCE: MIT (see LICENSE).
+
+#ifndef WSBROADCAST_HPP
+#define WSBROADCAST_HPP
+
+#define WSBROADCAST_VERSION_MAJOR 0
+#define WSBROADCAST_VERSION_MINOR 1
+#define WSBROADCAST_VERSION_PATCH 0
+
+// ==== CONFIGURATION ==========================================================================
+
+#if defined(WSBROADCAST_STANDALONE_ASIO) && defined(WSBROADCAST_BOOST_ASIO)
+#error "wsbroadcast: define WSBROADCAST_STANDALONE_ASIO or WSBROADCAST_BOOST_ASIO, not both."
+#endif
+
+#ifndef WSBROADCAST_DEFAULT_MAX_QUEUED_BYTES
+#define WSBROADCAST_DEFAULT_MAX_QUEUED_BYTES (1024u * 1024u)
+#endif
+
+#ifndef WSBROADCAST_DEFAULT_MAX_QUEUED_MESSAGES
+#define WSBROADCAST_DEFAULT_MAX_QUEUED_MESSAGES 1024u
+#endif
+
+// ==== NETWORK SHIM ===========================================================================
+// Boost.Asio by default, standalone Asio on request. The aliases live inside our namespace only,
+// and each flavour gets its own inline namespace so a program linking both cannot mix them up.
+
+#if defined(WSBROADCAST_STANDALONE_ASIO)
+#include <asio.hpp>
+#if !defined(ASIO_HAS_CO_AWAIT)
+#error "wsbroadcast: standalone Asio did not enable C++20 coroutines. Compile with -std=c++20; \
+with Asio 1.22 on clang also add -DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=1."
+#endif
+#define WSBROADCAST_ABI_NAMESPACE standalone_asio
+#else
+#include <boost/asio.hpp>
+#if !defined(BOOST_ASIO_HAS_CO_AWAIT)
+#error "wsbroadcast: Boost.Asio did not enable C++20 coroutines. Compile with -std=c++20 \
+(Boost 1.81 or later; with clang also try -DBOOST_ASIO_HAS_CO_AWAIT=1 -DBOOST_ASIO_HAS_STD_COROUTINE=1)."
+#endif
+#define WSBROADCAST_ABI_NAMESPACE boost_asio
+#endif
+
+#include <atomic>
+#include <chrono>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <iostream>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace wsbroadcast {
+inline namespace WSBROADCAST_ABI_NAMESPACE {
+
+#if defined(WSBROADCAST_STANDALONE_ASIO)
+namespace net = ::asio;
+using error_code = std::error_code;
+#else
+namespace net = ::boost::asio;
+using error_code = ::boost::system::error_code;
+#endif
+
+// ==== CONCEPTS ===============================================================================
+// Small named pieces, so a compiler error names the expression a type is missing.
+
+/// Something that owns asynchronous work and says on which executor it runs.
+template <class T>
+concept has_executor = requires(T& t) {
+    typename T::executor_type;
+    { t.get_executor() } -> std::convertible_to<typename T::executor_type>;
+};
+
+/// Writes one whole message per call (Beast's websocket::stream::async_write is the model).
+template <class T>
+concept writes_messages = requires(T& t, net::const_buffer buffer, error_code& ec) {
+    t.async_write(buffer, net::redirect_error(net::use_awaitable, ec));
+};
+
+/// Reads one whole message per call into a dynamic buffer.
+template <class T>
+concept reads_messages =
+    requires(T& t, net::dynamic_string_buffer<char, std::char_traits<char>, std::allocator<char>>& buffer,
+             error_code& ec) { t.async_read(buffer, net::redirect_error(net::use_awaitable, ec)); };
+
+/// What ConnectionManager needs of a socket: an executor and a message write.
+template <class T>
+concept message_socket = std::move_constructible<T> && has_executor<T> && writes_messages<T>;
+
+/// What ConnectionManager::serve() needs on top: a message read.
+template <class T>
+concept readable_message_socket = message_socket<T> && reads_messages<T>;
+
+/// A key type and the hash and equality that index it.
+template <class Key, class Hash, class KeyEqual>
+concept hashable_key = std::copy_constructible<Key> && requires(const Key& k, const Hash& h, const KeyEqual& eq) {
+    { h(k) } -> std::convertible_to<std::size_t>;
+    { eq(k, k) } -> std::convertible_to<bool>;
+};
+
+/// The default hash: std::hash, made transparent for std::string so that lookups by
+/// std::string_view or a string literal do not build a std::string.
+template <class Key>
+struct default_hash : std::hash<Key> {};
+
+template <>
+struct default_hash<std::string> {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+};
+
+// ==== MESSAGES, OPTIONS, RESULTS =============================================================
+
+/// An immutable message, allocated once and shared by every outbox it is queued in.
+class message {
+public:
+    message() = default;
+
+    static message text(std::string_view payload) { return message(payload, false); }
+    static message binary(std::string_view payload) { return message(payload, true); }
+
+    std::string_view data() const noexcept { return {bytes_.get(), size_}; }
+    std::size_t size() const noexcept { return size_; }
+    bool is_binary() const noexcept { return binary_; }
+    bool empty() const noexcept { return size_ == 0; }
+
+private:
+    message(std::string_view payload, bool binary)
+        // One allocation holds the control block and the bytes.
+        : bytes_(std::make_shared<char[]>(payload.size())), size_(payload.size()), binary_(binary) {
+        if (!payload.empty()) std::memcpy(bytes_.get(), payload.data(), payload.size());
+    }
+
+    std::shared_ptr<char[]> bytes_;
+    std::size_t size_ = 0;
+    bool binary_ = false;
+};
+
+/// What a send does when a recipient's outbox is full.
+enum class overflow_policy {
+    close,        ///< close the connection (close code `overflow_close_code`, default 1008): the default
+    drop_newest,  ///< keep the queue, drop the new message for this recipient
+    drop_oldest,  ///< drop the oldest queued messages that are not being written until the new one fits
+};
+
+/// An unexpected failure: a write or read error other than a normal close, or an exception.
+struct error_event {
+    std::string_view operation;  ///< "write", "read", "close", "writer"
+    error_code code;             ///< set for I/O errors
+    std::exception_ptr exception;  ///< set when a coroutine threw
+
+    std::string message() const {
+        if (exception) {
+            try {
+                std::rethrow_exception(exception);
+            } catch (const std::exception& e) {
+                return e.what();
+            } catch (...) {
+                return "unknown exception";
+            }
+        }
+        return code.message();
+    }
+};
+
+struct options {
+    /// Outbox limits per connection. A message counts its full size in every outbox that holds it,
+    /// because each outbox keeps it alive.
+    std::size_t max_queued_bytes = WSBROADCAST_DEFAULT_MAX_QUEUED_BYTES;
+    std::size_t max_queued_messages = WSBROADCAST_DEFAULT_MAX_QUEUED_MESSAGES;
+    overflow_policy on_overflow = overflow_policy::close;
+    /// 1008 (policy violation): the peer did not read fast enough. RFC 6455 section 7.4.1.
+    std::uint16_t overflow_close_code = 1008;
+    /// Unexpected errors. Normal endings (peer closed, eof, cancelled) are never reported.
+    /// The default writes one line to std::cerr. Called on the socket's executor.
+    std::function<void(const error_event&)> on_error;
+};
+
+/// What one send() or broadcast() did, counted in connections.
+struct send_result {
+    std::size_t queued = 0;   ///< the message is in this many outboxes
+    std::size_t dropped = 0;  ///< outbox full and policy drop_newest / drop_oldest dropped a message
+    std::size_t closed = 0;   ///< outbox full and policy close closed the connection
+};
+
+/// Counters since the manager was made. Read with relaxed loads: each value is exact, the set is
+/// not a single snapshot.
+struct statistics {
+    std::uint64_t messages = 0;          ///< send() / broadcast() calls that reached at least one outbox
+    std::uint64_t deliveries = 0;        ///< messages queued to outboxes
+    std::uint64_t dropped = 0;           ///< messages dropped by drop_newest / drop_oldest
+    std::uint64_t overflow_closes = 0;   ///< connections closed by the close policy
+    std::uint64_t errors = 0;            ///< unexpected errors reported to on_error
+};
+
+// ==== DETAIL =================================================================================
+
+namespace detail {
+
+/// Normal ways for a connection to end, which are not worth a log line.
+inline bool is_expected_ending(const error_code& ec) {
+    if (!ec) return true;
+    if (ec == net::error::eof || ec == net::error::operation_aborted || ec == net::error::connection_reset ||
+        ec == net::error::connection_aborted || ec == net::error::broken_pipe || ec == net::error::not_connected ||
+        ec == net::error::bad_descriptor)
+        return true;
+    // Beast's websocket::error::closed (a clean close handshake). Matched by category name because
+    // the header never includes Beast.
+    return ec.value() == 1 && std::string_view(ec.category().name()) == "boost.beast.websocket";
+}
+
+inline void log_to_stderr(const error_event& e) {
+    std::cerr << "wsbroadcast: " << e.operation << ": " << e.message() << '\n';
+}
+
+/// Fills a close frame: with a reason text where the socket's close type has one (Beast's
+/// close_reason), else the bare code.
+template <class Socket>
+auto make_close_reason(std::uint16_t code, std::string_view text) {
+    if constexpr (requires(Socket& s) { s.reason(); }) {
+        std::remove_cvref_t<decltype(std::declval<Socket&>().reason())> reason{code};
+        if constexpr (requires { reason.reason = text; }) reason.reason = text;
+        return reason;
+    } else {
+        return code;
+    }
+}
+
+/// Tears a socket down without a close handshake: for a peer that stopped reading, whose pending
+/// write would otherwise never complete. Uses Beast's get_lowest_layer (found by ADL) when present.
+template <class Socket>
+void abort_socket(Socket& s) {
+    if constexpr (requires { get_lowest_layer(s).close(); }) {
+        try {
+            get_lowest_layer(s).close();
+        } catch (...) {  // closing a socket that is already gone is not an error worth raising
+        }
+    }
+}
+
+enum class connection_state {
+    open,       // accepting messages
+    closing,    // write what is queued, then send a close frame
+    aborting,   // outbox overflowed: drop what is queued, close now
+    detached,   // unsubscribed: the writer stops, the socket is left to its owner
+};
+
+/// One registered socket: its outbox and the state its writer needs. Shared by the registry,
+/// the writer coroutine and the subscription handle; it dies with the last of them.
+template <class Socket, class Key>
+struct connection : std::enable_shared_from_this<connection<Socket, Key>> {
+    connection(Socket&& s, Key k) : socket(std::move(s)), key(std::move(k)), wake(socket.get_executor()) {}
+
+    Socket socket;
+    const Key key;
+    std::size_t slot = npos;  // index in the registry's vector for `key`; guarded by the registry lock
+    static constexpr std::size_t npos = static_cast<std::size_t>(-1);
+
+    // Touched only on the socket's executor. The timer is the writer's condition variable: it waits
+    // on a timer that never expires and is woken by cancel().
+    net::steady_timer wake;
+
+    std::mutex mutex;  // guards everything below
+    std::deque<message> outbox;
+    std::size_t queued_bytes = 0;
+    bool writer_parked = false;   // the writer waits on `wake`; the next push must cancel it
+    bool front_in_flight = false; // outbox.front() is being written and must not be dropped
+    connection_state state = connection_state::open;
+    std::uint16_t close_code = 0;
+    std::string_view close_text;
+};
+
+}  // namespace detail
+
+// ==== CONNECTION MANAGER =====================================================================
+
+template <message_socket Socket, class Key = std::string, class Hash = default_hash<Key>,
+          class KeyEqual = std::equal_to<>>
+    requires hashable_key<Key, Hash, KeyEqual>
+class ConnectionManager {
+    using connection = detail::connection<Socket, Key>;
+    using connection_ptr = std::shared_ptr<connection>;
+
+public:
+    using socket_type = Socket;
+    using key_type = Key;
+
+    /// RAII registration of one socket under one key. Destroying it, or calling unsubscribe(),
+    /// removes the connection from the manager; its socket stays open for its owner.
+    class subscription {
+    public:
+        subscription() = default;
+        subscription(subscription&&) noexcept = default;
+        subscription& operator=(subscription&& other) noexcept {
+            if (this != &other) {
+                unsubscribe();
+                manager_ = std::exchange(other.manager_, nullptr);
+                connection_ = std::move(other.connection_);
+            }
+            return *this;
+        }
+        ~subscription() { unsubscribe(); }
+
+        /// Safe to call from any thread, more than once.
+        void unsubscribe() noexcept {
+            if (manager_ && connection_) manager_->remove(connection_, detail::connection_state::detached);
+            manager_ = nullptr;
+        }
+
+        /// The registered socket. Use it only on its own executor.
+        Socket& socket() const noexcept { return connection_->socket; }
+        const Key& key() const noexcept { return connection_->key; }
+        explicit operator bool() const noexcept { return manager_ != nullptr; }
+
+    private:
+        friend class ConnectionManager;
+        subscription(ConnectionManager* m, connection_ptr c) : manager_(m), connection_(std::move(c)) {}
+
+        ConnectionManager* manager_ = nullptr;
+        connection_ptr connection_;
+    };
+
+    explicit ConnectionManager(options opts = {}) : options_(std::move(opts)) {
+        if (!options_.on_error) options_.on_error = detail::log_to_stderr;
+    }
+    ConnectionManager(const ConnectionManager&) = delete;
+    ConnectionManager& operator=(const ConnectionManager&) = delete;
+
+    // ---- registration ------------------------------------------------------------------------
+
+    /// Registers `ws` under `key` and starts its writer on the socket's executor. The connection
+    /// receives every message sent to `key` until the subscription is dropped, the writer fails,
+    /// or the outbox overflows under the close policy. Reading from the socket stays the caller's
+    /// job (serve() does it for you).
+    [[nodiscard]] subscription subscribe(Socket ws, Key key) {
+        auto c = std::make_shared<connection>(std::move(ws), std::move(key));
+        {
+            std::unique_lock lock(registry_mutex_);
+            auto& peers = registry_[c->key];
+            c->slot = peers.size();
+            peers.push_back(c);
+            ++total_;
+        }
+        net::co_spawn(c->socket.get_executor(), write_loop(c), [this](std::exception_ptr e) {
+            if (e) report({"writer", {}, e});
+        });
+        return subscription(this, std::move(c));
+    }
+
+    // ---- sending -----------------------------------------------------------------------------
+
+    /// Queues `m` to every connection under `key`. Never blocks, never waits on a peer.
+    /// Sending to a key nobody listens on does nothing and returns {}.
+    template <class K>
+    send_result send(const K& key, const message& m) {
+        std::shared_lock lock(registry_mutex_);
+        auto it = find(key);
+        if (it == registry_.end()) return {};
+        send_result result;
+        for (auto& c : it->second) push(*c, m, result);
+        record(result);
+        return result;
+    }
+
+    /// Sends a text message. The payload is copied once, and only if somebody listens on `key`.
+    template <class K>
+    send_result send(const K& key, std::string_view text) {
+        std::shared_lock lock(registry_mutex_);
+        auto it = find(key);
+        if (it == registry_.end()) return {};
+        const auto m = message::text(text);
+        send_result result;
+        for (auto& c : it->second) push(*c, m, result);
+        record(result);
+        return result;
+    }
+
+    /// Queues `m` to every connection under every key.
+    send_result broadcast(const message& m) {
+        std::shared_lock lock(registry_mutex_);
+        send_result result;
+        for (auto& [key, peers] : registry_)
+            for (auto& c : peers) push(*c, m, result);
+        record(result);
+        return result;
+    }
+
+    send_result broadcast(std::string_view text) { return broadcast(message::text(text)); }
+
+    /// Asks every connection to finish writing what is queued and then close with `code`
+    /// (1001 "going away" by default). Connections leave the manager as their peers answer the
+    /// close; a server shutting down waits for size() to reach 0, with a deadline of its own.
+    void close_all(std::uint16_t code = 1001, std::string_view reason = "server shutting down") {
+        std::shared_lock lock(registry_mutex_);
+        for (auto& [key, peers] : registry_)
+            for (auto& c : peers) request_close(*c, code, reason);
+    }
+
+    // ---- queries -----------------------------------------------------------------------------
+
+    template <class K>
+    bool has(const K& key) const {
+        std::shared_lock lock(registry_mutex_);
+        return find(key) != registry_.end();
+    }
+
+    template <class K>
+    std::size_t count(const K& key) const {
+        std::shared_lock lock(registry_mutex_);
+        auto it = find(key);
+        return it == registry_.end() ? 0 : it->second.size();
+    }
+
+    /// Connections registered under any key.
+    std::size_t size() const {
+        std::shared_lock lock(registry_mutex_);
+        return total_;
+    }
+
+    /// Keys with at least one connection.
+    std::size_t key_count() const {
+        std::shared_lock lock(registry_mutex_);
+        return registry_.size();
+    }
+
+    statistics stats() const noexcept {
+        return {messages_.load(std::memory_order_relaxed), deliveries_.load(std::memory_order_relaxed),
+                dropped_.load(std::memory_order_relaxed), overflow_closes_.load(std::memory_order_relaxed),
+                errors_.load(std::memory_order_relaxed)};
+    }
+
+    const options& config() const noexcept { return options_; }
+
+    // ---- endpoint helper ---------------------------------------------------------------------
+
+    /// Registers `ws` under `key`, reads messages until the peer closes or the connection fails,
+    /// and unregisters on every way out (close, error, exception, cancellation).
+    ///
+    /// `on_message(std::string_view)` is called with each message the client sends; by default
+    /// they are read and discarded. It runs on the socket's executor; the view is valid only
+    /// during the call. An exception it throws ends the connection and propagates to the caller.
+    ///
+    /// Completes, on the awaiting coroutine's executor, with the error that ended the read loop
+    /// (Beast's websocket::error::closed for a clean close). Unexpected errors are also reported
+    /// to options::on_error. The read loop itself runs on the socket's executor.
+    template <class OnMessage = void (*)(std::string_view)>
+        requires readable_message_socket<Socket> && std::invocable<OnMessage&, std::string_view>
+    net::awaitable<error_code> serve(Socket ws, Key key, OnMessage on_message = [](std::string_view) {}) {
+        auto executor = ws.get_executor();
+        auto sub = subscribe(std::move(ws), std::move(key));
+        co_return co_await net::co_spawn(executor, read_loop(std::move(sub), std::move(on_message)),
+                                         net::use_awaitable);
+    }
+
+private:
+    template <class OnMessage>
+    net::awaitable<error_code> read_loop(subscription sub, OnMessage on_message) {
+        std::string storage;
+        auto buffer = net::dynamic_buffer(storage);
+        error_code ec;
+        for (;;) {
+            co_await sub.socket().async_read(buffer, net::redirect_error(net::use_awaitable, ec));
+            if (ec) break;
+            on_message(std::string_view(storage.data(), buffer.size()));
+            buffer.consume(buffer.size());
+        }
+        if (!detail::is_expected_ending(ec)) report({"read", ec, {}});
+        co_return ec;
+    }
+
+    template <class K>
+    auto find(const K& key) const {
+        if constexpr (requires { registry_.find(key); })
+            return registry_.find(key);  // heterogeneous lookup: no key object is built
+        else
+            return registry_.find(Key(key));
+    }
+
+    void record(const send_result& r) noexcept {
+        if (r.queued) {
+            messages_.fetch_add(1, std::memory_order_relaxed);
+            deliveries_.fetch_add(r.queued, std::memory_order_relaxed);
+        }
+        if (r.dropped) dropped_.fetch_add(r.dropped, std::memory_order_relaxed);
+        if (r.closed) overflow_closes_.fetch_add(r.closed, std::memory_order_relaxed);
+    }
+
+    /// Puts `m` in one outbox, applying the overflow policy. Called under the registry's shared lock.
+    void push(connection& c, const message& m, send_result& result) {
+        bool wake = false;
+        bool abort = false;
+        {
+            std::lock_guard lock(c.mutex);
+            if (c.state != detail::connection_state::open) return;
+            if (!fits(c, m)) {
+                switch (options_.on_overflow) {
+                case overflow_policy::drop_newest:
+                    ++result.dropped;
+                    return;
+                case overflow_policy::drop_oldest:
+                    if (!make_room(c, m)) {
+                        ++result.dropped;  // only the in-flight message is left and m still does not fit
+                        return;
+                    }
+                    ++result.dropped;
+                    break;
+                case overflow_policy::close:
+                    ++result.closed;
+                    abort = true;
+                    begin_close(c, detail::connection_state::aborting, options_.overflow_close_code,
+                                "outbox full: the client is not reading");
+                    wake = std::exchange(c.writer_parked, false);
+                    break;
+                }
+            }
+            if (!abort) {
+                c.outbox.push_back(m);
+                c.queued_bytes += m.size();
+                ++result.queued;
+                wake = std::exchange(c.writer_parked, false);
+            }
+        }
+        if (abort)
+            post_abort(c);
+        else if (wake)
+            post_wake(c);
+    }
+
+    bool fits(const connection& c, const message& m) const noexcept {
+        return c.outbox.size() < options_.max_queued_messages &&
+               c.queued_bytes + m.size() <= options_.max_queued_bytes;
+    }
+
+    /// drop_oldest: discards queued messages (never the one being written) until `m` fits.
+    bool make_room(connection& c, const message& m) {
+        const std::size_t keep = c.front_in_flight ? 1 : 0;
+        while (!fits(c, m) && c.outbox.size() > keep) {
+            auto victim = c.outbox.begin() + static_cast<std::ptrdiff_t>(keep);
+            c.queued_bytes -= victim->size();
+            c.outbox.erase(victim);
+        }
+        return fits(c, m);
+    }
+
+    /// Moves a connection towards closing. `c.mutex` must be held.
+    void begin_close(connection& c, detail::connection_state state, std::uint16_t code, std::string_view text) {
+        c.state = state;
+        c.close_code = code;
+        c.close_text = text;
+        if (state != detail::connection_state::closing) {
+            // Nothing queued will be written: free it now, except the message being written.
+            const std::size_t keep = c.front_in_flight ? 1 : 0;
+            while (c.outbox.size() > keep) {
+                c.queued_bytes -= c.outbox.back().size();
+                c.outbox.pop_back();
+            }
+        }
+    }
+
+    void request_close(connection& c, std::uint16_t code, std::string_view text) {
+        bool wake = false;
+        {
+            std::lock_guard lock(c.mutex);
+            if (c.state != detail::connection_state::open) return;
+            begin_close(c, detail::connection_state::closing, code, text);
+            wake = std::exchange(c.writer_parked, false);
+        }
+        if (wake) post_wake(c);
+    }
+
+    /// Wakes a parked writer. The timer may only be touched on the socket's executor.
+    void post_wake(connection& c) {
+        net::post(c.socket.get_executor(), [c = c.shared_from_this()] { c->wake.cancel(); });
+    }
+
+    /// Close policy: a write still in flight belongs to a peer that is not reading, so tear the
+    /// socket down; otherwise the writer sends the close frame itself.
+    void post_abort(connection& c) {
+        net::post(c.socket.get_executor(), [c = c.shared_from_this()] {
+            bool in_flight;
+            {
+                std::lock_guard lock(c->mutex);
+                in_flight = c->front_in_flight;
+            }
+            if (in_flight) detail::abort_socket(c->socket);
+            c->wake.cancel();
+        });
+    }
+
+    /// Takes `c` out of the registry (idempotent) and stops its writer.
+    void remove(const connection_ptr& c, detail::connection_state why) noexcept {
+        {
+            std::unique_lock lock(registry_mutex_);
+            if (c->slot != connection::npos) {
+                auto it = registry_.find(c->key);
+                auto& peers = it->second;
+                // Swap-and-pop keeps removal O(1); order among a key's connections does not matter.
+                peers[c->slot] = std::move(peers.back());
+                peers[c->slot]->slot = c->slot;
+                peers.pop_back();
+                c->slot = connection::npos;
+                --total_;
+                if (peers.empty()) registry_.erase(it);
+            }
+        }
+        bool wake = false;
+        {
+            std::lock_guard lock(c->mutex);
+            if (why == detail::connection_state::detached || c->state == detail::connection_state::open)
+                begin_close(*c, why, 0, {});
+            wake = std::exchange(c->writer_parked, false);
+        }
+        if (wake) {
+            try {
+                post_wake(*c);
+            } catch (...) {  // the executor is shutting down: the writer dies with it
+            }
+        }
+    }
+
+    /// The connection's only writer: one write in flight at a time, in outbox order.
+    net::awaitable<void> write_loop(connection_ptr c) {
+        using detail::connection_state;
+        error_code ec;
+        for (;;) {
+            message next;  // a copy: drop_oldest may erase around the front while it is written
+            bool park = false;
+            {
+                std::lock_guard lock(c->mutex);
+                const auto state = c->state;
+                if (state == connection_state::detached || state == connection_state::aborting) break;
+                if (!c->outbox.empty()) {
+                    next = c->outbox.front();  // stays queued (and counted) until written
+                    c->front_in_flight = true;
+                } else if (state == connection_state::closing) {
+                    break;
+                } else {
+                    park = c->writer_parked = true;
+                }
+            }
+            if (park) {
+                // Nothing else runs on this executor before the wait starts, so a wake posted by
+                // a pusher cannot be lost.
+                c->wake.expires_at(net::steady_timer::time_point::max());
+                co_await c->wake.async_wait(net::redirect_error(net::use_awaitable, ec));
+                continue;
+            }
+            if constexpr (requires { c->socket.binary(true); }) c->socket.binary(next.is_binary());
+            co_await c->socket.async_write(net::buffer(next.data()), net::redirect_error(net::use_awaitable, ec));
+            {
+                std::lock_guard lock(c->mutex);
+                c->queued_bytes -= c->outbox.front().size();  // every path keeps the in-flight front
+                c->outbox.pop_front();
+                c->front_in_flight = false;
+            }
+            if (ec) {
+                if (!detail::is_expected_ending(ec)) report({"write", ec, {}});
+                remove(c, connection_state::aborting);
+                co_return;
+            }
+        }
+
+        std::uint16_t code;
+        std::string_view text;
+        bool overflowed;
+        {
+            std::lock_guard lock(c->mutex);
+            if (c->state == connection_state::detached) co_return;
+            code = c->close_code;
+            text = c->close_text;
+            overflowed = c->state == connection_state::aborting;
+        }
+        if constexpr (requires {
+                          c->socket.async_close(detail::make_close_reason<Socket>(code, text),
+                                                net::redirect_error(net::use_awaitable, ec));
+                      }) {
+            co_await c->socket.async_close(detail::make_close_reason<Socket>(code, text),
+                                           net::redirect_error(net::use_awaitable, ec));
+            if (!detail::is_expected_ending(ec)) report({"close", ec, {}});
+        }
+        // A connection closed by close_all() stays registered until its peer's answer ends the read
+        // loop; one closed on overflow leaves at once, whether or not anybody reads it.
+        if (overflowed) remove(c, connection_state::aborting);
+    }
+
+    void report(const error_event& e) noexcept {
+        errors_.fetch_add(1, std::memory_order_relaxed);
+        try {
+            options_.on_error(e);
+        } catch (...) {  // a throwing error hook must not take the writer down with it
+        }
+    }
+
+    options options_;
+    mutable std::shared_mutex registry_mutex_;
+    std::unordered_map<Key, std::vector<connection_ptr>, Hash, KeyEqual> registry_;
+    std::size_t total_ = 0;
+
+    std::atomic<std::uint64_t> messages_{0}, deliveries_{0}, dropped_{0}, overflow_closes_{0}, errors_{0};
+};
+
+}  // namespace WSBROADCAST_ABI_NAMESPACE
+}  // namespace wsbroadcast
+
+#endif  // WSBROADCAST_HPP
