@@ -194,7 +194,7 @@ private:
 
 /// What a send does when a recipient's outbox is full.
 enum class overflow_policy {
-    close,        ///< close the connection (close code `overflow_close_code`, default 1008): the default
+    close,        ///< close the connection with outbox_options::close_code (1008): the default
     drop_newest,  ///< keep the queue, drop the new message for this recipient
     drop_oldest,  ///< drop the oldest queued messages that are not being written until the new one fits
 };
@@ -219,14 +219,19 @@ struct error_event {
     }
 };
 
-struct options {
-    /// Outbox limits per connection. A message counts its full size in every outbox that holds it,
-    /// because each outbox keeps it alive.
-    std::size_t max_queued_bytes = WSBROADCAST_DEFAULT_MAX_QUEUED_BYTES;
-    std::size_t max_queued_messages = WSBROADCAST_DEFAULT_MAX_QUEUED_MESSAGES;
+/// Limits of one connection's outbox and what happens when a send finds it full. A message counts
+/// its full size in every outbox that holds it, because each outbox keeps it alive.
+struct outbox_options {
+    std::size_t max_bytes = WSBROADCAST_DEFAULT_MAX_QUEUED_BYTES;
+    std::size_t max_messages = WSBROADCAST_DEFAULT_MAX_QUEUED_MESSAGES;
     overflow_policy on_overflow = overflow_policy::close;
     /// 1008 (policy violation): the peer did not read fast enough. RFC 6455 section 7.4.1.
-    std::uint16_t overflow_close_code = 1008;
+    std::uint16_t close_code = 1008;
+};
+
+struct options {
+    /// The default for every connection; subscribe() and serve() can override it per connection.
+    outbox_options outbox;
     /// Unexpected errors. Normal endings (peer closed, eof, cancelled) are never reported.
     /// The default writes one line to std::cerr. Called on the socket's executor.
     std::function<void(const error_event&)> on_error;
@@ -305,10 +310,12 @@ enum class connection_state {
 /// the writer coroutine and the subscription handle; it dies with the last of them.
 template <class Socket, class Key>
 struct connection : std::enable_shared_from_this<connection<Socket, Key>> {
-    connection(Socket&& s, Key k) : socket(std::move(s)), key(std::move(k)), wake(socket.get_executor()) {}
+    connection(Socket&& s, Key k, const outbox_options& o)
+        : socket(std::move(s)), key(std::move(k)), limits(o), wake(socket.get_executor()) {}
 
     Socket socket;
     const Key key;
+    const outbox_options limits;
     std::size_t slot = npos;  // index in the registry's vector for `key`; guarded by the registry lock
     static constexpr std::size_t npos = static_cast<std::size_t>(-1);
 
@@ -389,7 +396,12 @@ public:
     /// or the outbox overflows under the close policy. Reading from the socket stays the caller's
     /// job (serve() does it for you).
     [[nodiscard]] subscription subscribe(Socket ws, Key key) {
-        auto c = std::make_shared<connection>(std::move(ws), std::move(key));
+        return subscribe(std::move(ws), std::move(key), options_.outbox);
+    }
+
+    /// The same, with this connection's own outbox limits and overflow policy.
+    [[nodiscard]] subscription subscribe(Socket ws, Key key, const outbox_options& outbox) {
+        auto c = std::make_shared<connection>(std::move(ws), std::move(key), outbox);
         {
             std::unique_lock lock(registry_mutex_);
             auto& peers = registry_[c->key];
@@ -502,10 +514,17 @@ public:
     template <class OnMessage = void (*)(std::string_view)>
         requires readable_message_socket<Socket> && std::invocable<OnMessage&, std::string_view>
     net::awaitable<error_code> serve(Socket ws, Key key, OnMessage on_message = [](std::string_view) {}) {
+        return serve(std::move(ws), std::move(key), options_.outbox, std::move(on_message));
+    }
+
+    /// The same, with this connection's own outbox limits and overflow policy.
+    template <class OnMessage = void (*)(std::string_view)>
+        requires readable_message_socket<Socket> && std::invocable<OnMessage&, std::string_view>
+    net::awaitable<error_code> serve(Socket ws, Key key, const outbox_options& outbox,
+                                     OnMessage on_message = [](std::string_view) {}) {
         auto executor = ws.get_executor();
-        auto sub = subscribe(std::move(ws), std::move(key));
-        co_return co_await net::co_spawn(executor, read_loop(std::move(sub), std::move(on_message)),
-                                         net::use_awaitable);
+        auto sub = subscribe(std::move(ws), std::move(key), outbox);
+        return net::co_spawn(executor, read_loop(std::move(sub), std::move(on_message)), net::use_awaitable);
     }
 
 private:
@@ -549,7 +568,7 @@ private:
             std::lock_guard lock(c.mutex);
             if (c.state != detail::connection_state::open) return;
             if (!fits(c, m)) {
-                switch (options_.on_overflow) {
+                switch (c.limits.on_overflow) {
                 case overflow_policy::drop_newest:
                     ++result.dropped;
                     return;
@@ -563,7 +582,7 @@ private:
                 case overflow_policy::close:
                     ++result.closed;
                     abort = true;
-                    begin_close(c, detail::connection_state::aborting, options_.overflow_close_code,
+                    begin_close(c, detail::connection_state::aborting, c.limits.close_code,
                                 "outbox full: the client is not reading");
                     wake = std::exchange(c.writer_parked, false);
                     break;
@@ -582,13 +601,12 @@ private:
             post_wake(c);
     }
 
-    bool fits(const connection& c, const message& m) const noexcept {
-        return c.outbox.size() < options_.max_queued_messages &&
-               c.queued_bytes + m.size() <= options_.max_queued_bytes;
+    static bool fits(const connection& c, const message& m) noexcept {
+        return c.outbox.size() < c.limits.max_messages && c.queued_bytes + m.size() <= c.limits.max_bytes;
     }
 
     /// drop_oldest: discards queued messages (never the one being written) until `m` fits.
-    bool make_room(connection& c, const message& m) {
+    static bool make_room(connection& c, const message& m) {
         const std::size_t keep = c.front_in_flight ? 1 : 0;
         while (!fits(c, m) && c.outbox.size() > keep) {
             auto victim = c.outbox.begin() + static_cast<std::ptrdiff_t>(keep);

@@ -26,6 +26,8 @@
 #include <thread>
 #include <vector>
 
+#include <sys/resource.h>
+
 namespace beast = boost::beast;
 namespace http = beast::http;
 namespace websocket = beast::websocket;
@@ -193,16 +195,21 @@ struct server_options {
     std::string address = "127.0.0.1";
     unsigned short port = 8080;
     unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+    wsbroadcast::outbox_options outbox;
 };
 
-constexpr std::string_view usage = R"(usage: wsbroadcast-server [--address ADDR] [--port PORT] [--threads N]
+constexpr std::string_view usage = R"(usage: wsbroadcast-server [--address ADDR] [--port PORT] [--threads N] [outbox options]
 
 Serves the LNbits WebSocket API with wsbroadcast.hpp.
 
-  --address ADDR   address to listen on (default 127.0.0.1)
-  --port PORT      port to listen on, 0 for any free port (default 8080)
-  --threads N      threads running the event loop (default: number of cores)
-  --help           this text
+  --address ADDR             address to listen on (default 127.0.0.1)
+  --port PORT                port to listen on, 0 for any free port (default 8080)
+  --threads N                threads running the event loop (default: number of cores)
+  --max-queued-bytes N       per-connection outbox limit in bytes (default 1048576)
+  --max-queued-messages N    per-connection outbox limit in messages (default 1024)
+  --overflow POLICY          when a client's outbox is full: close (with 1008, the default),
+                             drop-newest or drop-oldest
+  --help                     this text
 
 Routes:
   GET  /api/v1/ws/{id}          WebSocket: receive every message pushed to {id}
@@ -223,35 +230,53 @@ bool parse_number(std::string_view text, T& out) {
     return err == std::errc{} && end == text.data() + text.size();
 }
 
+bool parse_policy(std::string_view text, wsbroadcast::overflow_policy& out) {
+    using enum wsbroadcast::overflow_policy;
+    if (text == "close") out = close;
+    else if (text == "drop-newest") out = drop_newest;
+    else if (text == "drop-oldest") out = drop_oldest;
+    else return false;
+    return true;
+}
+
 // Returns nullopt after printing why (or the help) when the server should not start.
 std::optional<server_options> parse_options(int argc, char** argv, int& exit_code) {
     server_options o;
-    for (int i = 1; i < argc; ++i) {
+    auto fail = [&](std::string_view why) {
+        std::cerr << "wsbroadcast-server: " << why << "\n\n" << usage;
+        exit_code = 2;
+        return std::nullopt;
+    };
+    for (int i = 1; i < argc; i += 2) {  // every option but --help takes one value
         const std::string_view arg = argv[i];
-        const bool has_value = i + 1 < argc;
-        const std::string_view value = has_value ? argv[i + 1] : "";
         if (arg == "--help" || arg == "-h") {
             std::cout << usage;
             exit_code = 0;
             return std::nullopt;
         }
-        bool ok = has_value;
+        if (i + 1 >= argc) return fail(std::string(arg) + " needs a value");
+        const std::string_view value = argv[i + 1];
+        bool ok = true;
         if (arg == "--address") o.address = value;
-        else if (arg == "--port") ok = ok && parse_number(value, o.port);
-        else if (arg == "--threads") ok = ok && parse_number(value, o.threads) && o.threads > 0;
-        else {
-            std::cerr << "wsbroadcast-server: unknown option " << arg << "\n\n" << usage;
-            exit_code = 2;
-            return std::nullopt;
-        }
-        if (!ok) {
-            std::cerr << "wsbroadcast-server: " << arg << " needs a valid value\n\n" << usage;
-            exit_code = 2;
-            return std::nullopt;
-        }
-        ++i;
+        else if (arg == "--port") ok = parse_number(value, o.port);
+        else if (arg == "--threads") ok = parse_number(value, o.threads) && o.threads > 0;
+        else if (arg == "--max-queued-bytes") ok = parse_number(value, o.outbox.max_bytes) && o.outbox.max_bytes > 0;
+        else if (arg == "--max-queued-messages")
+            ok = parse_number(value, o.outbox.max_messages) && o.outbox.max_messages > 0;
+        else if (arg == "--overflow") ok = parse_policy(value, o.outbox.on_overflow);
+        else return fail("unknown option " + std::string(arg));
+        if (!ok) return fail("invalid value for " + std::string(arg) + ": " + std::string(value));
     }
     return o;
+}
+
+// Each connection is a file descriptor; the usual soft limit of 1024 would cap the server there.
+void raise_open_file_limit() {
+    rlimit limit{};
+    if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+        limit.rlim_cur = limit.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &limit);
+    }
 }
 
 // Stops the loop once every WebSocket has answered its close frame, or at the deadline.
@@ -273,7 +298,8 @@ int main(int argc, char** argv) {
     const auto options = parse_options(argc, argv, exit_code);
     if (!options) return exit_code;
 
-    manager_type manager;  // before the io_context: it must outlive every connection
+    raise_open_file_limit();
+    manager_type manager(wsbroadcast::options{options->outbox, {}});  // before the io_context: it outlives every connection
     net::io_context ioc(static_cast<int>(options->threads));
 
     tcp::acceptor acceptor(net::make_strand(ioc));  // a strand: the signal handler closes it

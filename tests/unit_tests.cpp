@@ -218,8 +218,8 @@ TEST_CASE_FIXTURE(fixture, "a peer that resets its connection is removed quietly
 TEST_CASE("sends from several threads at once keep each sender's order and lose nothing") {
     net::io_context ioc;
     wsbroadcast::options opts;
-    opts.max_queued_messages = 1'000'000;  // this test is about races, not limits
-    opts.max_queued_bytes = 1'000'000'000;
+    opts.outbox.max_messages = 1'000'000;  // this test is about races, not limits
+    opts.outbox.max_bytes = 1'000'000'000;
     manager_type manager(opts);
 
     constexpr int senders = 4, per_sender = 2000, receivers = 3;
@@ -389,7 +389,7 @@ TEST_CASE("serve unregisters when its io_context is destroyed mid-flight (cancel
 
 TEST_CASE_FIXTURE(fixture, "a full outbox closes the connection by default; the others get everything") {
     wsbroadcast::options opts;
-    opts.max_queued_messages = 8;
+    opts.outbox.max_messages = 8;
     manager_type manager(opts);
     auto slow = peer(), fast = peer();
     slow->stalled = true;
@@ -413,7 +413,7 @@ TEST_CASE_FIXTURE(fixture, "a full outbox closes the connection by default; the 
 
 TEST_CASE_FIXTURE(fixture, "an idle connection over its byte limit is closed with the overflow code") {
     wsbroadcast::options opts;
-    opts.max_queued_bytes = 10;
+    opts.outbox.max_bytes = 10;
     manager_type manager(opts);
     auto p = peer();
     auto s = manager.subscribe(fake_socket(p), "k");
@@ -430,8 +430,8 @@ TEST_CASE_FIXTURE(fixture, "an idle connection over its byte limit is closed wit
 
 TEST_CASE_FIXTURE(fixture, "drop_newest keeps the queue and drops what does not fit") {
     wsbroadcast::options opts;
-    opts.max_queued_messages = 4;
-    opts.on_overflow = wsbroadcast::overflow_policy::drop_newest;
+    opts.outbox.max_messages = 4;
+    opts.outbox.on_overflow = wsbroadcast::overflow_policy::drop_newest;
     manager_type manager(opts);
     auto p = peer();
     p->stalled = true;
@@ -449,8 +449,8 @@ TEST_CASE_FIXTURE(fixture, "drop_newest keeps the queue and drops what does not 
 
 TEST_CASE_FIXTURE(fixture, "drop_oldest keeps the newest messages and the one being written") {
     wsbroadcast::options opts;
-    opts.max_queued_messages = 4;
-    opts.on_overflow = wsbroadcast::overflow_policy::drop_oldest;
+    opts.outbox.max_messages = 4;
+    opts.outbox.on_overflow = wsbroadcast::overflow_policy::drop_oldest;
     manager_type manager(opts);
     auto p = peer();
     p->stalled = true;
