@@ -8,6 +8,7 @@
 #include <atomic>
 #include <future>
 #include <optional>
+#include <random>
 #include <string>
 #include <thread>
 
@@ -481,5 +482,126 @@ TEST_CASE_FIXTURE(fixture, "close_all writes what is queued, then closes with 10
     CHECK(p1->received == std::vector<std::string>{"last words"});
     CHECK(p1->close_code == 1001);
     CHECK(p2->close_code == 1001);
+    CHECK(manager.size() == 0);
+}
+
+TEST_CASE_FIXTURE(fixture, "a connection can override the manager's overflow policy") {
+    wsbroadcast::options opts;
+    opts.outbox.max_messages = 4;  // and the default policy: close
+    manager_type manager(opts);
+    auto closer = peer(), dropper = peer();
+    closer->stalled = dropper->stalled = true;
+    auto s1 = manager.subscribe(fake_socket(closer), "k");
+    auto s2 = manager.subscribe(fake_socket(dropper), "k",
+                                {.max_bytes = 1 << 20, .max_messages = 4,
+                                 .on_overflow = wsbroadcast::overflow_policy::drop_newest, .close_code = 1008});
+    settle();
+    wsbroadcast::send_result total;
+    for (auto& m : numbered(10)) {
+        auto r = manager.send("k", m);
+        total.queued += r.queued, total.dropped += r.dropped, total.closed += r.closed;
+    }
+    CHECK(total.closed == 1);   // the default policy, on the first overflow of `closer`
+    CHECK(total.dropped == 6);  // `dropper` kept its first 4 and dropped the rest
+    dropper->unstall();
+    settle();
+    CHECK(dropper->received == numbered(4));
+    CHECK(manager.count("k") == 1);
+}
+
+// ---- stress ---------------------------------------------------------------------------------
+
+TEST_CASE("stress: churn of subscribers while several threads send to overlapping keys") {
+    // Stable subscribers stay for the whole test and must receive every message sent to their key,
+    // in each sender's order. Around them, connections come and go at random: subscribe, unsubscribe,
+    // client close, failing writes. Two threads run the io_context, so every socket has a strand.
+    net::io_context ioc;
+    wsbroadcast::options opts;
+    opts.outbox.max_messages = 1'000'000;  // stable subscribers must not overflow
+    opts.outbox.max_bytes = 1'000'000'000;
+    opts.on_error = [](const wsbroadcast::error_event&) {};  // the churn makes failures on purpose
+    manager_type manager(opts);
+
+    constexpr int keys = 4, senders = 3, per_sender = 3000, churn_rounds = 400;
+    auto key = [](int k) { return "key" + std::to_string(k); };
+    auto new_peer = [&] { return std::make_shared<fake_peer>(net::make_strand(ioc)); };
+
+    std::vector<std::pair<int, std::shared_ptr<fake_peer>>> stable;
+    std::vector<manager_type::subscription> stable_subs;
+    for (int k = 0; k < keys; ++k)
+        for (int j = 0; j < 2; ++j) {
+            stable.emplace_back(k, new_peer());
+            stable_subs.push_back(manager.subscribe(fake_socket(stable.back().second), key(k)));
+        }
+
+    auto guard = net::make_work_guard(ioc);
+    std::thread io1([&] { ioc.run(); }), io2([&] { ioc.run(); });
+
+    // sent[t][k]: the sequence numbers sender t sent to key k, in order.
+    std::vector<std::vector<std::vector<int>>> sent(senders, std::vector<std::vector<int>>(keys));
+    std::vector<std::thread> threads;
+    for (int t = 0; t < senders; ++t)
+        threads.emplace_back([&, t] {
+            std::mt19937 rng(static_cast<unsigned>(t));
+            for (int i = 0; i < per_sender; ++i) {
+                const int k = static_cast<int>(rng() % keys);
+                sent[static_cast<std::size_t>(t)][static_cast<std::size_t>(k)].push_back(i);
+                manager.send(key(k), std::to_string(t) + ":" + std::to_string(i));
+            }
+        });
+    threads.emplace_back([&] {
+        std::mt19937 rng(99);
+        std::vector<std::pair<std::shared_ptr<fake_peer>, manager_type::subscription>> live;
+        for (int round = 0; round < churn_rounds; ++round) {
+            auto p = new_peer();
+            if (rng() % 4 == 0) p->writes_before_failure = static_cast<int>(rng() % 5);
+            live.emplace_back(p, manager.subscribe(fake_socket(p), key(static_cast<int>(rng() % keys))));
+            if (live.size() > 8) {
+                auto victim = live.begin() + static_cast<std::ptrdiff_t>(rng() % live.size());
+                switch (rng() % 3) {
+                case 0: victim->second.unsubscribe(); break;
+                case 1: net::post(victim->first->executor, [p = victim->first] { p->client_close(); }); break;
+                default: break;  // just drop the handle
+                }
+                live.erase(victim);
+            }
+        }
+    });
+    for (auto& t : threads) t.join();
+
+    // Bounded wait for the stable subscribers to drain; read each peer on its own strand.
+    auto received_on_strand = [](const std::shared_ptr<fake_peer>& p) {
+        std::promise<std::vector<std::string>> got;
+        net::post(p->executor, [&] { got.set_value(p->received); });
+        return got.get_future().get();
+    };
+    auto expected_count = [&](int k) {
+        std::size_t n = 0;
+        for (auto& per_key : sent) n += per_key[static_cast<std::size_t>(k)].size();
+        return n;
+    };
+    for (int spin = 0; spin < 1000; ++spin) {
+        bool all = true;
+        for (auto& [k, p] : stable) all = all && received_on_strand(p).size() >= expected_count(k);
+        if (all) break;
+        std::this_thread::sleep_for(10ms);
+    }
+
+    CHECK(manager.size() == stable.size());  // every churned connection has left
+    for (auto& [k, p] : stable) {
+        CAPTURE(k);
+        const auto got = received_on_strand(p);
+        std::vector<std::vector<int>> by_sender(senders);
+        for (auto& m : got) {
+            const auto colon = m.find(':');
+            by_sender[static_cast<std::size_t>(std::stoi(m.substr(0, colon)))].push_back(std::stoi(m.substr(colon + 1)));
+        }
+        for (int t = 0; t < senders; ++t)
+            CHECK(by_sender[static_cast<std::size_t>(t)] == sent[static_cast<std::size_t>(t)][static_cast<std::size_t>(k)]);
+    }
+    stable_subs.clear();
+    guard.reset();
+    io1.join();
+    io2.join();
     CHECK(manager.size() == 0);
 }

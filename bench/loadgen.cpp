@@ -1,0 +1,1073 @@
+// wsbroadcast-loadgen: starts the reference server (wsbroadcast-server), drives it with Beast
+// WebSocket subscribers and keep-alive HTTP publishers over loopback, and prints one JSON line.
+//
+//   wsbroadcast-loadgen --server PATH --scenario fanout|targeted|rate|idle|slow [options]
+//
+// Every message is exactly --size bytes of ASCII:
+//
+//   pppp:ssssssss:tttttttttttttttt:xxxx...
+//
+// p = publisher index, s = sequence number per (id, publisher), t = send time in steady_clock
+// nanoseconds (CLOCK_MONOTONIC), all lowercase hex. A subscriber keeps one bit per message it can
+// receive from each publisher, so it tells missing, duplicate and out-of-order messages apart.
+//
+// Every phase has a deadline, and a watchdog ends the process (and the server) if the whole run
+// takes longer than --max-seconds, so the program always terminates.
+
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/websocket.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <charconv>
+#include <chrono>
+#include <condition_variable>
+#include <csignal>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include <poll.h>
+#include <spawn.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
+
+namespace beast = boost::beast;
+namespace websocket = beast::websocket;
+namespace net = boost::asio;
+using tcp = net::ip::tcp;
+using namespace std::chrono_literals;
+
+namespace {
+
+// ---- small helpers -----------------------------------------------------------------------------
+
+using steady = std::chrono::steady_clock;
+
+std::uint64_t now_ns() {
+    return static_cast<std::uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(steady::now().time_since_epoch()).count());
+}
+
+double seconds_since(steady::time_point t) { return std::chrono::duration<double>(steady::now() - t).count(); }
+
+void say(const std::string& what) { std::cerr << "loadgen: " << what << std::endl; }
+
+template <class T>
+bool parse_number(std::string_view text, T& out) {
+    const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), out);
+    return err == std::errc{} && end == text.data() + text.size();
+}
+
+constexpr char hex_digits[] = "0123456789abcdef";
+
+void write_hex(char* out, std::uint64_t v, int digits) {
+    for (int i = digits - 1; i >= 0; --i) {
+        out[i] = hex_digits[v & 15];
+        v >>= 4;
+    }
+}
+
+bool read_hex(const char* in, int digits, std::uint64_t& v) {
+    v = 0;
+    for (int i = 0; i < digits; ++i) {
+        const char c = in[i];
+        unsigned d;
+        if (c >= '0' && c <= '9') d = static_cast<unsigned>(c - '0');
+        else if (c >= 'a' && c <= 'f') d = static_cast<unsigned>(c - 'a' + 10);
+        else return false;
+        v = (v << 4) | d;
+    }
+    return true;
+}
+
+// "pppp:ssssssss:tttttttttttttttt:" then padding.
+constexpr std::size_t payload_header = 31;
+constexpr std::size_t min_payload = payload_header + 1;
+
+void stamp_payload(char* p, std::uint64_t publisher, std::uint64_t seq, std::uint64_t ts) {
+    write_hex(p, publisher, 4);
+    write_hex(p + 5, seq, 8);
+    write_hex(p + 14, ts, 16);
+}
+
+// Latency histogram in microseconds: exact below 2048 us, then 1024 sub-buckets per power of two
+// (under 0.1 % error), up to 2^41 us.
+class histogram {
+public:
+    void add(std::uint64_t us) {
+        ++counts_[index(us)];
+        ++total_;
+        max_ = std::max(max_, us);
+    }
+    void merge(const histogram& o) {
+        for (std::size_t i = 0; i < counts_.size(); ++i) counts_[i] += o.counts_[i];
+        total_ += o.total_;
+        max_ = std::max(max_, o.max_);
+    }
+    std::uint64_t total() const { return total_; }
+    std::uint64_t max() const { return max_; }
+    // The smallest recorded value v such that at least q of the samples are <= v (bucket lower bound).
+    std::uint64_t percentile(double q) const {
+        if (total_ == 0) return 0;
+        auto rank = static_cast<std::uint64_t>(q * static_cast<double>(total_));
+        if (static_cast<double>(rank) < q * static_cast<double>(total_)) ++rank;
+        rank = std::clamp<std::uint64_t>(rank, 1, total_);
+        std::uint64_t seen = 0;
+        for (std::size_t i = 0; i < counts_.size(); ++i) {
+            seen += counts_[i];
+            if (seen >= rank) return std::min(value(i), max_);
+        }
+        return max_;
+    }
+
+private:
+    static constexpr std::size_t linear = 2048;
+    static constexpr int top_bit = 40;
+    static std::size_t index(std::uint64_t us) {
+        if (us < linear) return static_cast<std::size_t>(us);
+        int k = std::bit_width(us) - 1;  // 11 and up
+        if (k > top_bit) {
+            k = top_bit;
+            us = (std::uint64_t{2} << top_bit) - 1;
+        }
+        const int shift = k - 10;
+        return linear + static_cast<std::size_t>(k - 11) * 1024 + static_cast<std::size_t>((us >> shift) - 1024);
+    }
+    static std::uint64_t value(std::size_t i) {
+        if (i < linear) return i;
+        const std::size_t j = i - linear;
+        const int k = static_cast<int>(j / 1024) + 11;
+        return (static_cast<std::uint64_t>(j % 1024) + 1024) << (k - 10);
+    }
+    std::vector<std::uint64_t> counts_ = std::vector<std::uint64_t>(linear + (top_bit - 10) * 1024, 0);
+    std::uint64_t total_ = 0;
+    std::uint64_t max_ = 0;
+};
+
+// ---- options -----------------------------------------------------------------------------------
+
+constexpr std::string_view usage = R"(usage: wsbroadcast-loadgen --server PATH --scenario NAME [options]
+
+Starts PATH --port 0 --threads N, drives it over 127.0.0.1 and prints one JSON line.
+
+Scenarios (defaults in brackets):
+  fanout    S subscribers on one id; publish M messages as fast as the publishers allow [S=1000 M=2000]
+  targeted  S subscribers on S ids; message k goes to id k mod S [S=10000 M=20000]
+  rate      S subscribers on one id; publish at a fixed --rate, report latency [S=100 M=5000 rate=1000]
+  idle      S subscribers on S ids stay idle; RSS per connection; then one push to each of
+            --sample ids spread over all of them [S=10000 sample=100]
+  slow      S fast subscribers plus one that never reads, on one id [S=100 M=20000 size=1024]
+
+Options:
+  --server PATH          the wsbroadcast-server binary (required)
+  --server-threads N     the server's --threads [2]
+  --scenario NAME        one of the above (required)
+  --subscribers N        subscribers (the slow scenario adds its one slow client)
+  --ids N                distinct ids the subscribers are spread over
+  --messages N           messages to publish
+  --size N               bytes per message, at least 32 [64; slow: 1024]
+  --publishers N         keep-alive HTTP publishing connections [1]
+  --rate N               messages per second in the rate scenario [1000]
+  --sample N             ids pushed to in the idle check [100]
+  --client-threads N     io_context threads for the subscribers [1]
+  --batch N              concurrent WebSocket handshakes while connecting [200]
+  --deadline SECONDS     wait at most this long for deliveries once publishing is done [30]
+  --max-seconds SECONDS  watchdog for the whole run [600]
+  --help                 this text
+
+Exit status: 0 when every subscriber got every message once and in order, 1 otherwise,
+2 for bad options, 3 if the server did not start or the watchdog fired.
+)";
+
+struct config {
+    std::string server_path;
+    unsigned server_threads = 2;
+    std::string scenario;
+    std::optional<unsigned> subscribers, ids, messages, size;
+    unsigned publishers = 1;
+    unsigned rate = 1000;
+    unsigned sample = 100;
+    unsigned client_threads = 1;
+    unsigned batch = 200;
+    double deadline = 30;
+    double max_seconds = 600;
+
+    // Resolved from the scenario.
+    unsigned n_subscribers = 0, n_ids = 0, n_messages = 0, n_size = 0;
+    bool slow = false;
+    bool paced = false;
+};
+
+std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
+    config c;
+    auto fail = [&](const std::string& why) {
+        std::cerr << "wsbroadcast-loadgen: " << why << "\n\n" << usage;
+        exit_code = 2;
+        return std::optional<config>{};
+    };
+    for (int i = 1; i < argc; i += 2) {
+        const std::string_view arg = argv[i];
+        if (arg == "--help" || arg == "-h") {
+            std::cout << usage;
+            exit_code = 0;
+            return std::nullopt;
+        }
+        if (i + 1 >= argc) return fail(std::string(arg) + " needs a value");
+        const std::string_view v = argv[i + 1];
+        unsigned n = 0;
+        double d = 0;
+        auto number = [&](unsigned& out, unsigned min) {
+            if (!parse_number(v, n) || n < min) return false;
+            out = n;
+            return true;
+        };
+        auto optional_number = [&](std::optional<unsigned>& out, unsigned min) {
+            if (!parse_number(v, n) || n < min) return false;
+            out = n;
+            return true;
+        };
+        auto seconds = [&](double& out) {
+            if (!parse_number(v, d) || !(d > 0)) return false;
+            out = d;
+            return true;
+        };
+        bool ok = true;
+        if (arg == "--server") c.server_path = v;
+        else if (arg == "--scenario") c.scenario = v;
+        else if (arg == "--server-threads") ok = number(c.server_threads, 1);
+        else if (arg == "--subscribers") ok = optional_number(c.subscribers, 1);
+        else if (arg == "--ids") ok = optional_number(c.ids, 1);
+        else if (arg == "--messages") ok = optional_number(c.messages, 1);
+        else if (arg == "--size") ok = optional_number(c.size, static_cast<unsigned>(min_payload));
+        else if (arg == "--publishers") ok = number(c.publishers, 1);
+        else if (arg == "--rate") ok = number(c.rate, 1);
+        else if (arg == "--sample") ok = number(c.sample, 1);
+        else if (arg == "--client-threads") ok = number(c.client_threads, 1);
+        else if (arg == "--batch") ok = number(c.batch, 1);
+        else if (arg == "--deadline") ok = seconds(c.deadline);
+        else if (arg == "--max-seconds") ok = seconds(c.max_seconds);
+        else return fail("unknown option " + std::string(arg));
+        if (!ok) return fail(std::string(arg) + " needs a valid value");
+    }
+    if (c.server_path.empty()) return fail("--server is required");
+    if (c.publishers > 0xffff) return fail("--publishers must be at most 65535");
+
+    unsigned subs = 0, ids = 0, messages = 0, size = 64;
+    if (c.scenario == "fanout") {
+        subs = c.subscribers.value_or(1000), ids = c.ids.value_or(1), messages = c.messages.value_or(2000);
+    } else if (c.scenario == "targeted") {
+        subs = c.subscribers.value_or(10000), ids = c.ids.value_or(subs), messages = c.messages.value_or(20000);
+    } else if (c.scenario == "rate") {
+        subs = c.subscribers.value_or(100), ids = c.ids.value_or(1), messages = c.messages.value_or(5000);
+        c.paced = true;
+    } else if (c.scenario == "idle") {
+        subs = c.subscribers.value_or(10000), ids = c.ids.value_or(subs);
+        messages = c.messages.value_or(std::min(c.sample, ids));
+    } else if (c.scenario == "slow") {
+        subs = c.subscribers.value_or(100), ids = 1, messages = c.messages.value_or(20000), size = 1024;
+        if (c.ids && *c.ids != 1) return fail("the slow scenario uses one id");
+        c.slow = true;
+    } else {
+        return fail("--scenario must be fanout, targeted, rate, idle or slow");
+    }
+    c.n_subscribers = subs;
+    c.n_ids = std::min(ids, subs);
+    c.n_messages = messages;
+    c.n_size = c.size.value_or(size);
+    return c;
+}
+
+// ---- the server process --------------------------------------------------------------------------
+
+class server_process {
+public:
+    server_process() = default;
+    server_process(const server_process&) = delete;
+    server_process& operator=(const server_process&) = delete;
+    ~server_process() { kill_now(); }
+
+    // Starts the server and reads "wsbroadcast-server listening on http://127.0.0.1:PORT with ..."
+    bool start(const config& c, std::string& error) {
+        int out[2];
+        if (pipe(out) != 0) {
+            error = "pipe failed";
+            return false;
+        }
+        posix_spawn_file_actions_t actions;
+        posix_spawn_file_actions_init(&actions);
+        posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+        posix_spawn_file_actions_addclose(&actions, out[0]);
+        std::vector<std::string> args = {c.server_path, "--address", "127.0.0.1", "--port", "0", "--threads",
+                                         std::to_string(c.server_threads)};
+        std::vector<char*> argv;
+        for (auto& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        const int rc = posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ);
+        posix_spawn_file_actions_destroy(&actions);
+        close(out[1]);
+        if (rc != 0) {
+            close(out[0]);
+            pid_ = -1;
+            error = "cannot start " + c.server_path + ": " + std::strerror(rc);
+            return false;
+        }
+        out_fd_ = out[0];  // kept open until the end, so a late write to stdout cannot kill the server
+
+        std::string line;
+        const auto deadline = steady::now() + 10s;
+        while (line.find('\n') == std::string::npos && line.size() < 1024) {
+            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady::now()).count();
+            if (left <= 0) break;
+            pollfd p{out_fd_, POLLIN, 0};
+            if (poll(&p, 1, static_cast<int>(left)) <= 0) break;
+            char buf[256];
+            const auto n = read(out_fd_, buf, sizeof buf);
+            if (n <= 0) break;
+            line.append(buf, static_cast<std::size_t>(n));
+        }
+        const auto with = line.find(" with");
+        const auto colon = line.rfind(':', with);
+        unsigned short port = 0;
+        if (with == std::string::npos || colon == std::string::npos ||
+            !parse_number(std::string_view(line).substr(colon + 1, with - colon - 1), port) || port == 0) {
+            error = "the server did not print its port; it said: " + line;
+            return false;
+        }
+        port_ = port;
+        return true;
+    }
+
+    pid_t pid() const { return pid_; }
+    unsigned short port() const { return port_; }
+
+    // SIGTERM, then waits up to `limit`; SIGKILL after that. Returns the exit status, or -1 when it
+    // had to be killed, or 128 + signal.
+    int stop(std::chrono::milliseconds limit) {
+        if (pid_ <= 0) return -1;
+        kill(pid_, SIGTERM);
+        const auto deadline = steady::now() + limit;
+        while (steady::now() < deadline) {
+            int status = 0;
+            if (waitpid(pid_, &status, WNOHANG) == pid_) {
+                pid_ = -1;
+                close_pipe();
+                return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+            }
+            std::this_thread::sleep_for(10ms);
+        }
+        kill_now();
+        return -1;
+    }
+
+    void kill_now() {
+        if (pid_ > 0) {
+            kill(pid_, SIGKILL);
+            waitpid(pid_, nullptr, 0);
+            pid_ = -1;
+        }
+        close_pipe();
+    }
+
+private:
+    void close_pipe() {
+        if (out_fd_ >= 0) close(out_fd_);
+        out_fd_ = -1;
+    }
+    pid_t pid_ = -1;
+    int out_fd_ = -1;
+    unsigned short port_ = 0;
+};
+
+// utime + stime of the whole process, in clock ticks.
+std::optional<std::uint64_t> cpu_ticks(pid_t pid) {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+    std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    const auto paren = text.rfind(')');
+    if (paren == std::string::npos) return std::nullopt;
+    std::istringstream rest(text.substr(paren + 1));
+    std::string field;
+    std::uint64_t utime = 0, stime = 0;
+    // After the ")" come fields 3 (state) ... ; utime is field 14, stime field 15.
+    for (int i = 3; i <= 15 && rest >> field; ++i) {
+        if (i == 14 && !parse_number(field, utime)) return std::nullopt;
+        if (i == 15 && !parse_number(field, stime)) return std::nullopt;
+    }
+    return utime + stime;
+}
+
+std::optional<std::uint64_t> rss_kib(pid_t pid) {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/status");
+    std::string line;
+    for (int i = 0; i < 100 && std::getline(f, line); ++i) {
+        if (!line.starts_with("VmRSS:")) continue;
+        std::istringstream in(line.substr(6));
+        std::uint64_t kib = 0;
+        if (in >> kib) return kib;
+    }
+    return std::nullopt;
+}
+
+std::uint64_t own_cpu_us() {
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    auto us = [](const timeval& t) {
+        return static_cast<std::uint64_t>(t.tv_sec) * 1000000 + static_cast<std::uint64_t>(t.tv_usec);
+    };
+    return us(u.ru_utime) + us(u.ru_stime);
+}
+
+// ---- the run's shared state ----------------------------------------------------------------------
+
+// Which message goes where: message k goes to id target[k], from publisher k mod P; expected[id * P + p]
+// is how many messages publisher p sends to id (the sequence numbers of that pair are 0 .. n-1).
+struct plan {
+    unsigned ids = 0, publishers = 0, messages = 0;
+    std::vector<std::uint32_t> target;
+    std::vector<std::uint32_t> expected;
+};
+
+plan make_plan(const config& c) {
+    plan p;
+    p.ids = c.n_ids;
+    p.publishers = c.publishers;
+    p.messages = c.n_messages;
+    p.target.resize(p.messages);
+    p.expected.assign(std::size_t{p.ids} * p.publishers, 0);
+    // idle: spread the few sample messages over all ids; otherwise round robin.
+    const std::uint64_t step = c.scenario == "idle" ? std::max<std::uint64_t>(1, p.ids / std::max(1u, p.messages)) : 1;
+    for (std::uint64_t k = 0; k < p.messages; ++k) {
+        const auto id = static_cast<std::uint32_t>((k * step) % p.ids);
+        p.target[k] = id;
+        ++p.expected[std::size_t{id} * p.publishers + k % p.publishers];
+    }
+    return p;
+}
+
+// One io_context and its thread. Counters are written by that thread only and read by main.
+struct worker {
+    net::io_context ioc{1};
+    std::thread thread;
+    histogram latency;  // read only after the thread has been joined
+    std::atomic<std::uint64_t> distinct{0};
+    std::atomic<std::uint64_t> last_delivery_ns{0};
+    std::atomic<unsigned> connected{0}, failed{0}, ended{0};
+
+    static void bump(std::atomic<unsigned>& a) { a.store(a.load(std::memory_order_relaxed) + 1, std::memory_order_release); }
+};
+
+struct subscriber {
+    std::uint32_t index = 0;
+    std::uint32_t id = 0;
+    bool slow = false;
+    worker* w = nullptr;
+    // Per publisher: bits of the sequence numbers received, and 1 + the highest one seen.
+    std::vector<std::uint64_t> bits;
+    std::vector<std::uint32_t> word_offset;  // publishers + 1 entries
+    std::vector<std::uint32_t> high;
+    std::uint64_t received = 0, duplicates = 0, out_of_order = 0, unexpected = 0;
+    // How it ended (written by its worker before it bumps `ended`).
+    bool connected = false;
+    bool ended = false;
+    bool ended_during_shutdown = false;
+    std::optional<std::uint16_t> close_code;
+    std::string end_reason;
+};
+
+struct publisher {
+    unsigned index = 0;
+    std::vector<std::uint32_t> sent;  // per id: messages sent (= next sequence number)
+    std::uint64_t published = 0, answered = 0, connections = 0, errors = 0;
+    std::uint64_t max_late_ns = 0;  // rate: how far behind its schedule it fell
+    std::string error;
+    std::atomic<bool> connected{false}, done{false};
+};
+
+struct run_state {
+    const config& cfg;
+    const plan& pl;
+    tcp::endpoint endpoint;
+    std::string host;
+    std::vector<std::string> targets;  // per id: /api/v1/ws/{id}
+    std::atomic<bool> go{false}, stop_publishing{false}, drain_slow{false}, shutting_down{false};
+    std::uint64_t t0_ns = 0;  // rate: when message 0 is due; written before `go`
+};
+
+void report_exception(std::exception_ptr e) {
+    if (!e) return;
+    try {
+        std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+        say(std::string("coroutine failed: ") + x.what());
+    }
+}
+
+// ---- subscribers ---------------------------------------------------------------------------------
+
+void on_message(subscriber& s, run_state& rs, const char* p, std::size_t n) {
+    const std::uint64_t now = now_ns();
+    ++s.received;
+    std::uint64_t pub = 0, seq = 0, ts = 0;
+    if (n != rs.cfg.n_size || !read_hex(p, 4, pub) || !read_hex(p + 5, 8, seq) || !read_hex(p + 14, 16, ts) ||
+        pub >= rs.pl.publishers || seq >= rs.pl.expected[std::size_t{s.id} * rs.pl.publishers + pub]) {
+        ++s.unexpected;
+        return;
+    }
+    std::uint64_t& word = s.bits[s.word_offset[pub] + seq / 64];
+    const std::uint64_t mask = std::uint64_t{1} << (seq % 64);
+    if (word & mask) {
+        ++s.duplicates;
+        return;
+    }
+    word |= mask;
+    if (seq + 1 < s.high[pub]) ++s.out_of_order;
+    else s.high[pub] = static_cast<std::uint32_t>(seq + 1);
+    if (s.slow) return;
+    worker& w = *s.w;
+    w.latency.add(now > ts ? (now - ts) / 1000 : 0);
+    w.distinct.store(w.distinct.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    w.last_delivery_ns.store(now, std::memory_order_relaxed);
+}
+
+net::awaitable<void> run_subscriber(subscriber& s, run_state& rs) {
+    worker& w = *s.w;
+    websocket::stream<beast::tcp_stream> ws(co_await net::this_coro::executor);
+    auto& stream = beast::get_lowest_layer(ws);
+    beast::error_code ec;
+    stream.expires_after(15s);
+    co_await stream.async_connect(rs.endpoint, net::redirect_error(net::use_awaitable, ec));
+    if (!ec) {
+        co_await ws.async_handshake(rs.host, rs.targets[s.id], net::redirect_error(net::use_awaitable, ec));
+    }
+    if (ec) {
+        s.end_reason = "connect: " + ec.message();
+        s.ended = true;
+        worker::bump(w.failed);
+        co_return;
+    }
+    stream.expires_never();
+    s.connected = true;
+    worker::bump(w.connected);
+
+    beast::flat_buffer buffer;
+    if (s.slow) {
+        // Never read until told to: the server's writes fill both TCP buffers, then its outbox.
+        net::steady_timer timer(co_await net::this_coro::executor);
+        for (int i = 0; i < 1000000 && !rs.drain_slow.load() && !rs.shutting_down.load(); ++i) {
+            timer.expires_after(10ms);
+            co_await timer.async_wait(net::redirect_error(net::use_awaitable, ec));
+        }
+        // Drain what the kernel holds, until the server's close, an error, or 3 s of silence.
+        for (std::uint64_t i = 0; i < 100000000; ++i) {
+            stream.expires_after(3s);
+            co_await ws.async_read(buffer, net::redirect_error(net::use_awaitable, ec));
+            if (ec) break;
+            const auto data = buffer.cdata();
+            on_message(s, rs, static_cast<const char*>(data.data()), data.size());
+            buffer.consume(buffer.size());
+        }
+    } else {
+        for (;;) {  // ends when the server closes the connection, at the latest at shutdown
+            co_await ws.async_read(buffer, net::redirect_error(net::use_awaitable, ec));
+            if (ec) break;
+            const auto data = buffer.cdata();
+            on_message(s, rs, static_cast<const char*>(data.data()), data.size());
+            buffer.consume(buffer.size());
+        }
+    }
+    if (ec == websocket::error::closed) {
+        s.close_code = static_cast<std::uint16_t>(ws.reason().code);
+        s.end_reason = "close frame " + std::to_string(*s.close_code);
+    } else {
+        s.end_reason = ec.message();
+    }
+    s.ended_during_shutdown = rs.shutting_down.load();
+    s.ended = true;
+    worker::bump(w.ended);
+}
+
+// ---- publishers ----------------------------------------------------------------------------------
+
+// Finds `name` (case-insensitive) in an HTTP header block and returns its numeric value.
+std::optional<std::size_t> header_number(std::string_view head, std::string_view name) {
+    for (std::size_t pos = head.find("\r\n"); pos != std::string_view::npos; pos = head.find("\r\n", pos + 2)) {
+        const auto line = head.substr(pos + 2, head.find("\r\n", pos + 2) - pos - 2);
+        if (line.size() <= name.size() || line[name.size()] != ':') continue;
+        bool same = true;
+        for (std::size_t i = 0; i < name.size() && same; ++i)
+            same = std::tolower(static_cast<unsigned char>(line[i])) == std::tolower(static_cast<unsigned char>(name[i]));
+        if (!same) continue;
+        auto value = line.substr(name.size() + 1);
+        while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
+        std::size_t n = 0;
+        if (parse_number(value, n)) return n;
+        return std::nullopt;
+    }
+    return std::nullopt;
+}
+
+net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
+    const auto& cfg = rs.cfg;
+    const auto& pl = rs.pl;
+    beast::tcp_stream stream(co_await net::this_coro::executor);
+    beast::error_code ec;
+    stream.expires_after(10s);
+    co_await stream.async_connect(rs.endpoint, net::redirect_error(net::use_awaitable, ec));
+    if (ec) {
+        ps.error = "connect: " + ec.message();
+        ++ps.errors;
+        ps.done.store(true);
+        co_return;
+    }
+    stream.expires_never();
+    ps.connected.store(true);
+
+    net::steady_timer timer(co_await net::this_coro::executor);
+    for (int i = 0; i < 6000 && !rs.go.load() && !rs.stop_publishing.load(); ++i) {  // at most 60 s
+        timer.expires_after(10ms);
+        co_await timer.async_wait(net::redirect_error(net::use_awaitable, ec));
+    }
+
+    const std::string length = std::to_string(cfg.n_size);
+    std::string request;
+    request.reserve(256 + cfg.n_size);
+    beast::flat_buffer in;
+    in.reserve(4096 + 2 * cfg.n_size);
+
+    for (std::uint64_t k = ps.index; k < pl.messages && rs.go.load() && !rs.stop_publishing.load(); k += pl.publishers) {
+        const std::uint32_t id = pl.target[k];
+        std::uint64_t stamp;
+        if (cfg.paced) {
+            // Stamped with the time it is due, not the time it is sent: a publisher that falls
+            // behind shows up in the latency instead of hiding it (no coordinated omission).
+            const std::uint64_t due = rs.t0_ns + k * 1000000000ull / cfg.rate;
+            const std::uint64_t now = now_ns();
+            if (now < due) {
+                timer.expires_after(std::chrono::nanoseconds(due - now));
+                co_await timer.async_wait(net::redirect_error(net::use_awaitable, ec));
+            } else {
+                ps.max_late_ns = std::max(ps.max_late_ns, now - due);
+            }
+            stamp = due;
+        } else {
+            stamp = now_ns();
+        }
+        const std::uint32_t seq = ps.sent[id]++;
+
+        request.clear();
+        request += "POST ";
+        request += rs.targets[id];
+        request += " HTTP/1.1\r\nHost: ";
+        request += rs.host;
+        request += "\r\nContent-Type: text/plain\r\nContent-Length: ";
+        request += length;
+        request += "\r\n\r\n";
+        const std::size_t body = request.size();
+        request.append(cfg.n_size, 'x');
+        char* p = request.data() + body;
+        p[4] = p[13] = p[30] = ':';
+        stamp_payload(p, ps.index, seq, stamp);
+        ++ps.published;
+
+        stream.expires_after(10s);
+        co_await net::async_write(stream, net::buffer(request), net::redirect_error(net::use_awaitable, ec));
+        std::size_t head = 0;
+        if (!ec) head = co_await net::async_read_until(stream, in, "\r\n\r\n", net::redirect_error(net::use_awaitable, ec));
+        std::optional<std::size_t> content_length;
+        if (!ec) {
+            const std::string_view text(static_cast<const char*>(in.cdata().data()), in.size());
+            if (!text.starts_with("HTTP/1.1 200 ")) {
+                ps.error = "answer: " + std::string(text.substr(0, text.find('\r')));
+            } else {
+                content_length = header_number(text.substr(0, head), "content-length");
+                if (!content_length) ps.error = "answer without Content-Length";
+            }
+        }
+        if (ec || !content_length) {
+            if (ec) ps.error = "push: " + ec.message();
+            ++ps.errors;
+            break;  // the connection's state is unknown: this publisher stops
+        }
+        const std::size_t total = head + *content_length;
+        if (in.size() < total)
+            co_await net::async_read(stream, in, net::transfer_exactly(total - in.size()),
+                                     net::redirect_error(net::use_awaitable, ec));
+        if (ec) {
+            ps.error = "push answer: " + ec.message();
+            ++ps.errors;
+            break;
+        }
+        const std::string_view answer(static_cast<const char*>(in.cdata().data()) + head, *content_length);
+        constexpr std::string_view key = "\"connections\":";
+        const auto at = answer.rfind(key);
+        std::uint64_t n = 0;
+        if (at != std::string_view::npos) {
+            const char* first = answer.data() + at + key.size();
+            std::from_chars(first, answer.data() + answer.size(), n);
+        }
+        ps.connections += n;
+        ++ps.answered;
+        in.consume(total);
+    }
+    stream.expires_after(2s);
+    stream.socket().shutdown(tcp::socket::shutdown_send, ec);
+    ps.done.store(true);
+}
+
+// ---- the orchestration (main thread) -------------------------------------------------------------
+
+// Polls `done` every `every` until it holds or `seconds` have passed.
+template <class Done>
+bool wait_for(Done done, double seconds, std::chrono::microseconds every = 2ms) {
+    const auto start = steady::now();
+    while (!done()) {
+        if (seconds_since(start) >= seconds) return false;
+        std::this_thread::sleep_for(every);
+    }
+    return true;
+}
+
+std::string fixed(double v, int digits) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+    return buf;
+}
+
+std::string json_escape(std::string_view s) {
+    std::string out = "\"";
+    for (char ch : s) {
+        const auto c = static_cast<unsigned char>(ch);
+        if (c == '"' || c == '\\') {
+            out += '\\';
+            out += ch;
+        } else if (c < 0x20) {
+            char buf[8];
+            std::snprintf(buf, sizeof buf, "\\u%04x", c);
+            out += buf;
+        } else {
+            out += ch;
+        }
+    }
+    return out + "\"";
+}
+
+// Watchdog: if the run is not over by the deadline, kill the server and exit 3.
+class watchdog {
+public:
+    watchdog(double seconds, std::atomic<pid_t>& server) : server_(server) {
+        thread_ = std::thread([this, seconds] {
+            std::unique_lock lock(mutex_);
+            if (cv_.wait_for(lock, std::chrono::duration<double>(seconds), [this] { return done_; })) return;
+            say("watchdog: the run took longer than --max-seconds, giving up");
+            if (const pid_t pid = server_.load(); pid > 0) {
+                kill(pid, SIGKILL);
+                waitpid(pid, nullptr, 0);
+            }
+            std::fflush(nullptr);
+            _exit(3);
+        });
+    }
+    ~watchdog() {
+        {
+            std::lock_guard lock(mutex_);
+            done_ = true;
+        }
+        cv_.notify_all();
+        thread_.join();
+    }
+
+private:
+    std::atomic<pid_t>& server_;
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    bool done_ = false;
+    std::thread thread_;
+};
+
+int run(const config& cfg) {
+    // 10,000 connections need more than the usual 1024 descriptors; the server inherits this limit.
+    rlimit lim{};
+    if (getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < lim.rlim_max) {
+        lim.rlim_cur = lim.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &lim);
+    }
+    getrlimit(RLIMIT_NOFILE, &lim);
+    const std::uint64_t need = cfg.n_subscribers + cfg.publishers + 64;
+    if (lim.rlim_cur < need)
+        say("warning: RLIMIT_NOFILE is " + std::to_string(lim.rlim_cur) + ", " + std::to_string(need) + " are needed");
+
+    std::atomic<pid_t> server_pid{-1};
+    watchdog dog(cfg.max_seconds, server_pid);
+
+    server_process server;
+    std::string error;
+    if (!server.start(cfg, error)) {
+        say(error);
+        return 3;
+    }
+    server_pid.store(server.pid());
+    say("server pid " + std::to_string(server.pid()) + " on port " + std::to_string(server.port()) + ", scenario " +
+        cfg.scenario + ", RLIMIT_NOFILE " + std::to_string(lim.rlim_cur));
+
+    const plan pl = make_plan(cfg);
+    run_state rs{cfg, pl, {}, {}, {}, {}, {}, {}, {}, 0};
+    rs.endpoint = tcp::endpoint(net::ip::make_address("127.0.0.1"), server.port());
+    rs.host = "127.0.0.1:" + std::to_string(server.port());
+    for (unsigned i = 0; i < pl.ids; ++i) rs.targets.push_back("/api/v1/ws/bench-" + std::to_string(i));
+
+    // Workers.
+    std::vector<std::unique_ptr<worker>> workers;
+    for (unsigned i = 0; i < cfg.client_threads; ++i) workers.push_back(std::make_unique<worker>());
+    std::vector<net::executor_work_guard<net::io_context::executor_type>> guards;
+    for (auto& w : workers) guards.push_back(net::make_work_guard(w->ioc));
+    for (auto& w : workers) w->thread = std::thread([&ioc = w->ioc] { ioc.run(); });
+
+    // Subscribers: the fast ones, then the slow one (scenario slow) on id 0.
+    const unsigned total_subs = cfg.n_subscribers + (cfg.slow ? 1 : 0);
+    std::vector<subscriber> subs(total_subs);
+    for (unsigned i = 0; i < total_subs; ++i) {
+        auto& s = subs[i];
+        s.index = i;
+        s.slow = cfg.slow && i == cfg.n_subscribers;
+        s.id = s.slow ? 0 : i % pl.ids;
+        s.w = workers[i % workers.size()].get();
+        s.word_offset.resize(pl.publishers + 1, 0);
+        for (unsigned p = 0; p < pl.publishers; ++p)
+            s.word_offset[p + 1] = s.word_offset[p] + (pl.expected[std::size_t{s.id} * pl.publishers + p] + 63) / 64;
+        s.bits.assign(s.word_offset.back(), 0);
+        s.high.assign(pl.publishers, 0);
+    }
+    auto sum = [&](auto member) {
+        std::uint64_t n = 0;
+        for (auto& w : workers) n += ((*w).*member).load(std::memory_order_acquire);
+        return n;
+    };
+
+    const auto rss_before = rss_kib(server.pid()).value_or(0);
+    const auto connect_start = steady::now();
+    bool connect_ok = true;
+    for (unsigned start = 0; start < total_subs && connect_ok; start += cfg.batch) {
+        const unsigned end = std::min(total_subs, start + cfg.batch);
+        for (unsigned i = start; i < end; ++i)
+            net::co_spawn(subs[i].w->ioc, run_subscriber(subs[i], rs), report_exception);
+        connect_ok = wait_for([&] { return sum(&worker::connected) + sum(&worker::failed) >= end; }, 30);
+    }
+    const auto connected = sum(&worker::connected);
+    const auto connect_failures = sum(&worker::failed);
+    say("connected " + std::to_string(connected) + "/" + std::to_string(total_subs) + " subscribers in " +
+        fixed(seconds_since(connect_start), 2) + " s" +
+        (connect_failures ? ", " + std::to_string(connect_failures) + " failed" : std::string()));
+
+    std::this_thread::sleep_for(cfg.scenario == "idle" ? 1000ms : 200ms);  // let the server settle
+    const auto rss_after = rss_kib(server.pid()).value_or(0);
+    const auto open_before_push = connected - sum(&worker::ended);
+
+    // Publishers, all on worker 0.
+    std::vector<publisher> pubs(cfg.publishers);
+    for (unsigned p = 0; p < cfg.publishers; ++p) {
+        pubs[p].index = p;
+        pubs[p].sent.assign(pl.ids, 0);
+        net::co_spawn(workers[0]->ioc, run_publisher(pubs[p], rs), report_exception);
+    }
+    wait_for([&] { return std::all_of(pubs.begin(), pubs.end(), [](auto& p) { return p.connected.load() || p.done.load(); }); }, 15);
+
+    // The measured phase: from the first push until the last delivery.
+    const long ticks_per_second = sysconf(_SC_CLK_TCK);
+    const auto cpu_before = cpu_ticks(server.pid()).value_or(0);
+    const auto own_before = own_cpu_us();
+    const std::uint64_t publish_start_ns = now_ns();
+    rs.t0_ns = publish_start_ns + 5000000;  // rate: message 0 is due 5 ms from now
+    rs.go.store(true);
+
+    // Publishing ends when every publisher is done: bounded by the expected time plus a margin.
+    const double publish_limit =
+        cfg.paced ? cfg.n_messages / static_cast<double>(cfg.rate) + cfg.deadline : 120 + cfg.n_messages / 1000.0;
+    if (!wait_for([&] { return std::all_of(pubs.begin(), pubs.end(), [](auto& p) { return p.done.load(); }); },
+                  publish_limit, 1ms)) {
+        say("publishing did not finish in " + fixed(publish_limit, 0) + " s; stopping it");
+        rs.stop_publishing.store(true);
+        wait_for([&] { return std::all_of(pubs.begin(), pubs.end(), [](auto& p) { return p.done.load(); }); }, 15);
+    }
+    const double publish_seconds = static_cast<double>(now_ns() - publish_start_ns) / 1e9;
+
+    // What the fast subscribers should have received, from what was actually sent.
+    std::vector<std::uint64_t> fast_connected_on(pl.ids, 0);
+    for (auto& s : subs)
+        if (!s.slow && s.connected) ++fast_connected_on[s.id];
+    std::uint64_t expected_total = 0, published = 0, publish_errors = 0, server_queued = 0, max_late_ns = 0;
+    for (auto& p : pubs) {
+        published += p.published;
+        publish_errors += p.errors;
+        server_queued += p.connections;
+        max_late_ns = std::max(max_late_ns, p.max_late_ns);
+        if (!p.error.empty()) say("publisher " + std::to_string(p.index) + ": " + p.error);
+        for (unsigned id = 0; id < pl.ids; ++id) expected_total += std::uint64_t{p.sent[id]} * fast_connected_on[id];
+    }
+    say("published " + std::to_string(published) + " messages in " + fixed(publish_seconds, 2) + " s; waiting for " +
+        std::to_string(expected_total) + " deliveries");
+
+    // Wait for the deliveries: until all are in, the deadline passes, or nothing arrives for 5 s.
+    {
+        const auto start = steady::now();
+        auto last_change = start;
+        std::uint64_t last = sum(&worker::distinct);
+        for (int i = 0; i < 10000000; ++i) {
+            const auto d = sum(&worker::distinct);
+            if (d >= expected_total) break;
+            if (d != last) {
+                last = d;
+                last_change = steady::now();
+            } else if (seconds_since(last_change) > 5) {
+                say("no delivery for 5 s, giving up waiting");
+                break;
+            }
+            if (seconds_since(start) > cfg.deadline) {
+                say("deliveries still missing after --deadline " + fixed(cfg.deadline, 0) + " s");
+                break;
+            }
+            std::this_thread::sleep_for(500us);
+        }
+    }
+    const std::uint64_t phase_end_ns = now_ns();
+    const auto cpu_after = cpu_ticks(server.pid()).value_or(0);
+    const auto own_after = own_cpu_us();
+    const auto rss_end = rss_kib(server.pid()).value_or(0);
+    const auto ended_before_stop = sum(&worker::ended);
+
+    // The slow client reads now; the drain ends with the server's close, an error or 3 s of silence.
+    if (cfg.slow) {
+        rs.drain_slow.store(true);
+        wait_for([&] { return subs.back().w->ended.load(std::memory_order_acquire) > 0 && subs.back().ended; }, 20, 5ms);
+    }
+
+    // Stop: the server closes every client with 1001 and waits up to 3 s for the answers.
+    rs.shutting_down.store(true);
+    rs.stop_publishing.store(true);
+    const int server_status = server.stop(15s);
+    server_pid.store(-1);
+    wait_for([&] { return sum(&worker::ended) >= connected; }, 5, 5ms);
+    for (auto& g : guards) g.reset();
+    for (auto& w : workers) w->ioc.stop();
+    for (auto& w : workers) w->thread.join();
+
+    // ---- results (all threads joined: plain reads are safe) ----
+    histogram latency;
+    std::uint64_t last_delivery_ns = 0;
+    for (auto& w : workers) {
+        latency.merge(w->latency);
+        last_delivery_ns = std::max(last_delivery_ns, w->last_delivery_ns.load());
+    }
+    std::uint64_t deliveries = 0, missing = 0, duplicates = 0, out_of_order = 0, unexpected = 0, closed_early = 0;
+    for (auto& s : subs) {
+        if (s.slow) continue;
+        duplicates += s.duplicates;
+        out_of_order += s.out_of_order;
+        unexpected += s.unexpected;
+        if (s.connected && s.ended && !s.ended_during_shutdown) {
+            ++closed_early;
+            if (closed_early <= 5) say("subscriber " + std::to_string(s.index) + " ended early: " + s.end_reason);
+        }
+        for (unsigned p = 0; p < pl.publishers; ++p) {
+            std::uint64_t got = 0;
+            for (auto i = s.word_offset[p]; i < s.word_offset[p + 1]; ++i) got += static_cast<unsigned>(std::popcount(s.bits[i]));
+            deliveries += got;
+            const std::uint64_t sent = pubs[p].sent[s.id];
+            missing += sent > got ? sent - got : 0;
+        }
+    }
+    (void)ended_before_stop;
+    const std::uint64_t end_ns = last_delivery_ns > publish_start_ns ? last_delivery_ns : phase_end_ns;
+    const double seconds = static_cast<double>(end_ns - publish_start_ns) / 1e9;
+    const double cpu_us = static_cast<double>(cpu_after - cpu_before) * 1e6 / static_cast<double>(ticks_per_second);
+    const double per_delivery = deliveries ? cpu_us / static_cast<double>(deliveries) : 0;
+    const double own_per_delivery =
+        deliveries ? static_cast<double>(own_after - own_before) / static_cast<double>(deliveries) : 0;
+    const auto rss_delta = static_cast<double>(rss_after) - static_cast<double>(rss_before);
+
+    std::string json = "{";
+    auto field = [&](std::string_view name, const std::string& value) {
+        if (json.size() > 1) json += ",";
+        json += json_escape(name);
+        json += ":";
+        json += value;
+    };
+    auto num = [](auto v) { return std::to_string(v); };
+    field("scenario", json_escape(cfg.scenario));
+    field("subscribers", num(cfg.n_subscribers));
+    field("ids", num(pl.ids));
+    field("messages", num(published));
+    field("size", num(cfg.n_size));
+    field("deliveries", num(deliveries));
+    field("seconds", fixed(seconds, 3));
+    field("deliveries_per_sec", fixed(seconds > 0 ? static_cast<double>(deliveries) / seconds : 0, 0));
+    field("server_cpu_us_per_delivery", fixed(per_delivery, 3));
+    field("latency_us", "{\"p50\":" + num(latency.percentile(0.50)) + ",\"p90\":" + num(latency.percentile(0.90)) +
+                            ",\"p99\":" + num(latency.percentile(0.99)) + ",\"max\":" + num(latency.max()) + "}");
+    field("missing", num(missing));
+    field("duplicates", num(duplicates));
+    field("out_of_order", num(out_of_order));
+    field("rss_kib_before", num(rss_before));
+    field("rss_kib_after", num(rss_after));
+    field("rss_kib_per_connection", fixed(connected ? rss_delta / static_cast<double>(connected) : 0, 2));
+    if (cfg.slow) {
+        const auto& s = subs.back();
+        field("slow_client", "{\"received\":" + num(s.received) + ",\"closed_with\":" +
+                                 (s.close_code ? num(*s.close_code) : std::string("null")) +
+                                 ",\"ended\":" + json_escape(s.connected ? s.end_reason : "never connected") + "}");
+    }
+    // Beyond the requested fields: context and the other error counts.
+    field("publishers", num(cfg.publishers));
+    if (cfg.paced) {
+        field("rate", num(cfg.rate));
+        field("publisher_max_late_us", num(max_late_ns / 1000));
+    }
+    field("server_threads", num(cfg.server_threads));
+    field("client_threads", num(cfg.client_threads));
+    field("server_queued", num(server_queued));
+    field("client_cpu_us_per_delivery", fixed(own_per_delivery, 3));
+    field("rss_kib_end", num(rss_end));
+    if (cfg.scenario == "idle") field("open_after_settle", num(open_before_push));
+    field("connect_failures", num(connect_failures));
+    field("closed_early", num(closed_early));
+    field("unexpected", num(unexpected));
+    field("publish_errors", num(publish_errors));
+    field("server_exit", num(server_status));
+    json += "}";
+    std::cout << json << std::endl;
+
+    const bool ok = missing == 0 && duplicates == 0 && out_of_order == 0 && unexpected == 0 && connect_failures == 0 &&
+                    closed_early == 0 && publish_errors == 0 && published == cfg.n_messages;
+    return ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    std::signal(SIGPIPE, SIG_IGN);
+    int exit_code = 0;
+    const auto cfg = parse_options(argc, argv, exit_code);
+    if (!cfg) return exit_code;
+    try {
+        return run(*cfg);
+    } catch (const std::exception& e) {
+        say(std::string("error: ") + e.what());
+        return 3;
+    }
+}
