@@ -13,11 +13,11 @@
 //   using socket_type = websocket::stream<boost::beast::tcp_stream>;
 //   wsbroadcast::ConnectionManager<socket_type> manager;   // keys are std::string
 //
-//   // in your HTTP session, once you have seen an upgrade request for /ws/{id}:
+//   // in your HTTP session, once you have read an upgrade request for /ws/{id}:
 //   net::awaitable<void> subscribe(socket_type ws, http::request<http::string_body> req,
 //                                  std::string id) {
-//       co_await ws.async_accept(req, net::use_awaitable);
-//       co_await manager.serve(std::move(ws), std::move(id));   // returns when the peer leaves
+//       // registers, answers the upgrade, reads until the peer leaves, unregisters
+//       co_await manager.accept_and_serve(std::move(ws), std::move(req), std::move(id));
 //   }
 //
 //   // anywhere, from any thread:
@@ -146,6 +146,13 @@ concept message_socket = std::move_constructible<T> && has_executor<T> && writes
 /// What ConnectionManager::serve() needs on top: a message read.
 template <class T>
 concept readable_message_socket = message_socket<T> && reads_messages<T>;
+
+/// Completes a server handshake from an upgrade request it was given (Beast's
+/// websocket::stream::async_accept(request, token) is the model).
+template <class T, class Request>
+concept accepts_upgrade = requires(T& t, const Request& request, error_code& ec) {
+    t.async_accept(request, net::redirect_error(net::use_awaitable, ec));
+};
 
 /// A key type and the hash and equality that index it.
 template <class Key, class Hash, class KeyEqual>
@@ -330,7 +337,7 @@ struct connection : std::enable_shared_from_this<connection<Socket, Key>> {
     bool front_in_flight = false; // outbox.front() is being written and must not be dropped
     connection_state state = connection_state::open;
     std::uint16_t close_code = 0;
-    std::string_view close_text;
+    std::string close_text;  // an owned copy: the caller's reason may not outlive the close
 };
 
 }  // namespace detail
@@ -353,7 +360,8 @@ public:
     class subscription {
     public:
         subscription() = default;
-        subscription(subscription&&) noexcept = default;
+        subscription(subscription&& other) noexcept
+            : manager_(std::exchange(other.manager_, nullptr)), connection_(std::move(other.connection_)) {}
         subscription& operator=(subscription&& other) noexcept {
             if (this != &other) {
                 unsubscribe();
@@ -401,18 +409,9 @@ public:
 
     /// The same, with this connection's own outbox limits and overflow policy.
     [[nodiscard]] subscription subscribe(Socket ws, Key key, const outbox_options& outbox) {
-        auto c = std::make_shared<connection>(std::move(ws), std::move(key), outbox);
-        {
-            std::unique_lock lock(registry_mutex_);
-            auto& peers = registry_[c->key];
-            c->slot = peers.size();
-            peers.push_back(c);
-            ++total_;
-        }
-        net::co_spawn(c->socket.get_executor(), write_loop(c), [this](std::exception_ptr e) {
-            if (e) report({"writer", {}, e});
-        });
-        return subscription(this, std::move(c));
+        auto sub = enlist(std::move(ws), std::move(key), outbox);
+        start_writer(sub.connection_);
+        return sub;
     }
 
     // ---- sending -----------------------------------------------------------------------------
@@ -421,26 +420,13 @@ public:
     /// Sending to a key nobody listens on does nothing and returns {}.
     template <class K>
     send_result send(const K& key, const message& m) {
-        std::shared_lock lock(registry_mutex_);
-        auto it = find(key);
-        if (it == registry_.end()) return {};
-        send_result result;
-        for (auto& c : it->second) push(*c, m, result);
-        record(result);
-        return result;
+        return send_to(key, [&m]() -> const message& { return m; });
     }
 
     /// Sends a text message. The payload is copied once, and only if somebody listens on `key`.
     template <class K>
     send_result send(const K& key, std::string_view text) {
-        std::shared_lock lock(registry_mutex_);
-        auto it = find(key);
-        if (it == registry_.end()) return {};
-        const auto m = message::text(text);
-        send_result result;
-        for (auto& c : it->second) push(*c, m, result);
-        record(result);
-        return result;
+        return send_to(key, [text] { return message::text(text); });
     }
 
     /// Queues `m` to every connection under every key.
@@ -527,7 +513,73 @@ public:
         return net::co_spawn(executor, read_loop(std::move(sub), std::move(on_message)), net::use_awaitable);
     }
 
+    /// Like serve(), for a socket whose handshake is still to be done: registers `ws` under `key`
+    /// first, then answers the upgrade `request` (ws.async_accept(request)), then starts writing.
+    /// A client that sees its handshake complete therefore gets every message sent from then on;
+    /// messages sent during the handshake wait in its outbox. A failed handshake unregisters and
+    /// completes with its error.
+    template <class Request, class OnMessage = void (*)(std::string_view)>
+        requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> &&
+                 std::invocable<OnMessage&, std::string_view>
+    net::awaitable<error_code> accept_and_serve(Socket ws, Request request, Key key,
+                                                OnMessage on_message = [](std::string_view) {}) {
+        return accept_and_serve(std::move(ws), std::move(request), std::move(key), options_.outbox,
+                                std::move(on_message));
+    }
+
+    /// The same, with this connection's own outbox limits and overflow policy.
+    template <class Request, class OnMessage = void (*)(std::string_view)>
+        requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> &&
+                 std::invocable<OnMessage&, std::string_view>
+    net::awaitable<error_code> accept_and_serve(Socket ws, Request request, Key key, const outbox_options& outbox,
+                                                OnMessage on_message = [](std::string_view) {}) {
+        auto executor = ws.get_executor();
+        auto sub = enlist(std::move(ws), std::move(key), outbox);
+        return net::co_spawn(executor, accept_then_read(std::move(sub), std::move(request), std::move(on_message)),
+                             net::use_awaitable);
+    }
+
 private:
+    /// Registers a connection without starting its writer: sends queue up in its outbox.
+    subscription enlist(Socket ws, Key key, const outbox_options& outbox) {
+        auto c = std::make_shared<connection>(std::move(ws), std::move(key), outbox);
+        {
+            std::unique_lock lock(registry_mutex_);
+            auto& peers = registry_[c->key];
+            c->slot = peers.size();
+            peers.push_back(c);
+            ++total_;
+        }
+        return subscription(this, std::move(c));
+    }
+
+    void start_writer(const connection_ptr& c) {
+        net::co_spawn(c->socket.get_executor(), write_loop(c), [this](std::exception_ptr e) {
+            if (e) report({"writer", {}, e});
+        });
+    }
+
+    template <class Request, class OnMessage>
+    net::awaitable<error_code> accept_then_read(subscription sub, Request request, OnMessage on_message) {
+        error_code ec;
+        co_await sub.socket().async_accept(request, net::redirect_error(net::use_awaitable, ec));
+        if (ec) co_return ec;  // a failed handshake is the client's problem, not worth a log line
+        start_writer(sub.connection_);
+        co_return co_await read_loop(std::move(sub), std::move(on_message));
+    }
+
+    template <class K, class MakeMessage>
+    send_result send_to(const K& key, MakeMessage make_message) {
+        std::shared_lock lock(registry_mutex_);
+        auto it = find(key);
+        if (it == registry_.end()) return {};
+        const message& m = make_message();  // built only when somebody listens
+        send_result result;
+        for (auto& c : it->second) push(*c, m, result);
+        record(result);
+        return result;
+    }
+
     template <class OnMessage>
     net::awaitable<error_code> read_loop(subscription sub, OnMessage on_message) {
         std::string storage;
@@ -620,7 +672,7 @@ private:
     void begin_close(connection& c, detail::connection_state state, std::uint16_t code, std::string_view text) {
         c.state = state;
         c.close_code = code;
-        c.close_text = text;
+        c.close_text = text.substr(0, 123);  // the most a close frame carries (RFC 6455 section 5.5)
         if (state != detail::connection_state::closing) {
             // Nothing queued will be written: free it now, except the message being written.
             const std::size_t keep = c.front_in_flight ? 1 : 0;
@@ -735,7 +787,7 @@ private:
         }
 
         std::uint16_t code;
-        std::string_view text;
+        std::string text;
         bool overflowed;
         {
             std::lock_guard lock(c->mutex);

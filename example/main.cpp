@@ -129,10 +129,8 @@ net::awaitable<void> subscribe(beast::tcp_stream stream, request req, std::strin
     ws.set_option(websocket::stream_base::decorator(
         [](websocket::response_type& res) { res.set(http::field::server, "wsbroadcast"); }));
     ws.read_message_max(max_client_message_bytes);
-    beast::error_code ec;
-    co_await ws.async_accept(req, net::redirect_error(net::use_awaitable, ec));
-    if (ec) co_return;  // a failed handshake: Beast has already answered the client
-    co_await manager.serve(std::move(ws), std::move(id));
+    // Registered before the 101 goes out: a client that sees its handshake complete misses nothing.
+    co_await manager.accept_and_serve(std::move(ws), std::move(req), std::move(id));
 }
 
 // One HTTP connection: requests until the peer leaves, or until one of them upgrades.

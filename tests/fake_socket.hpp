@@ -34,6 +34,8 @@ struct fake_peer {
     std::uint16_t close_code = 0;
     bool aborted = false;        // the lowest layer was closed without a handshake
     bool stalled = false;        // writes do not complete until unstall()
+    bool refuse_handshake = false;  // async_accept fails
+    std::string accepted_request;   // what async_accept was given
     int writes_before_failure = -1;  // >= 0: that many writes succeed, then each fails
     error_code failure = net::error::connection_reset;
 
@@ -100,6 +102,19 @@ public:
                 if (p->client_closed || p->server_closed) return self.complete(net::error::eof, 0);
                 p->read_signal.expires_at(net::steady_timer::time_point::max());
                 p->read_signal.async_wait(std::move(self));
+            },
+            token, peer_->executor);
+    }
+
+    // Like Beast's server handshake. The "request" is whatever the test passes; it is recorded.
+    template <class Request, class Token>
+    auto async_accept(const Request& request, Token&& token) {
+        return net::async_compose<Token, void(error_code)>(
+            [p = peer_, request, started = false](auto& self, error_code = {}) mutable {
+                if (!std::exchange(started, true)) return net::post(p->executor, std::move(self));
+                if (p->aborted || p->refuse_handshake) return self.complete(net::error::connection_refused);
+                p->accepted_request = std::string(request);
+                self.complete({});
             },
             token, peer_->executor);
     }

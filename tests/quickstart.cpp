@@ -14,9 +14,8 @@ net::awaitable<void> session(net::ip::tcp::socket tcp) {
     beast::flat_buffer buffer;
     beast::http::request<beast::http::string_body> request;
     co_await beast::http::async_read(tcp, buffer, request, net::use_awaitable);
-    socket_type ws(std::move(tcp));
-    co_await ws.async_accept(request, net::use_awaitable);
-    co_await manager.serve(std::move(ws), std::string(request.target().substr(4)));
+    std::string id(request.target().substr(4));
+    co_await manager.accept_and_serve(socket_type(std::move(tcp)), std::move(request), std::move(id));
 }
 
 // Anywhere, from any thread: every client subscribed to "invoice-42" gets this once.

@@ -27,10 +27,11 @@ struct fixture {
 
     std::shared_ptr<fake_peer> peer() { return std::make_shared<fake_peer>(ioc.get_executor()); }
 
-    // Runs until nothing is left to do right now: the writers have drained and parked.
+    // Runs until nothing is left to do right now: the writers have drained and parked. Nothing in
+    // these tests waits on the clock, so "no handler ran" means quiescent, however slow the build.
     void settle() {
         ioc.restart();
-        ioc.run_for(50ms);
+        for (int idle_rounds = 0; idle_rounds < 3;) idle_rounds = ioc.poll() == 0 ? idle_rounds + 1 : 0;
     }
 };
 
@@ -83,6 +84,14 @@ TEST_CASE_FIXTURE(fixture, "subscribe registers, unsubscribe and destruction unr
     }
     CHECK(manager.size() == 2);
     CHECK_FALSE(manager.has("b"));
+
+    auto moved_from = manager.subscribe(fake_socket(peer()), "c");
+    auto moved_to = std::move(moved_from);
+    CHECK_FALSE(moved_from);
+    CHECK(moved_to);
+    CHECK(manager.count("c") == 1);
+    moved_to.unsubscribe();
+    CHECK_FALSE(manager.has("c"));
 
     a1.unsubscribe();
     a1.unsubscribe();  // idempotent
@@ -603,5 +612,40 @@ TEST_CASE("stress: churn of subscribers while several threads send to overlappin
     guard.reset();
     io1.join();
     io2.join();
+    CHECK(manager.size() == 0);
+}
+
+// ---- accept_and_serve -----------------------------------------------------------------------
+
+TEST_CASE_FIXTURE(fixture, "accept_and_serve registers before the handshake; what is sent meanwhile follows it") {
+    manager_type manager;
+    auto p = peer();
+    std::optional<error_code> ended;
+    net::co_spawn(ioc, manager.accept_and_serve(fake_socket(p), std::string("GET /ws/k"), "k"),
+                  [&](std::exception_ptr, error_code ec) { ended = ec; });
+    // Registered at once, before the handshake has run: this message must not be lost.
+    CHECK(manager.count("k") == 1);
+    CHECK(manager.send("k", "during the handshake").queued == 1);
+    CHECK(p->accepted_request.empty());
+    settle();
+    CHECK(p->accepted_request == "GET /ws/k");
+    CHECK(p->received == std::vector<std::string>{"during the handshake"});
+    p->client_close();
+    settle();
+    CHECK(ended == net::error::eof);
+    CHECK(manager.size() == 0);
+}
+
+TEST_CASE_FIXTURE(fixture, "a failed handshake unregisters and reports its error") {
+    manager_type manager;
+    auto p = peer();
+    p->refuse_handshake = true;
+    std::optional<error_code> ended;
+    net::co_spawn(ioc, manager.accept_and_serve(fake_socket(p), std::string("GET /ws/k"), "k"),
+                  [&](std::exception_ptr, error_code ec) { ended = ec; });
+    manager.send("k", "never written");
+    settle();
+    CHECK(ended == net::error::connection_refused);
+    CHECK(p->received.empty());
     CHECK(manager.size() == 0);
 }
