@@ -5,7 +5,9 @@
 
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket.hpp>
+#include <boost/beast/websocket/ssl.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/write.hpp>
 
@@ -21,6 +23,15 @@
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include "wsbroadcast.hpp"
+
+// The manager takes Beast's WebSocket streams, plain and over TLS.
+static_assert(wsbroadcast::readable_message_socket<boost::beast::websocket::stream<boost::beast::tcp_stream>>);
+static_assert(wsbroadcast::readable_message_socket<
+              boost::beast::websocket::stream<boost::beast::ssl_stream<boost::beast::tcp_stream>>>);
+static_assert(wsbroadcast::accepts_upgrade<boost::beast::websocket::stream<boost::beast::tcp_stream>,
+                                           boost::beast::http::request<boost::beast::http::string_body>>);
 
 #ifndef WSBROADCAST_SERVER_PATH
 #error "WSBROADCAST_SERVER_PATH must name the wsbroadcast-server binary"
