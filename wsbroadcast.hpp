@@ -30,6 +30,7 @@
 //                                          -DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=1.
 //   WSBROADCAST_DEFAULT_MAX_QUEUED_BYTES    default outbox limit per connection in bytes (1 MiB).
 //   WSBROADCAST_DEFAULT_MAX_QUEUED_MESSAGES default outbox limit per connection in messages (1024).
+//   WSBROADCAST_DEFAULT_MAX_MESSAGE_BYTES   default limit on a message read from a client (1 MiB).
 //
 // NOTES: the threading contract
 //
@@ -64,6 +65,10 @@
 
 #ifndef WSBROADCAST_DEFAULT_MAX_QUEUED_MESSAGES
 #define WSBROADCAST_DEFAULT_MAX_QUEUED_MESSAGES 1024u
+#endif
+
+#ifndef WSBROADCAST_DEFAULT_MAX_MESSAGE_BYTES
+#define WSBROADCAST_DEFAULT_MAX_MESSAGE_BYTES (1024u * 1024u)
 #endif
 
 // ==== NETWORK SHIM ===========================================================================
@@ -101,6 +106,7 @@ with Asio 1.22 on clang also add -DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=
 #include <shared_mutex>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
@@ -116,6 +122,71 @@ using error_code = std::error_code;
 namespace net = ::boost::asio;
 using error_code = ::boost::system::error_code;
 #endif
+
+// ==== ERRORS =================================================================================
+
+/// Why a connection was refused. serve() and accept_and_serve() complete with these; the client
+/// gets the close code named here, with the message as the reason.
+enum class error {
+    shutting_down = 1,     ///< close 1001: shutdown() has begun
+    connection_limit,      ///< close 1013: options::max_connections reached
+    key_connection_limit,  ///< close 1013: options::max_connections_per_key reached
+    not_admitted,          ///< close 1008: options::admit said no
+};
+
+namespace detail {
+#if defined(WSBROADCAST_STANDALONE_ASIO)
+using error_category_base = std::error_category;
+#else
+using error_category_base = ::boost::system::error_category;
+#endif
+
+class error_category_impl final : public error_category_base {
+public:
+    const char* name() const noexcept override { return "wsbroadcast"; }
+    std::string message(int value) const override {
+        switch (static_cast<error>(value)) {
+        case error::shutting_down: return "the server is shutting down";
+        case error::connection_limit: return "too many connections";
+        case error::key_connection_limit: return "too many connections for this key";
+        case error::not_admitted: return "not admitted";
+        }
+        return "unknown wsbroadcast error";
+    }
+};
+}  // namespace detail
+
+inline const detail::error_category_base& category() noexcept {
+    static const detail::error_category_impl instance;
+    return instance;
+}
+
+inline error_code make_error_code(error e) noexcept { return {static_cast<int>(e), category()}; }
+
+/// The close code a refusal is sent with.
+inline std::uint16_t close_code_for(error e) noexcept {
+    switch (e) {
+    case error::shutting_down: return 1001;  // going away
+    case error::connection_limit:
+    case error::key_connection_limit: return 1013;  // try again later
+    case error::not_admitted: return 1008;  // policy violation
+    }
+    return 1011;
+}
+
+}  // namespace WSBROADCAST_ABI_NAMESPACE
+}  // namespace wsbroadcast
+
+#if defined(WSBROADCAST_STANDALONE_ASIO)
+template <>
+struct std::is_error_code_enum<wsbroadcast::WSBROADCAST_ABI_NAMESPACE::error> : std::true_type {};
+#else
+template <>
+struct boost::system::is_error_code_enum<wsbroadcast::WSBROADCAST_ABI_NAMESPACE::error> : std::true_type {};
+#endif
+
+namespace wsbroadcast {
+inline namespace WSBROADCAST_ABI_NAMESPACE {
 
 // ==== CONCEPTS ===============================================================================
 // Small named pieces, so a compiler error names the expression a type is missing.
@@ -236,9 +307,32 @@ struct outbox_options {
     std::uint16_t close_code = 1008;
 };
 
+/// What an admission hook decides about a connection, before it is registered.
+struct admission {
+    bool admitted = true;
+    std::string reason;  ///< sent in the close frame (1008) of a refusal; at most 123 bytes are sent
+
+    static admission accept() { return {}; }
+    static admission reject(std::string reason) { return {false, std::move(reason)}; }
+};
+
+template <class Key = std::string>
 struct options {
     /// The default for every connection; subscribe() and serve() can override it per connection.
     outbox_options outbox;
+    /// Limits on registered connections (0: no limit). A connection over a limit is refused with
+    /// close 1013 and error::connection_limit / error::key_connection_limit.
+    std::size_t max_connections = 0;
+    std::size_t max_connections_per_key = 0;
+    /// The largest message a client may send; a larger one closes the connection with 1009.
+    std::size_t max_message_bytes = WSBROADCAST_DEFAULT_MAX_MESSAGE_BYTES;
+    /// Liveness: a peer that sends nothing (not even a pong to the pings sent after half this
+    /// time) is dropped after it. Applied through the socket's own `timeout` option when it has
+    /// one (Beast's websocket::stream); zero leaves the socket's setting alone.
+    std::chrono::steady_clock::duration idle_timeout{};
+    /// Decides, before registration, whether a connection under this key may join. serve() and
+    /// accept_and_serve() call it on the socket's executor; a rejection closes with 1008.
+    std::function<net::awaitable<admission>(const Key&)> admit;
     /// Unexpected errors. Normal endings (peer closed, eof, cancelled) are never reported.
     /// The default writes one line to std::cerr. Called on the socket's executor.
     std::function<void(const error_event&)> on_error;
@@ -254,6 +348,8 @@ struct send_result {
 /// Counters since the manager was made. Read with relaxed loads: each value is exact, the set is
 /// not a single snapshot.
 struct statistics {
+    std::uint64_t connections = 0;       ///< connections ever registered
+    std::uint64_t refused = 0;           ///< connections refused: limits, admission, shutdown
     std::uint64_t messages = 0;          ///< send() / broadcast() calls that reached at least one outbox
     std::uint64_t deliveries = 0;        ///< messages queued to outboxes
     std::uint64_t dropped = 0;           ///< messages dropped by drop_newest / drop_oldest
@@ -305,6 +401,9 @@ void abort_socket(Socket& s) {
         }
     }
 }
+
+/// serve() has no upgrade request to answer.
+struct no_request {};
 
 enum class connection_state {
     open,       // accepting messages
@@ -391,7 +490,9 @@ public:
         connection_ptr connection_;
     };
 
-    explicit ConnectionManager(options opts = {}) : options_(std::move(opts)) {
+    using options_type = wsbroadcast::options<Key>;
+
+    explicit ConnectionManager(options_type opts = {}) : options_(std::move(opts)) {
         if (!options_.on_error) options_.on_error = detail::log_to_stderr;
     }
     ConnectionManager(const ConnectionManager&) = delete;
@@ -402,16 +503,18 @@ public:
     /// Registers `ws` under `key` and starts its writer on the socket's executor. The connection
     /// receives every message sent to `key` until the subscription is dropped, the writer fails,
     /// or the outbox overflows under the close policy. Reading from the socket stays the caller's
-    /// job (serve() does it for you).
+    /// job (serve() does it for you). The connection limits apply, the admission hook does not
+    /// (it is asynchronous): a refusal throws system_error with a wsbroadcast::error and drops `ws`.
     [[nodiscard]] subscription subscribe(Socket ws, Key key) {
         return subscribe(std::move(ws), std::move(key), options_.outbox);
     }
 
     /// The same, with this connection's own outbox limits and overflow policy.
     [[nodiscard]] subscription subscribe(Socket ws, Key key, const outbox_options& outbox) {
-        auto sub = enlist(std::move(ws), std::move(key), outbox);
-        start_writer(sub.connection_);
-        return sub;
+        auto c = make_connection(std::move(ws), std::move(key), outbox);
+        if (const auto refusal = try_register(c)) throw std::system_error(std::error_code(refusal), "subscribe");
+        start_writer(c);
+        return subscription(this, std::move(c));
     }
 
     // ---- sending -----------------------------------------------------------------------------
@@ -478,25 +581,51 @@ public:
     }
 
     statistics stats() const noexcept {
-        return {messages_.load(std::memory_order_relaxed), deliveries_.load(std::memory_order_relaxed),
-                dropped_.load(std::memory_order_relaxed), overflow_closes_.load(std::memory_order_relaxed),
-                errors_.load(std::memory_order_relaxed)};
+        auto get = [](const std::atomic<std::uint64_t>& n) { return n.load(std::memory_order_relaxed); };
+        return {get(connections_), get(refused_),         get(messages_),
+                get(deliveries_),  get(dropped_),         get(overflow_closes_),
+                get(errors_)};
     }
 
-    const options& config() const noexcept { return options_; }
+    const options_type& config() const noexcept { return options_; }
 
-    // ---- endpoint helper ---------------------------------------------------------------------
+    // ---- shutdown ----------------------------------------------------------------------------
+
+    /// Graceful shutdown: refuses new connections (close 1001, error::shutting_down), asks every
+    /// connection to write what is queued and close with `code`, waits up to `drain` for peers to
+    /// answer, then tears down whatever is left. Completes, on the awaiting coroutine's executor,
+    /// once no connection is registered. Call it once; the manager stays closed afterwards.
+    net::awaitable<void> shutdown(std::chrono::steady_clock::duration drain = std::chrono::seconds(5),
+                                  std::uint16_t code = 1001, std::string_view reason = "server shutting down") {
+        {
+            std::unique_lock lock(registry_mutex_);
+            closing_ = true;
+        }
+        close_all(code, reason);
+        net::steady_timer timer(co_await net::this_coro::executor);
+        const auto deadline = std::chrono::steady_clock::now() + drain;
+        while (size() > 0 && std::chrono::steady_clock::now() < deadline) {
+            timer.expires_after(std::chrono::milliseconds(10));
+            co_await timer.async_wait(net::use_awaitable);
+        }
+        abort_all();
+    }
+
+    // ---- endpoint helpers --------------------------------------------------------------------
 
     /// Registers `ws` under `key`, reads messages until the peer closes or the connection fails,
     /// and unregisters on every way out (close, error, exception, cancellation).
+    ///
+    /// Before registering it asks options::admit (if set) and checks the connection limits; a
+    /// refusal closes the socket with the code of its wsbroadcast::error and completes with it.
     ///
     /// `on_message(std::string_view)` is called with each message the client sends; by default
     /// they are read and discarded. It runs on the socket's executor; the view is valid only
     /// during the call. An exception it throws ends the connection and propagates to the caller.
     ///
-    /// Completes, on the awaiting coroutine's executor, with the error that ended the read loop
+    /// Completes, on the awaiting coroutine's executor, with the error that ended the connection
     /// (Beast's websocket::error::closed for a clean close). Unexpected errors are also reported
-    /// to options::on_error. The read loop itself runs on the socket's executor.
+    /// to options::on_error. Everything touching the socket runs on the socket's executor.
     template <class OnMessage = void (*)(std::string_view)>
         requires readable_message_socket<Socket> && std::invocable<OnMessage&, std::string_view>
     net::awaitable<error_code> serve(Socket ws, Key key, OnMessage on_message = [](std::string_view) {}) {
@@ -508,16 +637,18 @@ public:
         requires readable_message_socket<Socket> && std::invocable<OnMessage&, std::string_view>
     net::awaitable<error_code> serve(Socket ws, Key key, const outbox_options& outbox,
                                      OnMessage on_message = [](std::string_view) {}) {
-        auto executor = ws.get_executor();
-        auto sub = subscribe(std::move(ws), std::move(key), outbox);
-        return net::co_spawn(executor, read_loop(std::move(sub), std::move(on_message)), net::use_awaitable);
+        auto c = make_connection(std::move(ws), std::move(key), outbox);
+        auto executor = c->socket.get_executor();
+        return net::co_spawn(executor, run_endpoint(std::move(c), detail::no_request{}, std::move(on_message)),
+                             net::use_awaitable);
     }
 
-    /// Like serve(), for a socket whose handshake is still to be done: registers `ws` under `key`
-    /// first, then answers the upgrade `request` (ws.async_accept(request)), then starts writing.
-    /// A client that sees its handshake complete therefore gets every message sent from then on;
-    /// messages sent during the handshake wait in its outbox. A failed handshake unregisters and
-    /// completes with its error.
+    /// Like serve(), for a socket whose handshake is still to be done: admits and registers `ws`
+    /// under `key` first, then answers the upgrade `request` (ws.async_accept(request)), then
+    /// starts writing. A client that sees its handshake complete therefore gets every message sent
+    /// from then on; messages sent during the handshake wait in its outbox. A failed handshake
+    /// unregisters and completes with its error. A refused client gets the handshake and then the
+    /// close frame, so a browser sees the close code and reason.
     template <class Request, class OnMessage = void (*)(std::string_view)>
         requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> &&
                  std::invocable<OnMessage&, std::string_view>
@@ -533,24 +664,56 @@ public:
                  std::invocable<OnMessage&, std::string_view>
     net::awaitable<error_code> accept_and_serve(Socket ws, Request request, Key key, const outbox_options& outbox,
                                                 OnMessage on_message = [](std::string_view) {}) {
-        auto executor = ws.get_executor();
-        auto sub = enlist(std::move(ws), std::move(key), outbox);
-        return net::co_spawn(executor, accept_then_read(std::move(sub), std::move(request), std::move(on_message)),
+        auto c = make_connection(std::move(ws), std::move(key), outbox);
+        auto executor = c->socket.get_executor();
+        return net::co_spawn(executor, run_endpoint(std::move(c), std::move(request), std::move(on_message)),
                              net::use_awaitable);
     }
 
 private:
-    /// Registers a connection without starting its writer: sends queue up in its outbox.
-    subscription enlist(Socket ws, Key key, const outbox_options& outbox) {
+    /// Builds a connection and applies the manager's socket-level limits where the socket has them.
+    connection_ptr make_connection(Socket ws, Key key, const outbox_options& outbox) {
         auto c = std::make_shared<connection>(std::move(ws), std::move(key), outbox);
+        auto& socket = c->socket;
+        if constexpr (requires { socket.read_message_max(std::size_t{}); })
+            socket.read_message_max(options_.max_message_bytes);
+        if constexpr (requires(typename Socket::timeout t) {
+                          t.idle_timeout = std::chrono::seconds(1);
+                          t.keep_alive_pings = true;
+                          socket.set_option(t);
+                      }) {
+            if (options_.idle_timeout > std::chrono::steady_clock::duration::zero()) {
+                typename Socket::timeout t{};
+                t.handshake_timeout = std::chrono::seconds(30);
+                t.idle_timeout = std::chrono::duration_cast<decltype(t.idle_timeout)>(options_.idle_timeout);
+                t.keep_alive_pings = true;  // pings at half the idle time; a live peer answers
+                socket.set_option(t);
+            }
+        }
+        return c;
+    }
+
+    /// Registers `c` unless a limit or the shutdown forbids it. Never blocks on I/O.
+    error_code try_register(const connection_ptr& c) {
+        error_code refusal;
         {
             std::unique_lock lock(registry_mutex_);
-            auto& peers = registry_[c->key];
-            c->slot = peers.size();
-            peers.push_back(c);
-            ++total_;
+            if (closing_)
+                refusal = error::shutting_down;
+            else if (options_.max_connections && total_ >= options_.max_connections)
+                refusal = error::connection_limit;
+            else if (auto it = find(c->key); options_.max_connections_per_key && it != registry_.end() &&
+                                             it->second.size() >= options_.max_connections_per_key)
+                refusal = error::key_connection_limit;
+            else {
+                auto& peers = registry_[c->key];
+                c->slot = peers.size();
+                peers.push_back(c);
+                ++total_;
+            }
         }
-        return subscription(this, std::move(c));
+        (refusal ? refused_ : connections_).fetch_add(1, std::memory_order_relaxed);
+        return refusal;
     }
 
     void start_writer(const connection_ptr& c) {
@@ -559,13 +722,97 @@ private:
         });
     }
 
+    /// The endpoint: admission, registration, handshake (when there is a request), then the
+    /// writer and the read loop. Runs on the socket's executor.
     template <class Request, class OnMessage>
-    net::awaitable<error_code> accept_then_read(subscription sub, Request request, OnMessage on_message) {
+    net::awaitable<error_code> run_endpoint(connection_ptr c, Request request, OnMessage on_message) {
+        error_code refusal;
+        std::string reason;
+        if (options_.admit) {
+            auto verdict = co_await options_.admit(c->key);
+            if (!verdict.admitted) {
+                refusal = error::not_admitted;
+                reason = std::move(verdict.reason);
+                refused_.fetch_add(1, std::memory_order_relaxed);
+            }
+        }
+        if (!refusal) refusal = try_register(c);
+        subscription sub = refusal ? subscription() : subscription(this, c);  // unregisters on every way out
+
         error_code ec;
-        co_await sub.socket().async_accept(request, net::redirect_error(net::use_awaitable, ec));
-        if (ec) co_return ec;  // a failed handshake is the client's problem, not worth a log line
-        start_writer(sub.connection_);
+        if constexpr (!std::is_same_v<Request, detail::no_request>) {
+            co_await c->socket.async_accept(request, net::redirect_error(net::use_awaitable, ec));
+            if (ec) co_return ec;  // a failed handshake is the client's problem, not worth a log line
+        }
+        if (refusal) {
+            if (reason.empty()) reason = refusal.message();
+            if constexpr (requires {
+                              c->socket.async_close(detail::make_close_reason<Socket>(0, reason),
+                                                    net::redirect_error(net::use_awaitable, ec));
+                          }) {
+                const auto code = close_code_for(static_cast<error>(refusal.value()));
+                co_await c->socket.async_close(detail::make_close_reason<Socket>(code, reason.substr(0, 123)),
+                                               net::redirect_error(net::use_awaitable, ec));
+            }
+            co_return refusal;
+        }
+        start_writer(c);
         co_return co_await read_loop(std::move(sub), std::move(on_message));
+    }
+
+    template <class OnMessage>
+    net::awaitable<error_code> read_loop(subscription sub, OnMessage on_message) {
+        auto& socket = sub.socket();
+        // A socket with its own limit (Beast's read_message_max, set in make_connection) closes
+        // with 1009 itself; for any other, the buffer's limit stops the read and we close.
+        constexpr bool socket_limits_size = requires { socket.read_message_max(std::size_t{}); };
+        std::string storage;
+        auto buffer = net::dynamic_buffer(storage, socket_limits_size ? storage.max_size() : options_.max_message_bytes);
+        error_code ec;
+        for (;;) {
+            co_await socket.async_read(buffer, net::redirect_error(net::use_awaitable, ec));
+            if (ec) break;
+            on_message(std::string_view(storage.data(), buffer.size()));
+            buffer.consume(buffer.size());
+        }
+        if (!detail::is_expected_ending(ec)) report({"read", ec, {}});
+        if constexpr (!socket_limits_size && requires {
+                          socket.async_close(detail::make_close_reason<Socket>(0, {}),
+                                             net::redirect_error(net::use_awaitable, ec));
+                      }) {
+            if (ec == net::error::message_size) {
+                error_code ignored;
+                co_await socket.async_close(detail::make_close_reason<Socket>(1009, "message too big"),
+                                            net::redirect_error(net::use_awaitable, ignored));
+            }
+        }
+        co_return ec;
+    }
+
+    /// The end of a shutdown: whatever did not leave in time is torn down and unregistered.
+    void abort_all() {
+        std::vector<connection_ptr> left;
+        {
+            std::unique_lock lock(registry_mutex_);
+            for (auto& [key, peers] : registry_)
+                for (auto& c : peers) {
+                    c->slot = connection::npos;
+                    left.push_back(std::move(c));
+                }
+            registry_.clear();
+            total_ = 0;
+        }
+        for (auto& c : left) {
+            {
+                std::lock_guard lock(c->mutex);
+                begin_close(*c, detail::connection_state::aborting, 1001, "shutdown deadline");
+                c->writer_parked = false;
+            }
+            net::post(c->socket.get_executor(), [c] {
+                detail::abort_socket(c->socket);
+                c->wake.cancel();
+            });
+        }
     }
 
     template <class K, class MakeMessage>
@@ -578,21 +825,6 @@ private:
         for (auto& c : it->second) push(*c, m, result);
         record(result);
         return result;
-    }
-
-    template <class OnMessage>
-    net::awaitable<error_code> read_loop(subscription sub, OnMessage on_message) {
-        std::string storage;
-        auto buffer = net::dynamic_buffer(storage);
-        error_code ec;
-        for (;;) {
-            co_await sub.socket().async_read(buffer, net::redirect_error(net::use_awaitable, ec));
-            if (ec) break;
-            on_message(std::string_view(storage.data(), buffer.size()));
-            buffer.consume(buffer.size());
-        }
-        if (!detail::is_expected_ending(ec)) report({"read", ec, {}});
-        co_return ec;
     }
 
     template <class K>
@@ -817,12 +1049,15 @@ private:
         }
     }
 
-    options options_;
+    options_type options_;
     mutable std::shared_mutex registry_mutex_;
     std::unordered_map<Key, std::vector<connection_ptr>, Hash, KeyEqual> registry_;
     std::size_t total_ = 0;
 
-    std::atomic<std::uint64_t> messages_{0}, deliveries_{0}, dropped_{0}, overflow_closes_{0}, errors_{0};
+    bool closing_ = false;  // shutdown() has begun; guarded by registry_mutex_
+
+    std::atomic<std::uint64_t> connections_{0}, refused_{0}, messages_{0}, deliveries_{0}, dropped_{0},
+        overflow_closes_{0}, errors_{0};
 };
 
 }  // namespace WSBROADCAST_ABI_NAMESPACE

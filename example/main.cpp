@@ -1,5 +1,5 @@
-// wsbroadcast-server: the reference server. Boost.Beast for HTTP and WebSocket, wsbroadcast.hpp
-// for the fan-out. It speaks the LNbits WebSocket API:
+// wsbroadcast-server: the reference server. Boost.Beast for HTTP and WebSocket (plain or TLS),
+// wsbroadcast.hpp for the fan-out. It speaks the LNbits WebSocket API:
 //
 //   GET  /api/v1/ws/{id}          WebSocket upgrade: subscribe to {id}
 //   POST /api/v1/ws/{id}          push the body (or ?data=) to every subscriber of {id}
@@ -7,21 +7,28 @@
 //   GET  /                        a page to try it in a browser
 //
 // Read it top to bottom: register on accept (subscribe), push on publish (push), unregister on
-// close (inside manager.serve).
+// close (inside manager.accept_and_serve). The session code is written once for both transports:
+// Stream is beast::tcp_stream or beast::ssl_stream<beast::tcp_stream>.
 
 #include "wsbroadcast.hpp"
 
 #include "page.hpp"
 #include "routes.hpp"
 
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket.hpp>
+#include <boost/beast/websocket/ssl.hpp>
 
+#include <algorithm>
+#include <atomic>
 #include <charconv>
 #include <cstdlib>
 #include <iostream>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -32,160 +39,12 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 namespace websocket = beast::websocket;
 namespace net = boost::asio;
+namespace ssl = net::ssl;
 using tcp = net::ip::tcp;
 using namespace std::chrono_literals;
 using namespace wsbroadcast_server;
 
-using ws_stream = websocket::stream<beast::tcp_stream>;
-using manager_type = wsbroadcast::ConnectionManager<ws_stream>;
-
 namespace {
-
-constexpr std::size_t max_push_bytes = 1024 * 1024;        // a larger push body gets 413
-constexpr std::size_t max_client_message_bytes = 64 * 1024;  // a larger client message gets close 1009
-constexpr auto http_timeout = 30s;
-constexpr auto shutdown_deadline = 3s;
-
-void log(std::string_view what) {
-    static std::mutex mutex;
-    std::lock_guard lock(mutex);
-    std::cerr << "wsbroadcast-server: " << what << std::endl;
-}
-
-// A co_spawn completion handler that says what went wrong instead of dropping it.
-auto log_exception(std::string_view where) {
-    return [where](std::exception_ptr e) {
-        if (!e) return;
-        try {
-            std::rethrow_exception(e);
-        } catch (const std::exception& ex) {
-            log(std::string(where) + ": " + ex.what());
-        }
-    };
-}
-
-// ---- HTTP answers ----------------------------------------------------------------------------
-
-using request = http::request<http::string_body>;
-using response = http::response<http::string_body>;
-
-response make_response(const request& req, http::status status, std::string body,
-                       std::string_view content_type = "application/json") {
-    response res{status, req.version()};
-    res.set(http::field::server, "wsbroadcast");
-    res.set(http::field::content_type, content_type);
-    res.keep_alive(req.keep_alive());
-    res.body() = std::move(body);
-    res.prepare_payload();
-    return res;
-}
-
-// FastAPI's error shape, which LNbits clients already parse.
-response make_error(const request& req, http::status status, std::string_view detail) {
-    return make_response(req, status, R"({"detail":)" + json_string(detail) + "}");
-}
-
-// LNbits answers {"sent": true, "data": ...}; we add how many connections the message reached.
-response push(manager_type& manager, const request& req, const std::string& id, std::string_view data) {
-    const auto result = manager.send(id, data);
-    return make_response(req, http::status::ok,
-                         R"({"sent":true,"data":)" + json_string(data) +
-                             R"(,"connections":)" + std::to_string(result.queued) + "}");
-}
-
-response handle(manager_type& manager, const request& req, const route& r) {
-    switch (r.kind) {
-    case route_kind::page:
-        return make_response(req, http::status::ok, std::string(index_html), "text/html; charset=utf-8");
-    case route_kind::push_body:
-        return push(manager, req, r.id, r.data ? std::string_view(*r.data) : std::string_view(req.body()));
-    case route_kind::push_path:
-        return push(manager, req, r.id, *r.data);
-    case route_kind::subscribe: {
-        auto res = make_error(req, http::status::upgrade_required, "this route is a WebSocket: send an upgrade");
-        res.set(http::field::upgrade, "websocket");
-        res.set(http::field::connection, "Upgrade");
-        return res;
-    }
-    case route_kind::bad_request:
-        return make_error(req, http::status::bad_request, r.problem);
-    case route_kind::wrong_method: {
-        auto res = make_error(req, http::status::method_not_allowed, "method not allowed");
-        res.set(http::field::allow, r.allow);
-        return res;
-    }
-    case route_kind::not_found:
-        break;
-    }
-    return make_error(req, http::status::not_found, "not found");
-}
-
-// ---- sessions --------------------------------------------------------------------------------
-
-net::awaitable<void> subscribe(beast::tcp_stream stream, request req, std::string id, manager_type& manager) {
-    ws_stream ws(std::move(stream));
-    beast::get_lowest_layer(ws).expires_never();  // the websocket's own timeouts take over
-    ws.set_option(websocket::stream_base::timeout::suggested(beast::role_type::server));
-    ws.set_option(websocket::stream_base::decorator(
-        [](websocket::response_type& res) { res.set(http::field::server, "wsbroadcast"); }));
-    ws.read_message_max(max_client_message_bytes);
-    // Registered before the 101 goes out: a client that sees its handshake complete misses nothing.
-    co_await manager.accept_and_serve(std::move(ws), std::move(req), std::move(id));
-}
-
-// One HTTP connection: requests until the peer leaves, or until one of them upgrades.
-net::awaitable<void> http_session(beast::tcp_stream stream, manager_type& manager) {
-    beast::flat_buffer buffer;
-    for (;;) {
-        http::request_parser<http::string_body> parser;
-        parser.header_limit(8 * 1024);
-        parser.body_limit(max_push_bytes);
-        stream.expires_after(http_timeout);
-        beast::error_code ec;
-        co_await http::async_read(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
-        if (ec == http::error::end_of_stream || ec == beast::error::timeout || ec == net::error::eof) break;
-        if (ec) {
-            // Malformed input: say so once, then hang up. The parser's state is not reusable.
-            const request bad_req{http::verb::get, "/", 11};
-            auto res = ec == http::error::body_limit
-                           ? make_error(bad_req, http::status::payload_too_large, "body larger than 1 MiB")
-                           : make_error(bad_req, http::status::bad_request, "malformed request: " + ec.message());
-            res.keep_alive(false);
-            co_await http::async_write(stream, res, net::redirect_error(net::use_awaitable, ec));
-            break;
-        }
-
-        request req = parser.release();
-        const auto r = route_request(req.method_string(), req.target());
-        if (r.kind == route_kind::subscribe && websocket::is_upgrade(req)) {
-            co_await subscribe(std::move(stream), std::move(req), r.id, manager);
-            co_return;
-        }
-        auto res = handle(manager, req, r);
-        const bool keep_alive = res.keep_alive();
-        co_await http::async_write(stream, res, net::redirect_error(net::use_awaitable, ec));
-        if (ec || !keep_alive) break;
-    }
-    beast::error_code ignored;
-    stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
-}
-
-net::awaitable<void> accept_loop(net::io_context& ioc, tcp::acceptor& acceptor, manager_type& manager) {
-    for (;;) {
-        beast::error_code ec;
-        // Each connection gets its own strand: its reader and writer never run at the same time.
-        auto socket = co_await acceptor.async_accept(net::make_strand(ioc),
-                                                     net::redirect_error(net::use_awaitable, ec));
-        if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
-        if (ec) {
-            log("accept: " + ec.message());  // e.g. out of file descriptors: keep serving the others
-            continue;
-        }
-        auto executor = socket.get_executor();
-        net::co_spawn(executor, http_session(beast::tcp_stream(std::move(socket)), manager),
-                      log_exception("session"));
-    }
-}
 
 // ---- options ---------------------------------------------------------------------------------
 
@@ -193,21 +52,43 @@ struct server_options {
     std::string address = "127.0.0.1";
     unsigned short port = 8080;
     unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+    std::string publish_token;  // empty: pushes are open (allowed on loopback only)
+    bool allow_open_publish = false;
+    std::vector<std::string> allowed_origins;  // empty: any origin may open a WebSocket
+    std::size_t max_message_bytes = 64 * 1024;
+    std::size_t max_connections = 0;
+    std::size_t max_connections_per_key = 0;
+    unsigned idle_timeout_seconds = 60;
+    std::string tls_cert, tls_key;
     wsbroadcast::outbox_options outbox;
 };
 
-constexpr std::string_view usage = R"(usage: wsbroadcast-server [--address ADDR] [--port PORT] [--threads N] [outbox options]
+constexpr auto http_timeout = 30s;
+constexpr auto shutdown_drain = 3s;
+
+constexpr std::string_view usage = R"(usage: wsbroadcast-server [options]
 
 Serves the LNbits WebSocket API with wsbroadcast.hpp.
 
-  --address ADDR             address to listen on (default 127.0.0.1)
-  --port PORT                port to listen on, 0 for any free port (default 8080)
-  --threads N                threads running the event loop (default: number of cores)
-  --max-queued-bytes N       per-connection outbox limit in bytes (default 1048576)
-  --max-queued-messages N    per-connection outbox limit in messages (default 1024)
-  --overflow POLICY          when a client's outbox is full: close (with 1008, the default),
-                             drop-newest or drop-oldest
-  --help                     this text
+  --address ADDR                 address to listen on (default 127.0.0.1)
+  --port PORT                    port to listen on, 0 for any free port (default 8080)
+  --threads N                    threads running the event loop (default: number of cores)
+  --publish-token TOKEN          pushes must carry "Authorization: Bearer TOKEN" or "X-Api-Key: TOKEN"
+                                 (also from WSBROADCAST_PUBLISH_TOKEN); without a token, pushing is
+                                 open, which is allowed only on a loopback address
+  --allow-open-publish           allow open pushing on a non-loopback address anyway
+  --allowed-origin ORIGIN        a browser origin allowed to open WebSockets, e.g. https://example.com
+                                 (repeatable; default: any origin)
+  --max-message-bytes N          largest push body (413) and client message (close 1009) (default 65536)
+  --max-connections N            WebSocket connections in all, 0 for no limit (default 0); over it: 503
+  --max-connections-per-key N    WebSocket connections per id, 0 for no limit (default 0); over it: 503
+  --idle-timeout SECONDS         drop a client that answers no ping for this long (default 60)
+  --tls-cert FILE --tls-key FILE serve https:// and wss:// with this PEM certificate chain and key
+  --max-queued-bytes N           per-connection outbox limit in bytes (default 1048576)
+  --max-queued-messages N        per-connection outbox limit in messages (default 1024)
+  --overflow POLICY              when a client's outbox is full: close (with 1008, the default),
+                                 drop-newest or drop-oldest
+  --help                         this text
 
 Routes:
   GET  /api/v1/ws/{id}          WebSocket: receive every message pushed to {id}
@@ -240,24 +121,37 @@ bool parse_policy(std::string_view text, wsbroadcast::overflow_policy& out) {
 // Returns nullopt after printing why (or the help) when the server should not start.
 std::optional<server_options> parse_options(int argc, char** argv, int& exit_code) {
     server_options o;
+    if (const char* token = std::getenv("WSBROADCAST_PUBLISH_TOKEN")) o.publish_token = token;
     auto fail = [&](std::string_view why) {
         std::cerr << "wsbroadcast-server: " << why << "\n\n" << usage;
         exit_code = 2;
         return std::nullopt;
     };
-    for (int i = 1; i < argc; i += 2) {  // every option but --help takes one value
+    for (int i = 1; i < argc; ++i) {
         const std::string_view arg = argv[i];
         if (arg == "--help" || arg == "-h") {
             std::cout << usage;
             exit_code = 0;
             return std::nullopt;
         }
+        if (arg == "--allow-open-publish") {
+            o.allow_open_publish = true;
+            continue;
+        }
         if (i + 1 >= argc) return fail(std::string(arg) + " needs a value");
-        const std::string_view value = argv[i + 1];
+        const std::string_view value = argv[++i];
         bool ok = true;
         if (arg == "--address") o.address = value;
         else if (arg == "--port") ok = parse_number(value, o.port);
         else if (arg == "--threads") ok = parse_number(value, o.threads) && o.threads > 0;
+        else if (arg == "--publish-token") ok = !(o.publish_token = value).empty();
+        else if (arg == "--allowed-origin") o.allowed_origins.emplace_back(value);
+        else if (arg == "--max-message-bytes") ok = parse_number(value, o.max_message_bytes) && o.max_message_bytes > 0;
+        else if (arg == "--max-connections") ok = parse_number(value, o.max_connections);
+        else if (arg == "--max-connections-per-key") ok = parse_number(value, o.max_connections_per_key);
+        else if (arg == "--idle-timeout") ok = parse_number(value, o.idle_timeout_seconds) && o.idle_timeout_seconds > 0;
+        else if (arg == "--tls-cert") o.tls_cert = value;
+        else if (arg == "--tls-key") o.tls_key = value;
         else if (arg == "--max-queued-bytes") ok = parse_number(value, o.outbox.max_bytes) && o.outbox.max_bytes > 0;
         else if (arg == "--max-queued-messages")
             ok = parse_number(value, o.outbox.max_messages) && o.outbox.max_messages > 0;
@@ -265,7 +159,235 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
         else return fail("unknown option " + std::string(arg));
         if (!ok) return fail("invalid value for " + std::string(arg) + ": " + std::string(value));
     }
+    if (o.tls_cert.empty() != o.tls_key.empty()) return fail("--tls-cert and --tls-key go together");
     return o;
+}
+
+// ---- logging and counting --------------------------------------------------------------------
+
+void log(std::string_view what) {
+    static std::mutex mutex;
+    std::lock_guard lock(mutex);
+    std::cerr << "wsbroadcast-server: " << what << std::endl;
+}
+
+// A co_spawn completion handler that says what went wrong instead of dropping it.
+auto log_exception(std::string_view where) {
+    return [where](std::exception_ptr e) {
+        if (!e) return;
+        try {
+            std::rethrow_exception(e);
+        } catch (const std::exception& ex) {
+            log(std::string(where) + ": " + ex.what());
+        }
+    };
+}
+
+// Every refusal is logged with its reason and counted by kind.
+enum class refusal { unauthorized, forbidden_origin, too_large, over_limit, bad_request, shutting_down, count };
+std::atomic<std::uint64_t> refusals[static_cast<int>(refusal::count)];
+
+void refuse(refusal kind, std::string_view what) {
+    refusals[static_cast<int>(kind)].fetch_add(1, std::memory_order_relaxed);
+    log("refused: " + std::string(what));
+}
+
+// ---- HTTP answers ----------------------------------------------------------------------------
+
+using request = http::request<http::string_body>;
+using response = http::response<http::string_body>;
+
+response make_response(const request& req, http::status status, std::string body,
+                       std::string_view content_type = "application/json") {
+    response res{status, req.version()};
+    res.set(http::field::server, "wsbroadcast");
+    res.set(http::field::content_type, content_type);
+    res.keep_alive(req.keep_alive());
+    res.body() = std::move(body);
+    res.prepare_payload();
+    return res;
+}
+
+// FastAPI's error shape, which LNbits clients already parse.
+response make_error(const request& req, http::status status, std::string_view detail) {
+    return make_response(req, status, R"({"detail":)" + json_string(detail) + "}");
+}
+
+// The server's state shared by every session: the options and the manager for this transport.
+template <class Stream>
+struct server_state {
+    using ws_stream = websocket::stream<Stream>;
+    using manager_type = wsbroadcast::ConnectionManager<ws_stream>;
+
+    const server_options& options;
+    manager_type manager;
+    ssl::context* tls = nullptr;  // set when Stream is an ssl_stream
+};
+
+bool authorized(const server_options& o, const request& req) {
+    if (o.publish_token.empty()) return true;
+    return secret_matches(bearer_token(req[http::field::authorization]), o.publish_token) ||
+           secret_matches(req["X-Api-Key"], o.publish_token);
+}
+
+// LNbits answers {"sent": true, "data": ...}; we add how many connections the message reached.
+template <class State>
+response push(State& state, const request& req, const std::string& id, std::string_view data) {
+    if (!authorized(state.options, req)) {
+        refuse(refusal::unauthorized, "push to " + id + " without a valid token");
+        auto res = make_error(req, http::status::unauthorized, "a valid publish token is required");
+        res.set(http::field::www_authenticate, "Bearer");
+        return res;
+    }
+    const auto result = state.manager.send(id, data);
+    return make_response(req, http::status::ok,
+                         R"({"sent":true,"data":)" + json_string(data) +
+                             R"(,"connections":)" + std::to_string(result.queued) + "}");
+}
+
+template <class State>
+response handle(State& state, const request& req, const route& r) {
+    switch (r.kind) {
+    case route_kind::page:
+        return make_response(req, http::status::ok, std::string(index_html), "text/html; charset=utf-8");
+    case route_kind::push_body:
+        return push(state, req, r.id, r.data ? std::string_view(*r.data) : std::string_view(req.body()));
+    case route_kind::push_path:
+        return push(state, req, r.id, *r.data);
+    case route_kind::subscribe: {
+        auto res = make_error(req, http::status::upgrade_required, "this route is a WebSocket: send an upgrade");
+        res.set(http::field::upgrade, "websocket");
+        res.set(http::field::connection, "Upgrade");
+        return res;
+    }
+    case route_kind::bad_request:
+        refuse(refusal::bad_request, std::string(r.problem));
+        return make_error(req, http::status::bad_request, r.problem);
+    case route_kind::wrong_method: {
+        auto res = make_error(req, http::status::method_not_allowed, "method not allowed");
+        res.set(http::field::allow, r.allow);
+        return res;
+    }
+    case route_kind::not_found:
+        break;
+    }
+    return make_error(req, http::status::not_found, "not found");
+}
+
+// Checks an upgrade before it happens; a refusal is an HTTP answer, so browsers see the status.
+template <class State>
+std::optional<response> refuse_upgrade(State& state, const request& req, const std::string& id) {
+    const auto& allowed = state.options.allowed_origins;
+    const auto origin = req[http::field::origin];
+    if (!allowed.empty() && !origin.empty() && std::find(allowed.begin(), allowed.end(), origin) == allowed.end()) {
+        refuse(refusal::forbidden_origin, "WebSocket from origin " + std::string(origin));
+        return make_error(req, http::status::forbidden, "origin not allowed");
+    }
+    const auto& o = state.options;
+    if ((o.max_connections && state.manager.size() >= o.max_connections) ||
+        (o.max_connections_per_key && state.manager.count(id) >= o.max_connections_per_key)) {
+        refuse(refusal::over_limit, "WebSocket for " + id + ": connection limit reached");
+        auto res = make_error(req, http::status::service_unavailable, "too many connections, try again later");
+        res.set(http::field::retry_after, "5");
+        return res;
+    }
+    return std::nullopt;
+}
+
+// ---- sessions --------------------------------------------------------------------------------
+
+template <class Stream>
+auto& lowest(Stream& s) {
+    return beast::get_lowest_layer(s);
+}
+
+template <class State, class Stream>
+net::awaitable<void> subscribe(State& state, Stream stream, request req, std::string id) {
+    typename State::ws_stream ws(std::move(stream));
+    lowest(ws).expires_never();  // the WebSocket's own timeouts (set by the manager) take over
+    ws.set_option(websocket::stream_base::decorator(
+        [](websocket::response_type& res) { res.set(http::field::server, "wsbroadcast"); }));
+    // Registered before the 101 goes out: a client that sees its handshake complete misses nothing.
+    const auto ec = co_await state.manager.accept_and_serve(std::move(ws), std::move(req), id);
+    if (ec.category() == wsbroadcast::category())
+        refuse(ec == wsbroadcast::error::shutting_down ? refusal::shutting_down : refusal::over_limit,
+               "WebSocket for " + id + ": " + ec.message());
+}
+
+// One HTTP connection: requests until the peer leaves, or until one of them upgrades.
+template <class State, class Stream>
+net::awaitable<void> http_session(State& state, Stream stream) {
+    beast::error_code ec;
+    if constexpr (!std::is_same_v<Stream, beast::tcp_stream>) {
+        lowest(stream).expires_after(http_timeout);
+        co_await stream.async_handshake(ssl::stream_base::server, net::redirect_error(net::use_awaitable, ec));
+        if (ec) co_return;  // not TLS, or a client that gave up: nothing to answer
+    }
+    beast::flat_buffer buffer;
+    for (;;) {
+        http::request_parser<http::string_body> parser;
+        parser.header_limit(8 * 1024);
+        parser.body_limit(state.options.max_message_bytes);
+        lowest(stream).expires_after(http_timeout);
+        co_await http::async_read(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
+        if (ec == http::error::end_of_stream || ec == beast::error::timeout || ec == net::error::eof) break;
+        if (ec) {
+            // Malformed input: say so once, then hang up. The parser's state is not reusable.
+            const request bad_req{http::verb::get, "/", 11};
+            const bool too_large = ec == http::error::body_limit;
+            refuse(too_large ? refusal::too_large : refusal::bad_request, "request: " + ec.message());
+            auto res = too_large ? make_error(bad_req, http::status::payload_too_large,
+                                              "body larger than " + std::to_string(state.options.max_message_bytes) +
+                                                  " bytes")
+                                 : make_error(bad_req, http::status::bad_request, "malformed request: " + ec.message());
+            res.keep_alive(false);
+            co_await http::async_write(stream, res, net::redirect_error(net::use_awaitable, ec));
+            break;
+        }
+
+        request req = parser.release();
+        const auto r = route_request(req.method_string(), req.target());
+        if (r.kind == route_kind::subscribe && websocket::is_upgrade(req)) {
+            if (auto res = refuse_upgrade(state, req, r.id)) {
+                res->keep_alive(false);
+                co_await http::async_write(stream, *res, net::redirect_error(net::use_awaitable, ec));
+                break;
+            }
+            co_await subscribe(state, std::move(stream), std::move(req), r.id);
+            co_return;
+        }
+        auto res = handle(state, req, r);
+        const bool keep_alive = res.keep_alive();
+        co_await http::async_write(stream, res, net::redirect_error(net::use_awaitable, ec));
+        if (ec || !keep_alive) break;
+    }
+    if constexpr (std::is_same_v<Stream, beast::tcp_stream>) {
+        stream.socket().shutdown(tcp::socket::shutdown_send, ec);
+    } else {
+        lowest(stream).expires_after(5s);
+        co_await stream.async_shutdown(net::redirect_error(net::use_awaitable, ec));
+    }
+}
+
+template <class State>
+net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::acceptor& acceptor) {
+    for (;;) {
+        beast::error_code ec;
+        // Each connection gets its own strand: its reader and writer never run at the same time.
+        auto socket = co_await acceptor.async_accept(net::make_strand(ioc), net::redirect_error(net::use_awaitable, ec));
+        if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
+        if (ec) {
+            log("accept: " + ec.message());  // e.g. out of file descriptors: keep serving the others
+            continue;
+        }
+        auto executor = socket.get_executor();
+        if constexpr (std::is_same_v<typename State::ws_stream::next_layer_type, beast::tcp_stream>) {
+            net::co_spawn(executor, http_session(state, beast::tcp_stream(std::move(socket))), log_exception("session"));
+        } else {
+            net::co_spawn(executor, http_session(state, beast::ssl_stream<beast::tcp_stream>(std::move(socket), *state.tls)),
+                          log_exception("session"));
+        }
+    }
 }
 
 // Each connection is a file descriptor; the usual soft limit of 1024 would cap the server there.
@@ -277,16 +399,63 @@ void raise_open_file_limit() {
     }
 }
 
-// Stops the loop once every WebSocket has answered its close frame, or at the deadline.
-net::awaitable<void> wait_for_connections_to_close(manager_type& manager, net::io_context& ioc) {
-    net::steady_timer timer(co_await net::this_coro::executor);
-    const auto deadline = std::chrono::steady_clock::now() + shutdown_deadline;
-    while (manager.size() > 0 && std::chrono::steady_clock::now() < deadline) {
-        timer.expires_after(20ms);
-        co_await timer.async_wait(net::use_awaitable);
+template <class Stream>
+int run(const server_options& options, ssl::context* tls) {
+    wsbroadcast::options manager_options;
+    manager_options.outbox = options.outbox;
+    manager_options.max_connections = options.max_connections;
+    manager_options.max_connections_per_key = options.max_connections_per_key;
+    manager_options.max_message_bytes = options.max_message_bytes;
+    manager_options.idle_timeout = std::chrono::seconds(options.idle_timeout_seconds);
+    manager_options.on_error = [](const wsbroadcast::error_event& e) {
+        log("connection " + std::string(e.operation) + ": " + e.message());
+    };
+    // Before the io_context: the manager must outlive every connection.
+    server_state<Stream> state{options, typename server_state<Stream>::manager_type(std::move(manager_options)), tls};
+    net::io_context ioc(static_cast<int>(options.threads));
+
+    tcp::acceptor acceptor(net::make_strand(ioc));  // a strand: the signal handler closes it
+    try {
+        const tcp::endpoint endpoint(net::ip::make_address(options.address), options.port);
+        acceptor.open(endpoint.protocol());
+        acceptor.set_option(net::socket_base::reuse_address(true));
+        acceptor.bind(endpoint);
+        acceptor.listen(net::socket_base::max_listen_connections);
+    } catch (const std::exception& e) {
+        std::cerr << "wsbroadcast-server: cannot listen on " << options.address << ":" << options.port << ": "
+                  << e.what() << '\n';
+        return 1;
     }
-    if (manager.size() > 0) log("shutdown deadline reached with " + std::to_string(manager.size()) + " connection(s) open");
-    ioc.stop();  // ends idle keep-alive HTTP sessions too
+
+    net::signal_set signals(ioc, SIGINT, SIGTERM);
+    signals.async_wait([&](const beast::error_code& ec, int signal) {
+        if (ec) return;
+        log(std::string("received ") + (signal == SIGINT ? "SIGINT" : "SIGTERM") + ", closing " +
+            std::to_string(state.manager.size()) + " connection(s) with 1001");
+        net::post(acceptor.get_executor(), [&] {
+            beast::error_code ignored;
+            acceptor.close(ignored);
+        });
+        net::co_spawn(ioc, state.manager.shutdown(shutdown_drain), [&](std::exception_ptr e) {
+            log_exception("shutdown")(e);
+            ioc.stop();  // ends idle keep-alive HTTP sessions too
+        });
+    });
+
+    const auto bound = acceptor.local_endpoint();
+    const auto host = bound.address().is_v6() ? "[" + bound.address().to_string() + "]" : bound.address().to_string();
+    // Signals are handled from here on; tests read the port from this line (with --port 0).
+    std::cout << "wsbroadcast-server listening on " << (tls ? "https://" : "http://") << host << ":" << bound.port()
+              << " with " << options.threads << " thread(s)" << std::endl;
+
+    net::co_spawn(acceptor.get_executor(), accept_loop(state, ioc, acceptor), log_exception("accept loop"));
+
+    std::vector<std::thread> threads;
+    for (unsigned i = 1; i < options.threads; ++i) threads.emplace_back([&] { ioc.run(); });
+    ioc.run();
+    for (auto& t : threads) t.join();
+    log("stopped");
+    return 0;
 }
 
 }  // namespace
@@ -296,47 +465,32 @@ int main(int argc, char** argv) {
     const auto options = parse_options(argc, argv, exit_code);
     if (!options) return exit_code;
 
-    raise_open_file_limit();
-    manager_type manager(wsbroadcast::options{options->outbox, {}});  // before the io_context: it outlives every connection
-    net::io_context ioc(static_cast<int>(options->threads));
-
-    tcp::acceptor acceptor(net::make_strand(ioc));  // a strand: the signal handler closes it
-    try {
-        const tcp::endpoint endpoint(net::ip::make_address(options->address), options->port);
-        acceptor.open(endpoint.protocol());
-        acceptor.set_option(net::socket_base::reuse_address(true));
-        acceptor.bind(endpoint);
-        acceptor.listen(net::socket_base::max_listen_connections);
-    } catch (const std::exception& e) {
-        std::cerr << "wsbroadcast-server: cannot listen on " << options->address << ":" << options->port << ": "
-                  << e.what() << '\n';
-        return 1;
+    beast::error_code ec;
+    const auto address = net::ip::make_address(options->address, ec);
+    if (ec) {
+        std::cerr << "wsbroadcast-server: invalid --address " << options->address << '\n';
+        return 2;
     }
-    net::signal_set signals(ioc, SIGINT, SIGTERM);
-    signals.async_wait([&](const beast::error_code& ec, int signal) {
-        if (ec) return;
-        log(std::string("received ") + (signal == SIGINT ? "SIGINT" : "SIGTERM") + ", closing " +
-            std::to_string(manager.size()) + " connection(s) with 1001");
-        net::post(acceptor.get_executor(), [&] {
-            beast::error_code ignored;
-            acceptor.close(ignored);
-        });
-        manager.close_all(1001, "server shutting down");
-        net::co_spawn(ioc, wait_for_connections_to_close(manager, ioc), log_exception("shutdown"));
-    });
+    // LNbits' push endpoints are open to anyone who can reach them; ours are only where that is safe.
+    if (!address.is_loopback() && options->publish_token.empty() && !options->allow_open_publish) {
+        std::cerr << "wsbroadcast-server: refusing to listen on " << options->address
+                  << " without --publish-token: anyone who reaches it could push to every client.\n"
+                  << "Set --publish-token (or WSBROADCAST_PUBLISH_TOKEN), or pass --allow-open-publish.\n";
+        return 2;
+    }
+    raise_open_file_limit();
 
-    const auto bound = acceptor.local_endpoint();
-    const auto host = bound.address().is_v6() ? "[" + bound.address().to_string() + "]" : bound.address().to_string();
-    // Signals are handled from here on; tests read the port from this line (with --port 0).
-    std::cout << "wsbroadcast-server listening on http://" << host << ":" << bound.port() << " with "
-              << options->threads << " thread(s)" << std::endl;
+    if (options->tls_cert.empty()) return run<beast::tcp_stream>(*options, nullptr);
 
-    net::co_spawn(acceptor.get_executor(), accept_loop(ioc, acceptor, manager), log_exception("accept loop"));
-
-    std::vector<std::thread> threads;
-    for (unsigned i = 1; i < options->threads; ++i) threads.emplace_back([&] { ioc.run(); });
-    ioc.run();
-    for (auto& t : threads) t.join();
-    log("stopped");
-    return 0;
+    ssl::context tls(ssl::context::tls_server);
+    tls.set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
+                    ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1);
+    try {
+        tls.use_certificate_chain_file(options->tls_cert);
+        tls.use_private_key_file(options->tls_key, ssl::context::pem);
+    } catch (const std::exception& e) {
+        std::cerr << "wsbroadcast-server: cannot load the TLS certificate or key: " << e.what() << '\n';
+        return 2;
+    }
+    return run<beast::ssl_stream<beast::tcp_stream>>(*options, &tls);
 }

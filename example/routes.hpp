@@ -86,6 +86,25 @@ inline std::string json_string(std::string_view s) {
     return out + '"';
 }
 
+/// Compares a presented secret with the expected one in time that depends only on their lengths,
+/// so response timing does not reveal how much of a guess was right.
+inline bool secret_matches(std::string_view given, std::string_view expected) {
+    if (given.size() != expected.size()) return false;
+    unsigned char diff = 0;
+    for (std::size_t i = 0; i < given.size(); ++i)
+        diff |= static_cast<unsigned char>(given[i] ^ expected[i]);
+    return diff == 0;
+}
+
+/// The token of an "Authorization: Bearer TOKEN" header; empty if the header has another form.
+inline std::string_view bearer_token(std::string_view authorization) {
+    constexpr std::string_view scheme = "Bearer ";
+    if (authorization.size() <= scheme.size()) return {};
+    for (std::size_t i = 0; i < scheme.size(); ++i)  // the scheme is case-insensitive (RFC 7235)
+        if ((authorization[i] | 0x20) != (scheme[i] | 0x20)) return {};
+    return authorization.substr(scheme.size());
+}
+
 enum class route_kind {
     page,            // GET /
     subscribe,       // GET /api/v1/ws/{id}, must be a WebSocket upgrade

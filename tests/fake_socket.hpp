@@ -9,6 +9,7 @@
 #include "wsbroadcast.hpp"
 
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,6 +37,8 @@ struct fake_peer {
     bool stalled = false;        // writes do not complete until unstall()
     bool refuse_handshake = false;  // async_accept fails
     std::string accepted_request;   // what async_accept was given
+    std::function<void()> on_accept;  // runs inside the handshake, before it completes
+    std::string close_reason;         // the reason text of the server's close frame
     int writes_before_failure = -1;  // >= 0: that many writes succeed, then each fails
     error_code failure = net::error::connection_reset;
 
@@ -96,6 +99,8 @@ public:
                 if (!p->inbox.empty()) {
                     auto text = std::move(p->inbox.front());
                     p->inbox.pop_front();
+                    if (text.size() > buffer.max_size() - buffer.size())  // as Beast: too big, 1009
+                        return self.complete(net::error::message_size, 0);
                     buffer.commit(net::buffer_copy(buffer.prepare(text.size()), net::buffer(text)));
                     return self.complete({}, text.size());
                 }
@@ -114,20 +119,30 @@ public:
                 if (!std::exchange(started, true)) return net::post(p->executor, std::move(self));
                 if (p->aborted || p->refuse_handshake) return self.complete(net::error::connection_refused);
                 p->accepted_request = std::string(request);
+                if (p->on_accept) p->on_accept();
                 self.complete({});
             },
             token, peer_->executor);
     }
 
+    // Like Beast's close_reason: a code and a text.
+    struct close_reason_type {
+        std::uint16_t code = 0;
+        std::string reason;
+        close_reason_type(std::uint16_t c = 0) : code(c) {}
+    };
+    const close_reason_type& reason() const { return last_reason_; }
+
     // Like Beast's: sends a close frame; a pending read then ends.
     template <class Token>
-    auto async_close(std::uint16_t code, Token&& token) {
+    auto async_close(const close_reason_type& cr, Token&& token) {
         return net::async_compose<Token, void(error_code)>(
-            [p = peer_, code, started = false](auto& self, error_code = {}) mutable {
+            [p = peer_, cr, started = false](auto& self, error_code = {}) mutable {
                 if (!std::exchange(started, true)) return net::post(p->executor, std::move(self));
                 if (p->aborted) return self.complete(net::error::operation_aborted);
                 p->server_closed = true;
-                p->close_code = code;
+                p->close_code = cr.code;
+                p->close_reason = cr.reason;
                 p->read_signal.cancel();
                 self.complete({});
             },
@@ -144,6 +159,7 @@ public:
 
 private:
     std::shared_ptr<fake_peer> peer_;
+    close_reason_type last_reason_;
     bool binary_ = false;
 };
 

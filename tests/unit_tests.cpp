@@ -621,13 +621,15 @@ TEST_CASE_FIXTURE(fixture, "accept_and_serve registers before the handshake; wha
     manager_type manager;
     auto p = peer();
     std::optional<error_code> ended;
+    std::size_t registered_during_handshake = 0;
+    p->on_accept = [&] {
+        registered_during_handshake = manager.count("k");
+        manager.send("k", "during the handshake");  // must not be lost, nor written before the 101
+    };
     net::co_spawn(ioc, manager.accept_and_serve(fake_socket(p), std::string("GET /ws/k"), "k"),
                   [&](std::exception_ptr, error_code ec) { ended = ec; });
-    // Registered at once, before the handshake has run: this message must not be lost.
-    CHECK(manager.count("k") == 1);
-    CHECK(manager.send("k", "during the handshake").queued == 1);
-    CHECK(p->accepted_request.empty());
     settle();
+    CHECK(registered_during_handshake == 1);
     CHECK(p->accepted_request == "GET /ws/k");
     CHECK(p->received == std::vector<std::string>{"during the handshake"});
     p->client_close();
@@ -648,4 +650,120 @@ TEST_CASE_FIXTURE(fixture, "a failed handshake unregisters and reports its error
     CHECK(ended == net::error::connection_refused);
     CHECK(p->received.empty());
     CHECK(manager.size() == 0);
+}
+
+// ---- refusals and limits --------------------------------------------------------------------
+
+namespace {
+struct endpoint_result {
+    std::optional<error_code> ended;
+};
+// Starts serve() for a new fake client and returns its peer; `out` receives the ending.
+std::shared_ptr<fake_peer> start_serve(fixture& f, manager_type& m, std::string key, endpoint_result& out) {
+    auto p = f.peer();
+    net::co_spawn(f.ioc, m.serve(fake_socket(p), std::move(key)),
+                  [&out](std::exception_ptr, error_code ec) { out.ended = ec; });
+    return p;
+}
+}  // namespace
+
+TEST_CASE_FIXTURE(fixture, "connection limits refuse with 1013 and leave the others alone") {
+    wsbroadcast::options opts;
+    opts.max_connections = 3;
+    opts.max_connections_per_key = 2;
+    manager_type manager(opts);
+    endpoint_result r1, r2, r3, r4, r5;
+    auto a1 = start_serve(*this, manager, "a", r1);
+    auto a2 = start_serve(*this, manager, "a", r2);
+    auto a3 = start_serve(*this, manager, "a", r3);  // third on "a": over the per-key limit
+    settle();
+    CHECK(r3.ended == wsbroadcast::error::key_connection_limit);
+    CHECK(a3->close_code == 1013);
+    CHECK(a3->close_reason == "too many connections for this key");
+    auto b1 = start_serve(*this, manager, "b", r4);
+    auto b2 = start_serve(*this, manager, "b", r5);  // fourth in all: over the total limit
+    settle();
+    CHECK_FALSE(r4.ended.has_value());
+    CHECK(r5.ended == wsbroadcast::error::connection_limit);
+    CHECK(b2->close_code == 1013);
+    CHECK(manager.size() == 3);
+    CHECK(manager.stats().refused == 2);
+    CHECK(manager.send("a", "still here").queued == 2);
+    settle();
+    CHECK(a1->received == std::vector<std::string>{"still here"});
+
+    // subscribe() applies the same limits, and says so with an exception.
+    CHECK_THROWS_AS((void)manager.subscribe(fake_socket(peer()), "c"), std::system_error);
+    a1->client_close();
+    settle();
+    CHECK_NOTHROW((void)manager.subscribe(fake_socket(peer()), "c"));
+    manager.close_all();  // the manager must outlive its connections: end them before it goes
+    settle();
+}
+
+TEST_CASE_FIXTURE(fixture, "the admission hook can refuse a key with a reason, closed with 1008") {
+    wsbroadcast::options opts;
+    opts.admit = [](const std::string& key) -> net::awaitable<wsbroadcast::admission> {
+        if (key.starts_with("secret")) co_return wsbroadcast::admission::reject("unknown wallet");
+        co_return wsbroadcast::admission::accept();
+    };
+    manager_type manager(opts);
+    endpoint_result ok, no;
+    auto good = start_serve(*this, manager, "public", ok);
+    auto bad = start_serve(*this, manager, "secret-1", no);
+    settle();
+    CHECK(no.ended == wsbroadcast::error::not_admitted);
+    CHECK(bad->close_code == 1008);
+    CHECK(bad->close_reason == "unknown wallet");
+    CHECK_FALSE(manager.has("secret-1"));
+    CHECK(manager.count("public") == 1);
+    CHECK_FALSE(ok.ended.has_value());
+    CHECK(manager.stats().refused == 1);
+    manager.close_all();
+    settle();
+}
+
+TEST_CASE_FIXTURE(fixture, "a client message over max_message_bytes ends the connection") {
+    wsbroadcast::options opts;
+    opts.max_message_bytes = 16;
+    opts.on_error = [](const wsbroadcast::error_event&) {};
+    manager_type manager(opts);
+    endpoint_result r;
+    std::vector<std::string> got;
+    auto p = peer();
+    net::co_spawn(ioc, manager.serve(fake_socket(p), "k", [&](std::string_view m) { got.emplace_back(m); }),
+                  [&](std::exception_ptr, error_code ec) { r.ended = ec; });
+    p->client_send(std::string(16, 'a'));
+    p->client_send(std::string(17, 'b'));
+    settle();
+    CHECK(got == std::vector<std::string>{std::string(16, 'a')});
+    CHECK(r.ended == net::error::message_size);
+    CHECK(p->close_code == 1009);
+    CHECK(manager.size() == 0);
+}
+
+TEST_CASE_FIXTURE(fixture, "shutdown refuses newcomers, closes everyone with 1001, and tears down the stuck") {
+    manager_type manager;
+    endpoint_result r1, r2, late;
+    auto polite = start_serve(*this, manager, "a", r1);
+    auto stuck = start_serve(*this, manager, "b", r2);
+    settle();
+    stuck->stalled = true;
+    manager.send("b", "never finishes");
+    manager.send("a", "last words");
+    settle();
+
+    bool done = false;
+    net::co_spawn(ioc, manager.shutdown(std::chrono::milliseconds(200)), [&](std::exception_ptr) { done = true; });
+    auto newcomer = start_serve(*this, manager, "c", late);
+    // The polite client answers the close frame at once; the stuck one never does.
+    ioc.restart();
+    ioc.run_for(1s);
+    CHECK(done);
+    CHECK(manager.size() == 0);
+    CHECK(polite->received == std::vector<std::string>{"last words"});
+    CHECK(polite->close_code == 1001);
+    CHECK(stuck->aborted);
+    CHECK(late.ended == wsbroadcast::error::shutting_down);
+    CHECK(newcomer->close_code == 1001);
 }
