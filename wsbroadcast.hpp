@@ -326,9 +326,9 @@ struct options {
     std::size_t max_connections_per_key = 0;
     /// The largest message a client may send; a larger one closes the connection with 1009.
     std::size_t max_message_bytes = WSBROADCAST_DEFAULT_MAX_MESSAGE_BYTES;
-    /// Liveness: a peer that sends nothing (not even a pong to the pings sent after half this
-    /// time) is dropped after it. Applied through the socket's own `timeout` option when it has
-    /// one (Beast's websocket::stream); zero leaves the socket's setting alone.
+    /// Liveness (0: off): a peer heard nothing from for this long is torn down and unregistered.
+    /// After half of it in silence the peer is pinged (when the socket has async_ping, as Beast's
+    /// does); its pong counts as hearing from it (seen through the socket's control_callback).
     std::chrono::steady_clock::duration idle_timeout{};
     /// Decides, before registration, whether a connection under this key may join. serve() and
     /// accept_and_serve() call it on the socket's executor; a rejection closes with 1008.
@@ -428,6 +428,8 @@ struct connection : std::enable_shared_from_this<connection<Socket, Key>> {
     // Touched only on the socket's executor. The timer is the writer's condition variable: it waits
     // on a timer that never expires and is woken by cancel().
     net::steady_timer wake;
+    net::steady_timer watchdog{socket.get_executor()};  // liveness: see ConnectionManager::watch
+    bool heard_from_peer = false;  // a message or a control frame arrived since the last check
 
     std::mutex mutex;  // guards everything below
     std::deque<message> outbox;
@@ -677,18 +679,10 @@ private:
         auto& socket = c->socket;
         if constexpr (requires { socket.read_message_max(std::size_t{}); })
             socket.read_message_max(options_.max_message_bytes);
-        if constexpr (requires(typename Socket::timeout t) {
-                          t.idle_timeout = std::chrono::seconds(1);
-                          t.keep_alive_pings = true;
-                          socket.set_option(t);
-                      }) {
-            if (options_.idle_timeout > std::chrono::steady_clock::duration::zero()) {
-                typename Socket::timeout t{};
-                t.handshake_timeout = std::chrono::seconds(30);
-                t.idle_timeout = std::chrono::duration_cast<decltype(t.idle_timeout)>(options_.idle_timeout);
-                t.keep_alive_pings = true;  // pings at half the idle time; a live peer answers
-                socket.set_option(t);
-            }
+        if constexpr (requires { socket.control_callback([](auto, auto) {}); }) {
+            if (options_.idle_timeout > std::chrono::steady_clock::duration::zero())
+                // A raw pointer: the socket lives inside the connection, so a shared one would be a cycle.
+                socket.control_callback([raw = c.get()](auto, auto) { raw->heard_from_peer = true; });
         }
         return c;
     }
@@ -716,10 +710,48 @@ private:
         return refusal;
     }
 
+    /// Starts the connection's coroutines: its writer and, with an idle timeout, its watchdog.
     void start_writer(const connection_ptr& c) {
         net::co_spawn(c->socket.get_executor(), write_loop(c), [this](std::exception_ptr e) {
             if (e) report({"writer", {}, e});
         });
+        if (options_.idle_timeout > std::chrono::steady_clock::duration::zero())
+            net::co_spawn(c->socket.get_executor(), watch(c), [this](std::exception_ptr e) {
+                if (e) report({"watchdog", {}, e});
+            });
+    }
+
+    /// Liveness: every half idle period, a peer not heard from is pinged, and one still silent a
+    /// half period later is torn down (its read loop then ends and unregisters it).
+    net::awaitable<void> watch(connection_ptr c) {
+        const auto half = options_.idle_timeout / 2;
+        bool pinged = false;
+        error_code ec;
+        for (;;) {
+            c->watchdog.expires_after(half);
+            co_await c->watchdog.async_wait(net::redirect_error(net::use_awaitable, ec));
+            {
+                std::lock_guard lock(c->mutex);
+                if (c->state == detail::connection_state::detached || c->state == detail::connection_state::aborting)
+                    co_return;
+            }
+            if (std::exchange(c->heard_from_peer, false)) {
+                pinged = false;
+                continue;
+            }
+            if constexpr (requires {
+                              c->socket.async_ping({}, net::redirect_error(net::use_awaitable, ec));
+                          }) {
+                if (!pinged) {
+                    pinged = true;
+                    co_await c->socket.async_ping({}, net::redirect_error(net::use_awaitable, ec));
+                    continue;
+                }
+            }
+            detail::abort_socket(c->socket);
+            remove(c, detail::connection_state::aborting);
+            co_return;
+        }
     }
 
     /// The endpoint: admission, registration, handshake (when there is a request), then the
@@ -772,6 +804,7 @@ private:
         for (;;) {
             co_await socket.async_read(buffer, net::redirect_error(net::use_awaitable, ec));
             if (ec) break;
+            sub.connection_->heard_from_peer = true;
             on_message(std::string_view(storage.data(), buffer.size()));
             buffer.consume(buffer.size());
         }
@@ -811,6 +844,7 @@ private:
             net::post(c->socket.get_executor(), [c] {
                 detail::abort_socket(c->socket);
                 c->wake.cancel();
+                c->watchdog.cancel();
             });
         }
     }
@@ -968,10 +1002,14 @@ private:
                 begin_close(*c, why, 0, {});
             wake = std::exchange(c->writer_parked, false);
         }
-        if (wake) {
+        const bool watched = options_.idle_timeout > std::chrono::steady_clock::duration::zero();
+        if (wake || watched) {
             try {
-                post_wake(*c);
-            } catch (...) {  // the executor is shutting down: the writer dies with it
+                net::post(c->socket.get_executor(), [c, wake] {
+                    if (wake) c->wake.cancel();
+                    c->watchdog.cancel();
+                });
+            } catch (...) {  // the executor is shutting down: the coroutines die with it
             }
         }
     }

@@ -172,7 +172,7 @@ Starts PATH --port 0 --threads N, drives it over 127.0.0.1 and prints one JSON l
 Scenarios (defaults in brackets):
   fanout    S subscribers on one id; publish M messages as fast as the publishers allow [S=1000 M=2000]
   targeted  S subscribers on S ids; message k goes to id k mod S [S=10000 M=20000]
-  rate      S subscribers on one id; publish at a fixed --rate, report latency [S=100 M=5000 rate=1000]
+  rate      S subscribers on one id; publish at a fixed --rate, report latency [S=20 M=5000 rate=1000]
   idle      S subscribers on S ids stay idle; RSS per connection; then one push to each of
             --sample ids spread over all of them [S=10000 sample=100]
   slow      S fast subscribers plus one that never reads, on one id [S=100 M=20000 size=1024]
@@ -277,7 +277,7 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
     } else if (c.scenario == "targeted") {
         subs = c.subscribers.value_or(10000), ids = c.ids.value_or(subs), messages = c.messages.value_or(20000);
     } else if (c.scenario == "rate") {
-        subs = c.subscribers.value_or(100), ids = c.ids.value_or(1), messages = c.messages.value_or(5000);
+        subs = c.subscribers.value_or(20), ids = c.ids.value_or(1), messages = c.messages.value_or(5000);
         c.paced = true;
     } else if (c.scenario == "idle") {
         subs = c.subscribers.value_or(10000), ids = c.ids.value_or(subs);
@@ -810,6 +810,14 @@ private:
     std::thread thread_;
 };
 
+// The server's pid for the signal handler: a loadgen stopped by SIGINT / SIGTERM takes its server along.
+std::atomic<pid_t> g_server_pid{-1};
+
+extern "C" void on_stop_signal(int sig) {
+    if (const pid_t pid = g_server_pid.load(); pid > 0) kill(pid, SIGKILL);
+    _exit(128 + sig);
+}
+
 int run(const config& cfg) {
     // 10,000 connections need more than the usual 1024 descriptors; the server inherits this limit.
     rlimit lim{};
@@ -822,8 +830,7 @@ int run(const config& cfg) {
     if (lim.rlim_cur < need)
         say("warning: RLIMIT_NOFILE is " + std::to_string(lim.rlim_cur) + ", " + std::to_string(need) + " are needed");
 
-    std::atomic<pid_t> server_pid{-1};
-    watchdog dog(cfg.max_seconds, server_pid);
+    watchdog dog(cfg.max_seconds, g_server_pid);
 
     server_process server;
     std::string error;
@@ -831,7 +838,7 @@ int run(const config& cfg) {
         say(error);
         return 3;
     }
-    server_pid.store(server.pid());
+    g_server_pid.store(server.pid());
     say("server pid " + std::to_string(server.pid()) + " on port " + std::to_string(server.port()) + ", scenario " +
         cfg.scenario + ", RLIMIT_NOFILE " + std::to_string(lim.rlim_cur));
 
@@ -869,14 +876,25 @@ int run(const config& cfg) {
         return n;
     };
 
-    const auto rss_before = rss_kib(server.pid()).value_or(0);
+    const auto rss_before = rss_kib(server.pid());
     const auto connect_start = steady::now();
-    bool connect_ok = true;
-    for (unsigned start = 0; start < total_subs && connect_ok; start += cfg.batch) {
+    // Batches of --batch handshakes. Stop early if a batch is stuck for 30 s, if a whole batch
+    // failed (the server is not answering), or after 30 s + 10 ms per subscriber in all.
+    const double connect_limit = 30 + total_subs / 100.0;
+    for (unsigned start = 0; start < total_subs; start += cfg.batch) {
         const unsigned end = std::min(total_subs, start + cfg.batch);
+        const auto connected_before = sum(&worker::connected);
         for (unsigned i = start; i < end; ++i)
             net::co_spawn(subs[i].w->ioc, run_subscriber(subs[i], rs), report_exception);
-        connect_ok = wait_for([&] { return sum(&worker::connected) + sum(&worker::failed) >= end; }, 30);
+        const double left = connect_limit - seconds_since(connect_start);
+        if (!wait_for([&] { return sum(&worker::connected) + sum(&worker::failed) >= end; }, std::min(30.0, left))) {
+            say("connecting is stuck or took longer than " + fixed(connect_limit, 0) + " s; not connecting the rest");
+            break;
+        }
+        if (sum(&worker::connected) == connected_before) {
+            say("a whole batch of handshakes failed; not connecting the rest");
+            break;
+        }
     }
     const auto connected = sum(&worker::connected);
     const auto connect_failures = total_subs - connected;  // failed, or never tried after a stuck batch
@@ -885,7 +903,7 @@ int run(const config& cfg) {
         (connect_failures ? ", " + std::to_string(connect_failures) + " failed" : std::string()));
 
     std::this_thread::sleep_for(cfg.scenario == "idle" ? 1000ms : 200ms);  // let the server settle
-    const auto rss_after = rss_kib(server.pid()).value_or(0);
+    const auto rss_after = rss_kib(server.pid());
     const auto open_before_push = connected - sum(&worker::ended);
 
     // Publishers, all on worker 0.
@@ -899,7 +917,7 @@ int run(const config& cfg) {
 
     // The measured phase: from the first push until the last delivery.
     const long ticks_per_second = sysconf(_SC_CLK_TCK);
-    const auto cpu_before = cpu_ticks(server.pid()).value_or(0);
+    const auto cpu_before = cpu_ticks(server.pid());
     const auto own_before = own_cpu_us();
     const std::uint64_t publish_start_ns = now_ns();
     rs.t0_ns = publish_start_ns + 5000000;  // rate: message 0 is due 5 ms from now
@@ -955,9 +973,9 @@ int run(const config& cfg) {
         }
     }
     const std::uint64_t phase_end_ns = now_ns();
-    const auto cpu_after = cpu_ticks(server.pid()).value_or(0);
+    const auto cpu_after = cpu_ticks(server.pid());
     const auto own_after = own_cpu_us();
-    const auto rss_end = rss_kib(server.pid()).value_or(0);
+    const auto rss_end = rss_kib(server.pid());
 
     // The slow client reads now; the drain ends with the server's close, an error or 3 s of silence.
     if (cfg.slow) {
@@ -969,7 +987,7 @@ int run(const config& cfg) {
     rs.shutting_down.store(true);
     rs.stop_publishing.store(true);
     const int server_status = server.stop(15s);
-    server_pid.store(-1);
+    g_server_pid.store(-1);
     wait_for([&] { return sum(&worker::ended) >= connected; }, 5, 5ms);
     for (auto& g : guards) g.reset();
     for (auto& w : workers) w->ioc.stop();
@@ -1002,11 +1020,12 @@ int run(const config& cfg) {
     }
     const std::uint64_t end_ns = last_delivery_ns > publish_start_ns ? last_delivery_ns : phase_end_ns;
     const double seconds = static_cast<double>(end_ns - publish_start_ns) / 1e9;
-    const double cpu_us = static_cast<double>(cpu_after - cpu_before) * 1e6 / static_cast<double>(ticks_per_second);
-    const double per_delivery = deliveries ? cpu_us / static_cast<double>(deliveries) : 0;
+    std::optional<double> per_delivery;  // null when /proc could not be read or nothing was delivered
+    if (cpu_before && cpu_after && deliveries)
+        per_delivery = static_cast<double>(*cpu_after - *cpu_before) * 1e6 / static_cast<double>(ticks_per_second) /
+                       static_cast<double>(deliveries);
     const double own_per_delivery =
         deliveries ? static_cast<double>(own_after - own_before) / static_cast<double>(deliveries) : 0;
-    const auto rss_delta = static_cast<double>(rss_after) - static_cast<double>(rss_before);
 
     std::string json = "{";
     auto field = [&](std::string_view name, const std::string& value) {
@@ -1016,6 +1035,7 @@ int run(const config& cfg) {
         json += value;
     };
     auto num = [](auto v) { return std::to_string(v); };
+    auto maybe = [&](const auto& v) { return v ? num(*v) : std::string("null"); };
     field("scenario", json_escape(cfg.scenario));
     field("subscribers", num(cfg.n_subscribers));
     field("ids", num(pl.ids));
@@ -1024,15 +1044,18 @@ int run(const config& cfg) {
     field("deliveries", num(deliveries));
     field("seconds", fixed(seconds, 3));
     field("deliveries_per_sec", fixed(seconds > 0 ? static_cast<double>(deliveries) / seconds : 0, 0));
-    field("server_cpu_us_per_delivery", fixed(per_delivery, 3));
+    field("server_cpu_us_per_delivery", per_delivery ? fixed(*per_delivery, 3) : "null");
     field("latency_us", "{\"p50\":" + num(latency.percentile(0.50)) + ",\"p90\":" + num(latency.percentile(0.90)) +
                             ",\"p99\":" + num(latency.percentile(0.99)) + ",\"max\":" + num(latency.max()) + "}");
     field("missing", num(missing));
     field("duplicates", num(duplicates));
     field("out_of_order", num(out_of_order));
-    field("rss_kib_before", num(rss_before));
-    field("rss_kib_after", num(rss_after));
-    field("rss_kib_per_connection", fixed(connected ? rss_delta / static_cast<double>(connected) : 0, 2));
+    field("rss_kib_before", maybe(rss_before));
+    field("rss_kib_after", maybe(rss_after));
+    field("rss_kib_per_connection",
+          rss_before && rss_after && connected
+              ? fixed((static_cast<double>(*rss_after) - static_cast<double>(*rss_before)) / static_cast<double>(connected), 2)
+              : "null");
     if (cfg.slow) {
         const auto& s = subs.back();
         field("slow_client", "{\"received\":" + num(s.received) + ",\"closed_with\":" +
@@ -1049,7 +1072,7 @@ int run(const config& cfg) {
     field("client_threads", num(cfg.client_threads));
     field("server_queued", num(server_queued));
     field("client_cpu_us_per_delivery", fixed(own_per_delivery, 3));
-    field("rss_kib_end", num(rss_end));
+    field("rss_kib_end", maybe(rss_end));
     if (cfg.scenario == "idle") field("open_after_settle", num(open_before_push));
     field("connect_failures", num(connect_failures));
     field("closed_early", num(closed_early));
@@ -1068,6 +1091,9 @@ int run(const config& cfg) {
 
 int main(int argc, char** argv) {
     std::signal(SIGPIPE, SIG_IGN);
+    std::signal(SIGINT, on_stop_signal);
+    std::signal(SIGTERM, on_stop_signal);
+    std::signal(SIGHUP, on_stop_signal);
     int exit_code = 0;
     const auto cfg = parse_options(argc, argv, exit_code);
     if (!cfg) return exit_code;

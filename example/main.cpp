@@ -304,7 +304,8 @@ auto& lowest(Stream& s) {
 template <class State, class Stream>
 net::awaitable<void> subscribe(State& state, Stream stream, request req, std::string id) {
     typename State::ws_stream ws(std::move(stream));
-    lowest(ws).expires_never();  // the WebSocket's own timeouts (set by the manager) take over
+    lowest(ws).expires_never();  // from here the WebSocket's handshake timeout and the manager's liveness rule
+    ws.set_option(websocket::stream_base::timeout{30s, websocket::stream_base::none(), false});
     ws.set_option(websocket::stream_base::decorator(
         [](websocket::response_type& res) { res.set(http::field::server, "wsbroadcast"); }));
     // Registered before the 101 goes out: a client that sees its handshake complete misses nothing.

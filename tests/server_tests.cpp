@@ -10,6 +10,7 @@
 #include <boost/beast/websocket/ssl.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/write.hpp>
+#include <boost/asio/ssl.hpp>
 
 #include <chrono>
 #include <csignal>
@@ -41,6 +42,7 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 namespace websocket = beast::websocket;
 namespace net = boost::asio;
+namespace ssl = net::ssl;
 using tcp = net::ip::tcp;
 using namespace std::chrono_literals;
 
@@ -132,7 +134,10 @@ struct ws_client {
     beast::flat_buffer buffer;
     http::response<http::string_body> handshake_response;
 
-    beast::error_code connect(unsigned short port, const std::string& target) {
+    beast::error_code connect(unsigned short port, const std::string& target, const std::string& origin = {}) {
+        if (!origin.empty())
+            ws.set_option(websocket::stream_base::decorator(
+                [origin](websocket::request_type& r) { r.set(http::field::origin, origin); }));
         beast::get_lowest_layer(ws).expires_after(io_timeout);
         auto ec = run(ioc, [&](auto done) {
             beast::get_lowest_layer(ws).async_connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), done);
@@ -170,8 +175,10 @@ std::unique_ptr<ws_client> subscriber(const std::string& id, unsigned short port
     return c;
 }
 
+using header_list = std::vector<std::pair<std::string, std::string>>;
+
 http::response<http::string_body> request(http::verb method, const std::string& target, std::string body = {},
-                                          unsigned short port = shared_server().port()) {
+                                          unsigned short port = shared_server().port(), const header_list& headers = {}) {
     net::io_context ioc;
     beast::tcp_stream stream(ioc);
     stream.expires_after(io_timeout);
@@ -180,6 +187,7 @@ http::response<http::string_body> request(http::verb method, const std::string& 
     }));
     http::request<http::string_body> req{method, target, 11};
     req.set(http::field::host, "127.0.0.1");
+    for (auto& [name, value] : headers) req.set(name, value);
     req.body() = std::move(body);
     req.prepare_payload();
     REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_write(stream, req, done); }));
@@ -496,4 +504,180 @@ TEST_CASE("SIGINT with no clients exits 0; --help exits 0; a bad option exits 2"
     CHECK(run_status({"--bogus"}) == 2);
     CHECK(run_status({"--port", "notanumber"}) == 2);
     CHECK(run_status({"--threads", "0"}) == 2);
+}
+
+// ---- hardening: every refusal, liveness, shutdown, TLS ---------------------------------------
+
+TEST_CASE("with --publish-token, pushes need the token; without it they get 401 and deliver nothing") {
+    server_process server({"--publish-token", "s3cret-token"});
+    const auto port = server.port();
+    auto c = subscriber("guarded", port);
+
+    const auto missing = request(http::verb::post, "/api/v1/ws/guarded", "sneaky", port);
+    CHECK(missing.result() == http::status::unauthorized);
+    CHECK(missing[http::field::www_authenticate] == "Bearer");
+    CHECK(request(http::verb::post, "/api/v1/ws/guarded", "sneaky", port, {{"Authorization", "Bearer wrong"}}).result() ==
+          http::status::unauthorized);
+    CHECK(request(http::verb::get, "/api/v1/ws/guarded/sneaky", {}, port).result() == http::status::unauthorized);
+    CHECK(request(http::verb::post, "/api/v1/ws/guarded", "sneaky", port, {{"X-Api-Key", "s3cret-toke"}}).result() ==
+          http::status::unauthorized);
+
+    CHECK(request(http::verb::post, "/api/v1/ws/guarded", "one", port, {{"Authorization", "Bearer s3cret-token"}}).body() ==
+          push_answer("one", 1));
+    CHECK(request(http::verb::post, "/api/v1/ws/guarded", "two", port, {{"X-Api-Key", "s3cret-token"}}).body() ==
+          push_answer("two", 1));
+    CHECK(c->read() == "one");  // nothing refused got through before it
+    CHECK(c->read() == "two");
+}
+
+TEST_CASE("a non-loopback address without a publish token is refused at start-up") {
+    // No socket is opened: the check happens before binding.
+    const std::string cmd = std::string(WSBROADCAST_SERVER_PATH) + " --address 0.0.0.0 --port 0 2>&1";
+    FILE* p = popen(cmd.c_str(), "r");
+    REQUIRE(p != nullptr);
+    std::string out;
+    char chunk[512];
+    while (std::size_t n = fread(chunk, 1, sizeof chunk, p)) out.append(chunk, n);
+    const int status = pclose(p);
+    CHECK(WEXITSTATUS(status) == 2);
+    CHECK(out.find("without --publish-token") != std::string::npos);
+}
+
+TEST_CASE("--allowed-origin: other browser origins get 403 before the upgrade") {
+    server_process server({"--allowed-origin", "https://good.example", "--allowed-origin", "http://127.0.0.1:8080"});
+    ws_client evil;
+    CHECK(evil.connect(server.port(), "/api/v1/ws/o", "https://evil.example") == websocket::error::upgrade_declined);
+    CHECK(evil.handshake_response.result() == http::status::forbidden);
+    ws_client good, tool;
+    CHECK_FALSE(good.connect(server.port(), "/api/v1/ws/o", "https://good.example"));
+    CHECK_FALSE(tool.connect(server.port(), "/api/v1/ws/o"));  // no Origin: not a browser, not hijackable
+    CHECK(request(http::verb::post, "/api/v1/ws/o", "hi", server.port()).body() == push_answer("hi", 2));
+    CHECK(good.read() == "hi");
+}
+
+TEST_CASE("connection limits answer 503 before the upgrade; the others are unaffected") {
+    server_process server({"--max-connections", "3", "--max-connections-per-key", "2"});
+    const auto port = server.port();
+    auto a1 = subscriber("a", port), a2 = subscriber("a", port);
+    ws_client a3;
+    CHECK(a3.connect(port, "/api/v1/ws/a") == websocket::error::upgrade_declined);
+    CHECK(a3.handshake_response.result() == http::status::service_unavailable);
+    CHECK(a3.handshake_response[http::field::retry_after] == "5");
+    auto b1 = subscriber("b", port);
+    ws_client b2;
+    CHECK(b2.connect(port, "/api/v1/ws/b") == websocket::error::upgrade_declined);
+    CHECK(b2.handshake_response.result() == http::status::service_unavailable);
+    CHECK(request(http::verb::post, "/api/v1/ws/a", "ok", port).body() == push_answer("ok", 2));
+    CHECK(a1->read() == "ok");
+    CHECK(a2->read() == "ok");
+}
+
+TEST_CASE("--max-message-bytes bounds push bodies (413, delivered to no one)") {
+    server_process server({"--max-message-bytes", "1000"});
+    auto c = subscriber("small", server.port());
+    CHECK(request(http::verb::post, "/api/v1/ws/small", std::string(1001, 'x'), server.port()).result() ==
+          http::status::payload_too_large);
+    CHECK(request(http::verb::post, "/api/v1/ws/small", std::string(1000, 'y'), server.port()).result() == http::status::ok);
+    CHECK(c->read() == std::string(1000, 'y'));  // the first one never arrived
+}
+
+TEST_CASE("liveness: a client that stops answering pings is dropped within the idle timeout") {
+    server_process server({"--idle-timeout", "1"});
+    auto silent = subscriber("ping", server.port());  // never reads again, so never answers a ping
+    auto lively = subscriber("ping", server.port());
+    std::atomic<bool> stop{false};
+    std::thread keep_reading([&] {  // reading is what answers pings in Beast
+        while (!stop) lively->read(200ms);
+    });
+    const auto start = std::chrono::steady_clock::now();
+    std::string answer;
+    while (std::chrono::steady_clock::now() - start < 5s) {
+        answer = request(http::verb::post, "/api/v1/ws/ping?data=probe", {}, server.port()).body();
+        if (answer == push_answer("probe", 1)) break;
+        std::this_thread::sleep_for(100ms);
+    }
+    const auto took = std::chrono::steady_clock::now() - start;
+    stop = true;
+    keep_reading.join();
+    CHECK(answer == push_answer("probe", 1));  // the silent one went, the lively one stayed
+    CHECK(took < 3s);
+}
+
+TEST_CASE("SIGTERM with a client that never answers the close: exit 0 within the drain deadline") {
+    server_process server;
+    auto deaf = subscriber("deaf", server.port());  // never reads: never answers the close frame
+    const auto start = std::chrono::steady_clock::now();
+    CHECK(server.stop(SIGTERM) == 0);
+    CHECK(std::chrono::steady_clock::now() - start < 6s);
+}
+
+namespace {
+// A self-signed certificate for 127.0.0.1, made at run time in a fresh directory.
+struct test_certificate {
+    std::string dir, cert, key;
+    test_certificate() {
+        char tmpl[] = "/tmp/wsbroadcast-tls-XXXXXX";
+        REQUIRE(mkdtemp(tmpl) != nullptr);
+        dir = tmpl;
+        cert = dir + "/cert.pem";
+        key = dir + "/key.pem";
+        const std::string cmd = "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 "
+                                "-addext subjectAltName=IP:127.0.0.1 -keyout " + key + " -out " + cert +
+                                " >/dev/null 2>&1";
+        REQUIRE(std::system(cmd.c_str()) == 0);
+    }
+    ~test_certificate() { std::system(("rm -rf " + dir).c_str()); }
+};
+}  // namespace
+
+TEST_CASE("TLS: wss:// and https:// with a verifying client; the same manager over ssl_stream") {
+    test_certificate certificate;
+    server_process server({"--tls-cert", certificate.cert, "--tls-key", certificate.key});
+    const tcp::endpoint endpoint(net::ip::make_address("127.0.0.1"), server.port());
+
+    ssl::context ctx(ssl::context::tls_client);
+    ctx.load_verify_file(certificate.cert);
+    ctx.set_verify_mode(ssl::verify_peer);
+
+    net::io_context ioc;
+    // wss:// subscriber, verifying the certificate against 127.0.0.1
+    websocket::stream<beast::ssl_stream<beast::tcp_stream>> wss(ioc, ctx);
+    wss.next_layer().set_verify_callback(ssl::host_name_verification("127.0.0.1"));
+    beast::get_lowest_layer(wss).expires_after(io_timeout);
+    REQUIRE_FALSE(run(ioc, [&](auto done) { beast::get_lowest_layer(wss).async_connect(endpoint, done); }));
+    REQUIRE_FALSE(run(ioc, [&](auto done) { wss.next_layer().async_handshake(ssl::stream_base::client, done); }));
+    REQUIRE_FALSE(run(ioc, [&](auto done) { wss.async_handshake("127.0.0.1", "/api/v1/ws/secure", done); }));
+
+    // https:// push
+    beast::ssl_stream<beast::tcp_stream> https(ioc, ctx);
+    https.set_verify_callback(ssl::host_name_verification("127.0.0.1"));
+    beast::get_lowest_layer(https).expires_after(io_timeout);
+    REQUIRE_FALSE(run(ioc, [&](auto done) { beast::get_lowest_layer(https).async_connect(endpoint, done); }));
+    REQUIRE_FALSE(run(ioc, [&](auto done) { https.async_handshake(ssl::stream_base::client, done); }));
+    http::request<http::string_body> req{http::verb::post, "/api/v1/ws/secure", 11};
+    req.set(http::field::host, "127.0.0.1");
+    req.body() = "over tls";
+    req.prepare_payload();
+    REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_write(https, req, done); }));
+    beast::flat_buffer buffer;
+    http::response<http::string_body> res;
+    REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_read(https, buffer, res, done); }));
+    CHECK(res.body() == push_answer("over tls", 1));
+
+    beast::flat_buffer got;
+    beast::get_lowest_layer(wss).expires_after(io_timeout);
+    REQUIRE_FALSE(run(ioc, [&](auto done) { wss.async_read(got, done); }));
+    CHECK(beast::buffers_to_string(got.data()) == "over tls");
+
+    // A client that does not verify against this certificate is refused by its own check.
+    ssl::context strict(ssl::context::tls_client);
+    strict.set_verify_mode(ssl::verify_peer);  // no trust anchor for a self-signed certificate
+    beast::ssl_stream<beast::tcp_stream> untrusting(ioc, strict);
+    beast::get_lowest_layer(untrusting).expires_after(io_timeout);
+    REQUIRE_FALSE(run(ioc, [&](auto done) { beast::get_lowest_layer(untrusting).async_connect(endpoint, done); }));
+    CHECK(run(ioc, [&](auto done) { untrusting.async_handshake(ssl::stream_base::client, done); }));
+
+    // Plain HTTP to the TLS port gets nowhere, and the server carries on.
+    raw_exchange("GET / HTTP/1.1\r\nHost: x\r\n\r\n", server.port());
+    CHECK(server.stop(SIGTERM) == 0);
 }

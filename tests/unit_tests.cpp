@@ -767,3 +767,24 @@ TEST_CASE_FIXTURE(fixture, "shutdown refuses newcomers, closes everyone with 100
     CHECK(late.ended == wsbroadcast::error::shutting_down);
     CHECK(newcomer->close_code == 1001);
 }
+
+TEST_CASE_FIXTURE(fixture, "liveness: a peer not heard from within idle_timeout is torn down and unregistered") {
+    wsbroadcast::options opts;
+    opts.idle_timeout = 200ms;  // the fake cannot ping: silence alone decides
+    manager_type manager(opts);
+    endpoint_result talk_result, silent_result;
+    auto talker = start_serve(*this, manager, "k", talk_result);
+    auto silent = start_serve(*this, manager, "k", silent_result);
+    ioc.restart();
+    for (int i = 0; i < 12; ++i) {  // about 600 ms, the talker says something every 50 ms
+        talker->client_send("still here");
+        ioc.run_for(50ms);
+    }
+    CHECK(silent->aborted);
+    CHECK(silent_result.ended.has_value());
+    CHECK_FALSE(talker->aborted);
+    CHECK_FALSE(talk_result.ended.has_value());
+    CHECK(manager.count("k") == 1);
+    manager.close_all();
+    settle();
+}
