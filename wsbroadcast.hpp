@@ -341,7 +341,7 @@ struct options {
 /// What one send() or broadcast() did, counted in connections.
 struct send_result {
     std::size_t queued = 0;   ///< the message is in this many outboxes
-    std::size_t dropped = 0;  ///< outbox full and policy drop_newest / drop_oldest dropped a message
+    std::size_t dropped = 0;  ///< outbox full: the new message (drop_newest) or older ones (drop_oldest) dropped
     std::size_t closed = 0;   ///< outbox full and policy close closed the connection
 };
 
@@ -352,7 +352,7 @@ struct statistics {
     std::uint64_t refused = 0;           ///< connections refused: limits, admission, shutdown
     std::uint64_t messages = 0;          ///< send() / broadcast() calls that reached at least one outbox
     std::uint64_t deliveries = 0;        ///< messages queued to outboxes
-    std::uint64_t dropped = 0;           ///< messages dropped by drop_newest / drop_oldest
+    std::uint64_t dropped = 0;           ///< messages dropped by drop_newest / drop_oldest, each counted once
     std::uint64_t overflow_closes = 0;   ///< connections closed by the close policy
     std::uint64_t errors = 0;            ///< unexpected errors reported to on_error
 };
@@ -874,7 +874,6 @@ private:
             messages_.fetch_add(1, std::memory_order_relaxed);
             deliveries_.fetch_add(r.queued, std::memory_order_relaxed);
         }
-        if (r.dropped) dropped_.fetch_add(r.dropped, std::memory_order_relaxed);
         if (r.closed) overflow_closes_.fetch_add(r.closed, std::memory_order_relaxed);
     }
 
@@ -889,14 +888,15 @@ private:
                 switch (c.limits.on_overflow) {
                 case overflow_policy::drop_newest:
                     ++result.dropped;
+                    dropped_.fetch_add(1, std::memory_order_relaxed);
                     return;
-                case overflow_policy::drop_oldest:
-                    if (!make_room(c, m)) {
-                        ++result.dropped;  // only the in-flight message is left and m still does not fit
-                        return;
-                    }
+                case overflow_policy::drop_oldest: {
                     ++result.dropped;
+                    const auto evicted = make_room(c, m);
+                    dropped_.fetch_add(evicted ? evicted : 1, std::memory_order_relaxed);
+                    if (!evicted) return;  // m could never fit beside the message being written
                     break;
+                }
                 case overflow_policy::close:
                     ++result.closed;
                     abort = true;
@@ -923,15 +923,20 @@ private:
         return c.outbox.size() < c.limits.max_messages && c.queued_bytes + m.size() <= c.limits.max_bytes;
     }
 
-    /// drop_oldest: discards queued messages (never the one being written) until `m` fits.
-    static bool make_room(connection& c, const message& m) {
+    /// drop_oldest: discards the oldest queued messages (never the one being written) until `m`
+    /// fits, and returns how many. Returns 0, discarding nothing, if `m` could never fit.
+    static std::size_t make_room(connection& c, const message& m) {
         const std::size_t keep = c.front_in_flight ? 1 : 0;
-        while (!fits(c, m) && c.outbox.size() > keep) {
+        const std::size_t bytes_kept = keep ? c.outbox.front().size() : 0;
+        if (keep + 1 > c.limits.max_messages || bytes_kept + m.size() > c.limits.max_bytes) return 0;
+        std::size_t evicted = 0;
+        while (!fits(c, m)) {
             auto victim = c.outbox.begin() + static_cast<std::ptrdiff_t>(keep);
             c.queued_bytes -= victim->size();
             c.outbox.erase(victim);
+            ++evicted;
         }
-        return fits(c, m);
+        return evicted;
     }
 
     /// Moves a connection towards closing. `c.mutex` must be held.

@@ -15,9 +15,9 @@ cmake_leg() {  # cmake_leg DIR [cmake args...]: configure, build, run every test
   ctest --test-dir "$dir" --output-on-failure -j "$jobs"
 }
 
-leg "clang-19, ASan+UBSan (-O1, halt on error): memory errors and undefined behaviour"
+leg "clang-19, ASan+UBSan (-O1, halt on error): memory errors and undefined behaviour; fuzzers, 60 s each"
 ASAN_OPTIONS=halt_on_error=1:detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-  cmake_leg build/asan -DCMAKE_CXX_COMPILER=clang++-19 -DCMAKE_BUILD_TYPE=Debug \
+  cmake_leg build/asan -DCMAKE_CXX_COMPILER=clang++-19 -DCMAKE_BUILD_TYPE=Debug -DWSBROADCAST_BUILD_FUZZERS=ON \
     -DCMAKE_CXX_FLAGS="-O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 
 leg "clang-19, TSan: the manager is called from many threads"

@@ -474,6 +474,22 @@ TEST_CASE_FIXTURE(fixture, "drop_oldest keeps the newest messages and the one be
     p->unstall();
     settle();
     CHECK(p->received == std::vector<std::string>{"m0", "m7", "m8", "m9"});
+    CHECK(manager.stats().dropped == 6);  // m1 .. m6, each once
+}
+
+TEST_CASE_FIXTURE(fixture, "drop_oldest does not evict anything for a message that can never fit") {
+    wsbroadcast::options opts;
+    opts.outbox.max_bytes = 8;
+    opts.outbox.on_overflow = wsbroadcast::overflow_policy::drop_oldest;
+    manager_type manager(opts);
+    auto p = peer();
+    auto s = manager.subscribe(fake_socket(p), "k");
+    manager.send("k", "1234");
+    const auto r = manager.send("k", "far too long for 8 bytes");
+    CHECK(r.queued == 0);
+    CHECK(r.dropped == 1);
+    settle();
+    CHECK(p->received == std::vector<std::string>{"1234"});
 }
 
 // ---- closing --------------------------------------------------------------------------------

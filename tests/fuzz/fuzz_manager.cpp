@@ -1,0 +1,112 @@
+// libFuzzer target: the library's public operations in random order against the fake socket:
+// subscribe, unsubscribe, send, broadcast, close_all, client messages and closes, stalled and
+// failing writes, serve() endpoints, and running the event loop in between. Built with ASan and
+// UBSan, it looks for crashes, leaks and undefined behaviour; it also checks the bookkeeping.
+#include "fake_socket.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace net = wsbroadcast::net;
+using test::fake_peer;
+using test::fake_socket;
+using manager_type = wsbroadcast::ConnectionManager<fake_socket>;
+
+namespace {
+void require(bool ok) {
+    if (!ok) __builtin_trap();
+}
+
+struct input {
+    const std::uint8_t* data;
+    std::size_t size;
+    std::uint8_t next() {
+        if (size == 0) return 0;
+        --size;
+        return *data++;
+    }
+};
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+    input in{data, size};
+    wsbroadcast::options opts;
+    opts.outbox.max_messages = 1 + in.next() % 8;  // small limits, so overflows happen
+    opts.outbox.max_bytes = 16 + in.next() * 4u;
+    opts.outbox.on_overflow = static_cast<wsbroadcast::overflow_policy>(in.next() % 3);
+    opts.max_connections = in.next() % 12;
+    opts.max_connections_per_key = in.next() % 5;
+    opts.max_message_bytes = 1 + in.next() % 32;
+    opts.on_error = [](const wsbroadcast::error_event&) {};
+    manager_type manager(opts);  // before the io_context: it outlives the connections
+    {
+        net::io_context ioc;
+        std::vector<std::shared_ptr<fake_peer>> peers;
+        std::vector<manager_type::subscription> subs;
+        auto key = [&] { return std::string("k") + static_cast<char>('0' + in.next() % 4); };
+        auto some_peer = [&]() -> fake_peer* {
+            return peers.empty() ? nullptr : peers[in.next() % peers.size()].get();
+        };
+
+        for (int step = 0; step < 200 && in.size > 0; ++step) {
+            switch (in.next() % 12) {
+            case 0: {
+                peers.push_back(std::make_shared<fake_peer>(ioc.get_executor()));
+                try {
+                    subs.push_back(manager.subscribe(fake_socket(peers.back()), key()));
+                } catch (const std::system_error&) {  // over a limit: refused, as documented
+                }
+                break;
+            }
+            case 1:
+                peers.push_back(std::make_shared<fake_peer>(ioc.get_executor()));
+                net::co_spawn(ioc, manager.serve(fake_socket(peers.back()), key()),
+                              [](std::exception_ptr, wsbroadcast::error_code) {});
+                break;
+            case 2:
+                if (!subs.empty()) subs[in.next() % subs.size()].unsubscribe();
+                break;
+            case 3: {
+                const auto r = manager.send(key(), std::string(in.next() % 40, 'x'));
+                // Counted in connections: each registered one is queued to or closed, at most once;
+                // under drop_oldest one may be both queued to and have dropped older messages.
+                require(r.queued + r.closed <= manager.size() && r.dropped <= manager.size());
+                break;
+            }
+            case 4: manager.broadcast(in.next() % 2 ? wsbroadcast::message::binary("b") : wsbroadcast::message::text("t")); break;
+            case 5:
+                if (auto* p = some_peer()) p->client_send(std::string(in.next() % 40, 'c'));
+                break;
+            case 6:
+                if (auto* p = some_peer()) p->client_close();
+                break;
+            case 7:
+                if (auto* p = some_peer()) p->stalled = true;
+                break;
+            case 8:
+                if (auto* p = some_peer()) p->unstall();
+                break;
+            case 9:
+                if (auto* p = some_peer()) p->writes_before_failure = in.next() % 3;
+                break;
+            case 10:
+                if (in.next() % 8 == 0) manager.close_all();
+                break;
+            default:
+                ioc.restart();
+                ioc.poll();
+                break;
+            }
+            require(manager.size() <= (opts.max_connections ? opts.max_connections : manager.size()));
+        }
+        subs.clear();
+        for (auto& p : peers) p->client_close();
+        ioc.restart();
+        for (int idle = 0; idle < 3;) idle = ioc.poll() == 0 ? idle + 1 : 0;
+        // Stalled writers may still hold registrations; destroying the io_context ends them.
+    }
+    require(manager.size() == 0);  // every way out unregistered
+    return 0;
+}
