@@ -316,6 +316,34 @@ struct admission {
     static admission reject(std::string reason) { return {false, std::move(reason)}; }
 };
 
+/// What an admission hook sees of the HTTP upgrade request, when there is one (accept_and_serve
+/// with a request that has target() and operator[](name), as Beast's http::request does). Valid
+/// only during the hook's first step: copy what you need before your first co_await.
+class upgrade_request {
+public:
+    upgrade_request() = default;
+
+    template <class Request>
+        requires requires(const Request& r, std::string_view name) {
+            { r.target() } -> std::convertible_to<std::string_view>;
+            { r[name] } -> std::convertible_to<std::string_view>;
+        }
+    explicit upgrade_request(const Request& r)
+        : request_(&r), target_(r.target()), header_([](const void* p, std::string_view name) -> std::string_view {
+              return (*static_cast<const Request*>(p))[name];
+          }) {}
+
+    bool present() const noexcept { return request_ != nullptr; }
+    std::string_view target() const noexcept { return target_; }
+    /// The value of header `name` (case-insensitive, as the request type defines), or empty.
+    std::string_view header(std::string_view name) const { return request_ ? header_(request_, name) : std::string_view{}; }
+
+private:
+    const void* request_ = nullptr;
+    std::string_view target_;
+    std::string_view (*header_)(const void*, std::string_view) = nullptr;
+};
+
 template <class Key = std::string>
 struct options {
     /// The default for every connection; subscribe() and serve() can override it per connection.
@@ -330,9 +358,10 @@ struct options {
     /// After half of it in silence the peer is pinged (when the socket has async_ping, as Beast's
     /// does); its pong counts as hearing from it (seen through the socket's control_callback).
     std::chrono::steady_clock::duration idle_timeout{};
-    /// Decides, before registration, whether a connection under this key may join. serve() and
-    /// accept_and_serve() call it on the socket's executor; a rejection closes with 1008.
-    std::function<net::awaitable<admission>(const Key&)> admit;
+    /// Decides, before registration, whether a connection under this key may join; it also sees
+    /// the upgrade request when accept_and_serve() has one. serve() and accept_and_serve() call it
+    /// on the socket's executor; a rejection closes with 1008 and the admission's reason.
+    std::function<net::awaitable<admission>(const Key&, const upgrade_request&)> admit;
     /// Unexpected errors. Normal endings (peer closed, eof, cancelled) are never reported.
     /// The default writes one line to std::cerr. Called on the socket's executor.
     std::function<void(const error_event&)> on_error;
@@ -761,7 +790,9 @@ private:
         error_code refusal;
         std::string reason;
         if (options_.admit) {
-            auto verdict = co_await options_.admit(c->key);
+            upgrade_request seen;
+            if constexpr (std::is_constructible_v<upgrade_request, const Request&>) seen = upgrade_request(request);
+            auto verdict = co_await options_.admit(c->key, seen);
             if (!verdict.admitted) {
                 refusal = error::not_admitted;
                 reason = std::move(verdict.reason);

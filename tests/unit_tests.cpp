@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <future>
+#include <map>
 #include <optional>
 #include <random>
 #include <string>
@@ -719,7 +720,9 @@ TEST_CASE_FIXTURE(fixture, "connection limits refuse with 1013 and leave the oth
 
 TEST_CASE_FIXTURE(fixture, "the admission hook can refuse a key with a reason, closed with 1008") {
     wsbroadcast::options opts;
-    opts.admit = [](const std::string& key) -> net::awaitable<wsbroadcast::admission> {
+    opts.admit = [](const std::string& key, const wsbroadcast::upgrade_request& request)
+        -> net::awaitable<wsbroadcast::admission> {
+        CHECK_FALSE(request.present());  // serve() has no upgrade request to show
         if (key.starts_with("secret")) co_return wsbroadcast::admission::reject("unknown wallet");
         co_return wsbroadcast::admission::accept();
     };
@@ -801,6 +804,50 @@ TEST_CASE_FIXTURE(fixture, "liveness: a peer not heard from within idle_timeout 
     CHECK_FALSE(talker->aborted);
     CHECK_FALSE(talk_result.ended.has_value());
     CHECK(manager.count("k") == 1);
+    manager.close_all();
+    settle();
+}
+
+namespace {
+// Just enough of an HTTP request for the admission hook: a target and headers.
+struct test_request {
+    std::string target_;
+    std::map<std::string, std::string, std::less<>> headers;
+    std::string_view target() const { return target_; }
+    std::string_view operator[](std::string_view name) const {
+        auto it = headers.find(name);
+        return it == headers.end() ? std::string_view{} : std::string_view(it->second);
+    }
+    explicit operator std::string() const { return target_; }  // what the fake's handshake records
+};
+}  // namespace
+
+TEST_CASE_FIXTURE(fixture, "the admission hook sees the upgrade request given to accept_and_serve") {
+    wsbroadcast::options opts;
+    std::string seen_target, seen_token;
+    opts.admit = [&](const std::string&, const wsbroadcast::upgrade_request& request)
+        -> net::awaitable<wsbroadcast::admission> {
+        seen_target = request.target();
+        seen_token = request.header("X-Token");
+        if (request.header("X-Token") != "letmein") co_return wsbroadcast::admission::reject("bad token");
+        co_return wsbroadcast::admission::accept();
+    };
+    manager_type manager(opts);
+    endpoint_result good_result, bad_result;
+    auto good = peer(), bad = peer();
+    net::co_spawn(ioc, manager.accept_and_serve(fake_socket(good), test_request{"/ws/a", {{"X-Token", "letmein"}}}, "a"),
+                  [&](std::exception_ptr, error_code ec) { good_result.ended = ec; });
+    settle();
+    CHECK(seen_target == "/ws/a");
+    CHECK(seen_token == "letmein");
+    net::co_spawn(ioc, manager.accept_and_serve(fake_socket(bad), test_request{"/ws/a", {{"X-Token", "guess"}}}, "a"),
+                  [&](std::exception_ptr, error_code ec) { bad_result.ended = ec; });
+    settle();
+    CHECK(bad_result.ended == wsbroadcast::error::not_admitted);
+    CHECK(bad->close_code == 1008);
+    CHECK(bad->close_reason == "bad token");
+    CHECK(manager.count("a") == 1);
+    CHECK_FALSE(good_result.ended.has_value());
     manager.close_all();
     settle();
 }
