@@ -611,6 +611,19 @@ public:
         return registry_.size();
     }
 
+    /// Bytes held by all outboxes right now (a message queued to N connections counts N times,
+    /// as the limits do). Walks every connection: meant for a metrics scrape, not a hot path.
+    std::size_t queued_bytes() const {
+        std::shared_lock lock(registry_mutex_);
+        std::size_t total = 0;
+        for (auto& [key, peers] : registry_)
+            for (auto& c : peers) {
+                std::lock_guard outbox_lock(c->mutex);
+                total += c->queued_bytes;
+            }
+        return total;
+    }
+
     statistics stats() const noexcept {
         auto get = [](const std::atomic<std::uint64_t>& n) { return n.load(std::memory_order_relaxed); };
         return {get(connections_), get(refused_),         get(messages_),

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <charconv>
 #include <cstdlib>
 #include <iostream>
@@ -63,6 +64,10 @@ struct server_options {
     wsbroadcast::outbox_options outbox;
 };
 
+// error: failures; warn: start-up and shutdown; info: + every refusal; debug: + every connection.
+enum class log_level { error, warn, info, debug };
+log_level current_log_level = log_level::info;
+
 constexpr auto http_timeout = 30s;
 constexpr auto shutdown_drain = 3s;
 
@@ -88,13 +93,21 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
   --max-queued-messages N        per-connection outbox limit in messages (default 1024)
   --overflow POLICY              when a client's outbox is full: close (with 1008, the default),
                                  drop-newest or drop-oldest
+  --log-level LEVEL              error, warn, info (default: + every refusal) or debug (+ every
+                                 connection opening and closing)
   --help                         this text
+
+Every option can also come from the environment: --max-connections 100 is
+WSBROADCAST_MAX_CONNECTIONS=100, --allow-open-publish is WSBROADCAST_ALLOW_OPEN_PUBLISH=1, and
+WSBROADCAST_ALLOWED_ORIGIN takes a comma-separated list. The command line wins.
 
 Routes:
   GET  /api/v1/ws/{id}          WebSocket: receive every message pushed to {id}
   POST /api/v1/ws/{id}          push the request body (or ?data=...) to {id}
   GET  /api/v1/ws/{id}/{data}   push the URL-decoded {data} to {id}
   GET  /                        a page to try it in a browser
+  GET  /metrics                 counters and gauges, Prometheus text format
+  GET  /healthz                 {"status":"ok",...} while the server runs
 
 An id is 1 to 128 characters of [A-Za-z0-9:_-].
 
@@ -118,17 +131,58 @@ bool parse_policy(std::string_view text, wsbroadcast::overflow_policy& out) {
     return true;
 }
 
+bool parse_level(std::string_view text, log_level& out) {
+    if (text == "error") out = log_level::error;
+    else if (text == "warn") out = log_level::warn;
+    else if (text == "info") out = log_level::info;
+    else if (text == "debug") out = log_level::debug;
+    else return false;
+    return true;
+}
+
+// The options that take a value, and the one flag; the environment may set any of them.
+constexpr std::string_view value_options[] = {
+    "address", "port", "threads", "publish-token", "allowed-origin", "max-message-bytes", "max-connections",
+    "max-connections-per-key", "idle-timeout", "tls-cert", "tls-key", "max-queued-bytes", "max-queued-messages",
+    "overflow", "log-level"};
+
+// WSBROADCAST_MAX_CONNECTIONS=100 becomes {"--max-connections", "100"}, placed before the command
+// line so that the command line wins.
+std::vector<std::string> options_from_environment() {
+    auto variable = [](std::string_view option) {
+        std::string name = "WSBROADCAST_";
+        for (char c : option) name += c == '-' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+        return name;
+    };
+    std::vector<std::string> args;
+    for (auto option : value_options) {
+        const char* value = std::getenv(variable(option).c_str());
+        if (!value) continue;
+        std::string_view rest = value;
+        do {  // only --allowed-origin repeats; a comma never appears in the other values
+            const auto comma = option == "allowed-origin" ? rest.find(',') : rest.npos;
+            args.push_back("--" + std::string(option));
+            args.emplace_back(rest.substr(0, comma));
+            rest = comma == rest.npos ? std::string_view{} : rest.substr(comma + 1);
+        } while (!rest.empty());
+    }
+    if (const char* flag = std::getenv("WSBROADCAST_ALLOW_OPEN_PUBLISH"); flag && std::string_view(flag) != "0")
+        args.emplace_back("--allow-open-publish");
+    return args;
+}
+
 // Returns nullopt after printing why (or the help) when the server should not start.
 std::optional<server_options> parse_options(int argc, char** argv, int& exit_code) {
     server_options o;
-    if (const char* token = std::getenv("WSBROADCAST_PUBLISH_TOKEN")) o.publish_token = token;
+    auto args = options_from_environment();
+    args.insert(args.end(), argv + 1, argv + argc);
     auto fail = [&](std::string_view why) {
         std::cerr << "wsbroadcast-server: " << why << "\n\n" << usage;
         exit_code = 2;
         return std::nullopt;
     };
-    for (int i = 1; i < argc; ++i) {
-        const std::string_view arg = argv[i];
+    for (std::size_t i = 0; i < args.size(); ++i) {
+        const std::string_view arg = args[i];
         if (arg == "--help" || arg == "-h") {
             std::cout << usage;
             exit_code = 0;
@@ -138,8 +192,8 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             o.allow_open_publish = true;
             continue;
         }
-        if (i + 1 >= argc) return fail(std::string(arg) + " needs a value");
-        const std::string_view value = argv[++i];
+        if (i + 1 >= args.size()) return fail(std::string(arg) + " needs a value");
+        const std::string_view value = args[++i];
         bool ok = true;
         if (arg == "--address") o.address = value;
         else if (arg == "--port") ok = parse_number(value, o.port);
@@ -156,6 +210,7 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
         else if (arg == "--max-queued-messages")
             ok = parse_number(value, o.outbox.max_messages) && o.outbox.max_messages > 0;
         else if (arg == "--overflow") ok = parse_policy(value, o.outbox.on_overflow);
+        else if (arg == "--log-level") ok = parse_level(value, current_log_level);
         else return fail("unknown option " + std::string(arg));
         if (!ok) return fail("invalid value for " + std::string(arg) + ": " + std::string(value));
     }
@@ -165,10 +220,12 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
 
 // ---- logging and counting --------------------------------------------------------------------
 
-void log(std::string_view what) {
+void log(log_level level, std::string_view what) {
+    if (level > current_log_level) return;
+    static constexpr std::string_view names[] = {"error", "warn", "info", "debug"};
     static std::mutex mutex;
     std::lock_guard lock(mutex);
-    std::cerr << "wsbroadcast-server: " << what << std::endl;
+    std::cerr << "wsbroadcast-server: " << names[static_cast<int>(level)] << ": " << what << std::endl;
 }
 
 // A co_spawn completion handler that says what went wrong instead of dropping it.
@@ -178,18 +235,21 @@ auto log_exception(std::string_view where) {
         try {
             std::rethrow_exception(e);
         } catch (const std::exception& ex) {
-            log(std::string(where) + ": " + ex.what());
+            log(log_level::error, std::string(where) + ": " + ex.what());
         }
     };
 }
 
-// Every refusal is logged with its reason and counted by kind.
-enum class refusal { unauthorized, forbidden_origin, too_large, over_limit, bad_request, shutting_down, count };
+// Every refusal is logged with its reason and counted by kind (the label in /metrics).
+enum class refusal { unauthorized, forbidden_origin, too_large, connection_limit, bad_request, shutting_down, count };
+constexpr std::string_view refusal_labels[] = {"unauthorized", "forbidden_origin", "too_large",
+                                               "connection_limit", "bad_request", "shutting_down"};
 std::atomic<std::uint64_t> refusals[static_cast<int>(refusal::count)];
+std::atomic<std::uint64_t> pushes_accepted{0};
 
 void refuse(refusal kind, std::string_view what) {
     refusals[static_cast<int>(kind)].fetch_add(1, std::memory_order_relaxed);
-    log("refused: " + std::string(what));
+    log(log_level::info, "refused (" + std::string(refusal_labels[static_cast<int>(kind)]) + "): " + std::string(what));
 }
 
 // ---- HTTP answers ----------------------------------------------------------------------------
@@ -230,6 +290,39 @@ bool authorized(const server_options& o, const request& req) {
            secret_matches(req["X-Api-Key"], o.publish_token);
 }
 
+// The Prometheus text exposition format: HELP, TYPE, then the samples.
+template <class Manager>
+std::string metrics_text(const Manager& manager) {
+    const auto stats = manager.stats();
+    std::string out;
+    auto metric = [&out](std::string_view name, std::string_view type, std::string_view help,
+                         std::initializer_list<std::pair<std::string, std::uint64_t>> samples) {
+        out += "# HELP " + std::string(name) + " " + std::string(help) + "\n";
+        out += "# TYPE " + std::string(name) + " " + std::string(type) + "\n";
+        for (auto& [labels, value] : samples) out += std::string(name) + labels + " " + std::to_string(value) + "\n";
+    };
+    metric("wsbroadcast_connections", "gauge", "WebSocket connections registered now.", {{"", manager.size()}});
+    metric("wsbroadcast_connections_total", "counter", "WebSocket connections registered since start.",
+           {{"", stats.connections}});
+    metric("wsbroadcast_keys", "gauge", "Ids with at least one connection.", {{"", manager.key_count()}});
+    metric("wsbroadcast_pushes_total", "counter", "Push requests accepted.", {{"", pushes_accepted.load()}});
+    metric("wsbroadcast_messages_total", "counter", "Messages that reached at least one connection.",
+           {{"", stats.messages}});
+    metric("wsbroadcast_deliveries_total", "counter", "Messages queued to connections.", {{"", stats.deliveries}});
+    metric("wsbroadcast_queued_bytes", "gauge", "Bytes held in outboxes now.", {{"", manager.queued_bytes()}});
+    metric("wsbroadcast_dropped_messages_total", "counter", "Messages dropped from full outboxes.",
+           {{"", stats.dropped}});
+    metric("wsbroadcast_policy_closes_total", "counter", "Connections closed by the overflow policy.",
+           {{R"({reason="outbox_full"})", stats.overflow_closes}});
+    metric("wsbroadcast_errors_total", "counter", "Unexpected connection errors.", {{"", stats.errors}});
+    out += "# HELP wsbroadcast_refusals_total Requests and connections refused, by reason.\n"
+           "# TYPE wsbroadcast_refusals_total counter\n";
+    for (int i = 0; i < static_cast<int>(refusal::count); ++i)
+        out += "wsbroadcast_refusals_total{reason=\"" + std::string(refusal_labels[i]) + "\"} " +
+               std::to_string(refusals[i].load()) + "\n";
+    return out;
+}
+
 // LNbits answers {"sent": true, "data": ...}; we add how many connections the message reached.
 template <class State>
 response push(State& state, const request& req, const std::string& id, std::string_view data) {
@@ -240,6 +333,7 @@ response push(State& state, const request& req, const std::string& id, std::stri
         return res;
     }
     const auto result = state.manager.send(id, data);
+    pushes_accepted.fetch_add(1, std::memory_order_relaxed);
     return make_response(req, http::status::ok,
                          R"({"sent":true,"data":)" + json_string(data) +
                              R"(,"connections":)" + std::to_string(result.queued) + "}");
@@ -250,6 +344,11 @@ response handle(State& state, const request& req, const route& r) {
     switch (r.kind) {
     case route_kind::page:
         return make_response(req, http::status::ok, std::string(index_html), "text/html; charset=utf-8");
+    case route_kind::metrics:
+        return make_response(req, http::status::ok, metrics_text(state.manager), "text/plain; version=0.0.4");
+    case route_kind::health:
+        return make_response(req, http::status::ok,
+                             R"({"status":"ok","connections":)" + std::to_string(state.manager.size()) + "}");
     case route_kind::push_body:
         return push(state, req, r.id, r.data ? std::string_view(*r.data) : std::string_view(req.body()));
     case route_kind::push_path:
@@ -286,7 +385,7 @@ std::optional<response> refuse_upgrade(State& state, const request& req, const s
     const auto& o = state.options;
     if ((o.max_connections && state.manager.size() >= o.max_connections) ||
         (o.max_connections_per_key && state.manager.count(id) >= o.max_connections_per_key)) {
-        refuse(refusal::over_limit, "WebSocket for " + id + ": connection limit reached");
+        refuse(refusal::connection_limit, "WebSocket for " + id + ": connection limit reached");
         auto res = make_error(req, http::status::service_unavailable, "too many connections, try again later");
         res.set(http::field::retry_after, "5");
         return res;
@@ -308,10 +407,15 @@ net::awaitable<void> subscribe(State& state, Stream stream, request req, std::st
     ws.set_option(websocket::stream_base::timeout{30s, websocket::stream_base::none(), false});
     ws.set_option(websocket::stream_base::decorator(
         [](websocket::response_type& res) { res.set(http::field::server, "wsbroadcast"); }));
+    beast::error_code ignored;
+    const auto peer = lowest(ws).socket().remote_endpoint(ignored);
+    const auto who = "WebSocket " + id + " from " + peer.address().to_string() + ":" + std::to_string(peer.port());
+    log(log_level::debug, who + " opening");
     // Registered before the 101 goes out: a client that sees its handshake complete misses nothing.
     const auto ec = co_await state.manager.accept_and_serve(std::move(ws), std::move(req), id);
+    log(log_level::debug, who + " closed: " + ec.message());
     if (ec.category() == wsbroadcast::category())
-        refuse(ec == wsbroadcast::error::shutting_down ? refusal::shutting_down : refusal::over_limit,
+        refuse(ec == wsbroadcast::error::shutting_down ? refusal::shutting_down : refusal::connection_limit,
                "WebSocket for " + id + ": " + ec.message());
 }
 
@@ -378,7 +482,7 @@ net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::accept
         auto socket = co_await acceptor.async_accept(net::make_strand(ioc), net::redirect_error(net::use_awaitable, ec));
         if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
         if (ec) {
-            log("accept: " + ec.message());  // e.g. out of file descriptors: keep serving the others
+            log(log_level::error, "accept: " + ec.message());  // e.g. out of file descriptors: keep serving the others
             continue;
         }
         auto executor = socket.get_executor();
@@ -409,7 +513,7 @@ int run(const server_options& options, ssl::context* tls) {
     manager_options.max_message_bytes = options.max_message_bytes;
     manager_options.idle_timeout = std::chrono::seconds(options.idle_timeout_seconds);
     manager_options.on_error = [](const wsbroadcast::error_event& e) {
-        log("connection " + std::string(e.operation) + ": " + e.message());
+        log(log_level::warn, "connection " + std::string(e.operation) + ": " + e.message());
     };
     // Before the io_context: the manager must outlive every connection.
     server_state<Stream> state{options, typename server_state<Stream>::manager_type(std::move(manager_options)), tls};
@@ -431,7 +535,7 @@ int run(const server_options& options, ssl::context* tls) {
     net::signal_set signals(ioc, SIGINT, SIGTERM);
     signals.async_wait([&](const beast::error_code& ec, int signal) {
         if (ec) return;
-        log(std::string("received ") + (signal == SIGINT ? "SIGINT" : "SIGTERM") + ", closing " +
+        log(log_level::warn, std::string("received ") + (signal == SIGINT ? "SIGINT" : "SIGTERM") + ", closing " +
             std::to_string(state.manager.size()) + " connection(s) with 1001");
         net::post(acceptor.get_executor(), [&] {
             beast::error_code ignored;
@@ -455,7 +559,7 @@ int run(const server_options& options, ssl::context* tls) {
     for (unsigned i = 1; i < options.threads; ++i) threads.emplace_back([&] { ioc.run(); });
     ioc.run();
     for (auto& t : threads) t.join();
-    log("stopped");
+    log(log_level::warn, "stopped");
     return 0;
 }
 

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 namespace wsbroadcast_server {
 
@@ -107,6 +108,8 @@ inline std::string_view bearer_token(std::string_view authorization) {
 
 enum class route_kind {
     page,            // GET /
+    metrics,         // GET /metrics: Prometheus text format
+    health,          // GET /healthz
     subscribe,       // GET /api/v1/ws/{id}, must be a WebSocket upgrade
     push_body,       // POST /api/v1/ws/{id}: ?data= or the body
     push_path,       // GET /api/v1/ws/{id}/{data}
@@ -132,8 +135,10 @@ inline route route_request(std::string_view method, std::string_view target) {
     const auto query = question == target.npos ? std::string_view{} : target.substr(question + 1);
 
     route r;
-    if (path == "/") {
-        if (method == "GET") r.kind = route_kind::page;
+    for (auto [fixed, kind] : {std::pair{"/", route_kind::page}, std::pair{"/metrics", route_kind::metrics},
+                               std::pair{"/healthz", route_kind::health}}) {
+        if (path != fixed) continue;
+        if (method == "GET") r.kind = kind;
         else r.kind = route_kind::wrong_method, r.allow = "GET";
         return r;
     }

@@ -21,6 +21,7 @@
 #include <string>
 #include <thread>
 
+#include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -56,19 +57,27 @@ constexpr auto io_timeout = 5s;
 
 class server_process {
 public:
-    explicit server_process(std::vector<std::string> args = {}) {
+    // `env`: extra NAME=value entries; `stderr_file`: where the server's log goes (default: ours).
+    explicit server_process(std::vector<std::string> args = {}, std::vector<std::string> env = {},
+                            const std::string& stderr_file = {}) {
         int out[2];
         REQUIRE(pipe(out) == 0);
         posix_spawn_file_actions_t actions;
         posix_spawn_file_actions_init(&actions);
         posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
         posix_spawn_file_actions_addclose(&actions, out[0]);
+        if (!stderr_file.empty())
+            posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, stderr_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        std::vector<char*> envp;
+        for (char** e = environ; *e; ++e) envp.push_back(*e);
+        for (auto& e : env) envp.push_back(e.data());
+        envp.push_back(nullptr);
         std::vector<std::string> all = {WSBROADCAST_SERVER_PATH, "--port", "0", "--threads", "2"};
         all.insert(all.end(), args.begin(), args.end());
         std::vector<char*> argv;
         for (auto& a : all) argv.push_back(a.data());
         argv.push_back(nullptr);
-        REQUIRE(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ) == 0);
+        REQUIRE(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), envp.data()) == 0);
         posix_spawn_file_actions_destroy(&actions);
         close(out[1]);
         // The first line says where it listens: "... listening on http://127.0.0.1:PORT with ..."
@@ -76,7 +85,8 @@ public:
         char line[256] = {};
         REQUIRE(fgets(line, sizeof line, f) != nullptr);
         fclose(f);
-        const std::string text = line;
+        listening_line_ = line;
+        const std::string& text = listening_line_;
         const auto colon = text.rfind(':', text.find(" with"));
         port_ = static_cast<unsigned short>(std::stoi(text.substr(colon + 1)));
         REQUIRE(port_ != 0);
@@ -89,6 +99,7 @@ public:
     }
     unsigned short port() const { return port_; }
     pid_t pid() const { return pid_; }
+    const std::string& listening_line() const { return listening_line_; }
 
     // Sends `sig` and waits (bounded) for the exit status; -1 if it did not exit in time.
     int stop(int sig = SIGTERM, std::chrono::milliseconds limit = 10s) {
@@ -108,6 +119,7 @@ public:
 private:
     pid_t pid_ = -1;
     unsigned short port_ = 0;
+    std::string listening_line_;
 };
 
 // One server for the tests that do not stop it.
@@ -264,10 +276,10 @@ std::string push_answer(const std::string& data, std::size_t connections) {
 }
 
 // Connection counts fall as closes are processed: poll a push to a dead id until it reaches 0.
-std::string connections_after_close(const std::string& id) {
+std::string connections_after_close(const std::string& id, unsigned short port = shared_server().port()) {
     std::string body;
     for (int i = 0; i < 200; ++i) {
-        body = request(http::verb::post, "/api/v1/ws/" + id + "?data=probe").body();
+        body = request(http::verb::post, "/api/v1/ws/" + id + "?data=probe", {}, port).body();
         if (body.find(R"("connections":0)") != std::string::npos) break;
         std::this_thread::sleep_for(10ms);
     }
@@ -680,4 +692,76 @@ TEST_CASE("TLS: wss:// and https:// with a verifying client; the same manager ov
     // Plain HTTP to the TLS port gets nowhere, and the server carries on.
     raw_exchange("GET / HTTP/1.1\r\nHost: x\r\n\r\n", server.port());
     CHECK(server.stop(SIGTERM) == 0);
+}
+
+// ---- operator comfort: metrics, health, environment, logs ------------------------------------
+
+TEST_CASE("/metrics counts connections, deliveries and refusals; /healthz answers") {
+    server_process server;  // its own: the counters start at zero
+    const auto port = server.port();
+    auto c1 = subscriber("m", port), c2 = subscriber("m", port);
+    CHECK(request(http::verb::post, "/api/v1/ws/m", "x", port).body() == push_answer("x", 2));
+    CHECK(request(http::verb::post, "/api/v1/ws/bad.id", "x", port).result() == http::status::bad_request);
+
+    const auto res = request(http::verb::get, "/metrics", {}, port);
+    CHECK(res.result() == http::status::ok);
+    CHECK(res[http::field::content_type] == "text/plain; version=0.0.4");
+    const auto& m = res.body();
+    for (const char* expected : {"# TYPE wsbroadcast_connections gauge\n", "\nwsbroadcast_connections 2\n",
+                                 "\nwsbroadcast_connections_total 2\n", "\nwsbroadcast_keys 1\n",
+                                 "\nwsbroadcast_pushes_total 1\n", "\nwsbroadcast_deliveries_total 2\n",
+                                 "\nwsbroadcast_refusals_total{reason=\"bad_request\"} 1\n",
+                                 "\nwsbroadcast_refusals_total{reason=\"unauthorized\"} 0\n",
+                                 "\nwsbroadcast_policy_closes_total{reason=\"outbox_full\"} 0\n"}) {
+        CAPTURE(expected);
+        CHECK(m.find(expected) != std::string::npos);
+    }
+    CHECK(request(http::verb::get, "/healthz", {}, port).body() == R"({"status":"ok","connections":2})");
+}
+
+TEST_CASE("options come from the environment, and the command line wins") {
+    server_process server({"--threads", "2"},
+                          {"WSBROADCAST_PUBLISH_TOKEN=from-env", "WSBROADCAST_MAX_CONNECTIONS_PER_KEY=1",
+                           "WSBROADCAST_THREADS=1"});
+    const auto port = server.port();
+    CHECK(server.listening_line().find("with 2 thread(s)") != std::string::npos);
+    auto c = subscriber("env", port);
+    ws_client second;
+    CHECK(second.connect(port, "/api/v1/ws/env") == websocket::error::upgrade_declined);
+    CHECK(request(http::verb::post, "/api/v1/ws/env", "x", port).result() == http::status::unauthorized);
+    CHECK(request(http::verb::post, "/api/v1/ws/env", "x", port, {{"Authorization", "Bearer from-env"}}).body() ==
+          push_answer("x", 1));
+}
+
+TEST_CASE("--log-level debug logs each connection and refusal; the default stays quiet about connections") {
+    char path[] = "/tmp/wsbroadcast-log-XXXXXX";
+    const int fd = mkstemp(path);
+    REQUIRE(fd >= 0);
+    close(fd);
+    auto read_log = [&] {
+        std::ifstream in(path);
+        return std::string(std::istreambuf_iterator<char>(in), {});
+    };
+    {
+        server_process server({"--log-level", "debug"}, {}, path);
+        auto c = subscriber("logged", server.port());
+        request(http::verb::post, "/api/v1/ws/bad.id", "x", server.port());
+        c->close();
+        CHECK(connections_after_close("logged", server.port()) == push_answer("probe", 0));
+        CHECK(server.stop() == 0);
+    }
+    const auto debug_log = read_log();
+    CHECK(debug_log.find("debug: WebSocket logged from 127.0.0.1:") != std::string::npos);
+    CHECK(debug_log.find(" closed: ") != std::string::npos);
+    CHECK(debug_log.find("info: refused (bad_request)") != std::string::npos);
+    {
+        server_process server({}, {}, path);
+        auto c = subscriber("quiet", server.port());
+        request(http::verb::post, "/api/v1/ws/bad.id", "x", server.port());
+        CHECK(server.stop() == 0);
+    }
+    const auto info_log = read_log();
+    CHECK(info_log.find("WebSocket quiet") == std::string::npos);
+    CHECK(info_log.find("info: refused (bad_request)") != std::string::npos);
+    std::remove(path);
 }

@@ -29,6 +29,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         require(valid_id(r.id));  // nothing reaches the manager with an id LNbits would refuse
         break;
     case route_kind::page:
+    case route_kind::metrics:
+    case route_kind::health:
         require(method == "GET");
         break;
     case route_kind::wrong_method:
