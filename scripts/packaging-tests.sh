@@ -30,10 +30,10 @@ prefix=$work/relocated                       # cmake --install goes elsewhere, t
 
 cxx=${CXX:-g++}
 jobs=${JOBS:-1}
-launcher=()
-if command -v ccache >/dev/null; then
+launcher=()  # ccache (same cache as scripts/test.sh), if there is one and its directory is writable
+export CCACHE_DIR="${CCACHE_DIR:-${HOME:-/nonexistent}/.cache/wsbroadcast-ccache}" CCACHE_BASEDIR=$work CCACHE_NOHASHDIR=1
+if command -v ccache >/dev/null && mkdir -p "$CCACHE_DIR" 2>/dev/null && [ -w "$CCACHE_DIR" ]; then
   launcher=(ccache)
-  export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/wsbroadcast-ccache}" CCACHE_BASEDIR=$work CCACHE_NOHASHDIR=1
 fi
 clang_args=()  # standalone Asio 1.22 on clang needs these (the .pc files cannot say "on clang")
 case $("$cxx" --version 2>/dev/null) in *clang*) clang_args=(-DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=1) ;; esac
@@ -327,7 +327,7 @@ run() {  # run NAME FUNCTION [ARGS]: in a subshell under set -e, log kept; one l
   esac
 }
 
-echo "wsbroadcast $version: packaging tests in $work (compiler $cxx, $jobs job(s))"
+echo "wsbroadcast $version: packaging tests in $work (${launcher[*]:+ccache }$cxx, $jobs job(s))"
 run copy-header-boost t_copy_header boost
 run copy-header-standalone t_copy_header standalone
 run cmake-add-subdirectory t_add_subdirectory
