@@ -5,13 +5,19 @@ set -euo pipefail
 server_packages=(g++ cmake ninja-build libboost1.81-dev libssl-dev)
 test_packages=("${server_packages[@]}" ccache libasio-dev doctest-dev openssl meson pkg-config
                clang-19 libclang-rt-19-dev llvm-19
-               build-essential debhelper dpkg-dev fakeroot)  # packaging tests: the .deb
+               build-essential debhelper dpkg-dev fakeroot  # packaging tests: the .deb
+               chromium)                                    # the browser test
 case "${1:-}" in
   server) packages=("${server_packages[@]}") ;;
   test) packages=("${test_packages[@]}") ;;
   *) echo "usage: $0 server|test" >&2; exit 2 ;;
 esac
 missing=()
+# The browser test runs on Node.js 18 or later with npm; a machine that already has both (from
+# Debian or elsewhere) keeps them, so Debian's npm never fights another nodejs package.
+if [ "$1" = test ] && ! { command -v node && command -v npm; } >/dev/null; then
+  packages+=(nodejs npm)
+fi
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done

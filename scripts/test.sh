@@ -33,5 +33,6 @@ leg "meson + g++ 12: the second build system, both Asio flavours, -Werror"
 if [ ! -d build/meson ]; then CXX="ccache g++" meson setup build/meson --buildtype=debug >/dev/null; fi
 meson test -C build/meson --print-errorlogs
 
-leg "g++ 12 with CMake: -Wall -Wextra -Wpedantic -Werror, both Asio flavours, the README quick start"
-cmake_leg build/gcc -DCMAKE_CXX_COMPILER=g++ -DCMAKE_BUILD_TYPE=Debug
+leg "g++ 12 with CMake: -Wall -Wextra -Wpedantic -Werror, both Asio flavours, the README quick start, the page in chromium"
+npm ci --prefix tests/browser --no-audit --no-fund --silent
+cmake_leg build/gcc -DCMAKE_CXX_COMPILER=g++ -DCMAKE_BUILD_TYPE=Debug -DWSBROADCAST_BROWSER_TEST=ON

@@ -1,0 +1,104 @@
+// The reference server's page in a real browser (Debian's chromium, headless, driven by
+// playwright-core): open the page for an id, push over HTTP, see the message appear; restart the
+// server on the same port and see the page reconnect by itself and receive again.
+//
+// usage: node page.test.mjs PATH/TO/wsbroadcast-server SCREENSHOT.png
+// Prints "N passed, M failed" last and exits non-zero on any failure. Loopback only; every wait is
+// bounded; it stops only the servers it started.
+import { spawn } from "node:child_process";
+import { chromium } from "playwright-core";
+
+const [serverPath, screenshotPath = "page.png"] = process.argv.slice(2);
+if (!serverPath) {
+  console.error("usage: node page.test.mjs PATH/TO/wsbroadcast-server [SCREENSHOT.png]");
+  process.exit(2);
+}
+
+let passed = 0;
+let failed = 0;
+function check(ok, what) {
+  if (ok) passed++;
+  else failed++;
+  console.log(`${ok ? "PASS" : "FAIL"} ${what}`);
+}
+
+// Starts the server and resolves with { child, port } once it prints where it listens.
+function startServer(port) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(serverPath, ["--port", String(port), "--threads", "2"], { stdio: ["ignore", "pipe", "inherit"] });
+    const timer = setTimeout(() => reject(new Error("server did not start within 10 s")), 10000);
+    child.stdout.on("data", (chunk) => {
+      const m = /listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(chunk.toString());
+      if (m) {
+        clearTimeout(timer);
+        resolve({ child, port: Number(m[1]) });
+      }
+    });
+    child.on("exit", (code) => reject(new Error(`server exited early with ${code}`)));
+  });
+}
+
+function stopServer(child) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => child.kill("SIGKILL"), 10000);
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      resolve(code);
+    });
+    child.kill("SIGTERM");
+  });
+}
+
+async function push(port, id, text) {
+  const res = await fetch(`http://127.0.0.1:${port}/api/v1/ws/${id}`, { method: "POST", body: text });
+  return res.json();
+}
+
+let server = await startServer(0);
+const port = server.port;
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage();
+  await page.goto(`http://127.0.0.1:${port}/`);
+  await page.fill("#id", "browser-test");
+  await page.click("#subscribe");
+  await page.waitForSelector('#state[data-state="connected"]', { timeout: 10000 });
+  check(true, "the page connects to /api/v1/ws/browser-test");
+
+  const first = await push(port, "browser-test", "first message");
+  check(first.connections === 1, `a push reaches the page (connections: ${first.connections})`);
+  await page.waitForSelector('#log li:has-text("first message")', { timeout: 10000 });
+  check(true, "the pushed message appears on the page");
+
+  // The page's own form pushes too.
+  await page.fill("#data", "from the form");
+  await page.click("#push button");
+  await page.waitForSelector('#log li:has-text("from the form")', { timeout: 10000 });
+  check(true, "the page's form pushes a message that comes back to it");
+
+  // Server goes away: the page notices and retries; a new server on the same port takes it back.
+  check((await stopServer(server.child)) === 0, "the server exits 0 on SIGTERM");
+  await page.waitForSelector('#state[data-state="reconnecting"]', { timeout: 10000 });
+  check(true, "the page shows that it lost the server and is reconnecting");
+  server = await startServer(port);
+  await page.waitForSelector('#state[data-state="connected"]', { timeout: 20000 });
+  check(true, "the page reconnects by itself to the restarted server");
+  const second = await push(port, "browser-test", "after the restart");
+  check(second.connections === 1, `a push after the restart reaches the page (connections: ${second.connections})`);
+  await page.waitForSelector('#log li:has-text("after the restart")', { timeout: 10000 });
+  check(true, "the message pushed after the restart appears");
+
+  await page.screenshot({ path: screenshotPath, fullPage: true });
+  console.log(`screenshot: ${screenshotPath}`);
+} catch (e) {
+  check(false, `browser test: ${e.message.split("\n")[0]}`);
+} finally {
+  await browser.close();
+  await stopServer(server.child);
+}
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed === 0 ? 0 : 1);
