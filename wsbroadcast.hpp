@@ -75,6 +75,7 @@
 // Boost.Asio by default, standalone Asio on request. The aliases live inside our namespace only,
 // and each flavour gets its own inline namespace so a program linking both cannot mix them up.
 
+// clang-format off
 #if defined(WSBROADCAST_STANDALONE_ASIO)
 #include <asio.hpp>
 #if !defined(ASIO_HAS_CO_AWAIT)
@@ -90,6 +91,7 @@ with Asio 1.22 on clang also add -DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=
 #endif
 #define WSBROADCAST_ABI_NAMESPACE boost_asio
 #endif
+// clang-format on
 
 #include <atomic>
 #include <chrono>
@@ -169,7 +171,7 @@ inline std::uint16_t close_code_for(error e) noexcept {
     case error::shutting_down: return 1001;  // going away
     case error::connection_limit:
     case error::key_connection_limit: return 1013;  // try again later
-    case error::not_admitted: return 1008;  // policy violation
+    case error::not_admitted: return 1008;          // policy violation
     }
     return 1011;
 }
@@ -279,8 +281,8 @@ enum class overflow_policy {
 
 /// An unexpected failure: a write or read error other than a normal close, or an exception.
 struct error_event {
-    std::string_view operation;  ///< "write", "read", "close", "writer"
-    error_code code;             ///< set for I/O errors
+    std::string_view operation;    ///< "write", "read", "close", "writer"
+    error_code code;               ///< set for I/O errors
     std::exception_ptr exception;  ///< set when a coroutine threw
 
     std::string message() const {
@@ -336,7 +338,9 @@ public:
     bool present() const noexcept { return request_ != nullptr; }
     std::string_view target() const noexcept { return target_; }
     /// The value of header `name` (case-insensitive, as the request type defines), or empty.
-    std::string_view header(std::string_view name) const { return request_ ? header_(request_, name) : std::string_view{}; }
+    std::string_view header(std::string_view name) const {
+        return request_ ? header_(request_, name) : std::string_view{};
+    }
 
 private:
     const void* request_ = nullptr;
@@ -377,13 +381,13 @@ struct send_result {
 /// Counters since the manager was made. Read with relaxed loads: each value is exact, the set is
 /// not a single snapshot.
 struct statistics {
-    std::uint64_t connections = 0;       ///< connections ever registered
-    std::uint64_t refused = 0;           ///< connections refused: limits, admission, shutdown
-    std::uint64_t messages = 0;          ///< send() / broadcast() calls that reached at least one outbox
-    std::uint64_t deliveries = 0;        ///< messages queued to outboxes
-    std::uint64_t dropped = 0;           ///< messages dropped by drop_newest / drop_oldest, each counted once
-    std::uint64_t overflow_closes = 0;   ///< connections closed by the close policy
-    std::uint64_t errors = 0;            ///< unexpected errors reported to on_error
+    std::uint64_t connections = 0;      ///< connections ever registered
+    std::uint64_t refused = 0;          ///< connections refused: limits, admission, shutdown
+    std::uint64_t messages = 0;         ///< send() / broadcast() calls that reached at least one outbox
+    std::uint64_t deliveries = 0;       ///< messages queued to outboxes
+    std::uint64_t dropped = 0;          ///< messages dropped by drop_newest / drop_oldest, each counted once
+    std::uint64_t overflow_closes = 0;  ///< connections closed by the close policy
+    std::uint64_t errors = 0;           ///< unexpected errors reported to on_error
 };
 
 // ==== DETAIL =================================================================================
@@ -435,10 +439,10 @@ void abort_socket(Socket& s) {
 struct no_request {};
 
 enum class connection_state {
-    open,       // accepting messages
-    closing,    // write what is queued, then send a close frame
-    aborting,   // outbox overflowed: drop what is queued, close now
-    detached,   // unsubscribed: the writer stops, the socket is left to its owner
+    open,      // accepting messages
+    closing,   // write what is queued, then send a close frame
+    aborting,  // outbox overflowed: drop what is queued, close now
+    detached,  // unsubscribed: the writer stops, the socket is left to its owner
 };
 
 /// One registered socket: its outbox and the state its writer needs. Shared by the registry,
@@ -458,13 +462,13 @@ struct connection : std::enable_shared_from_this<connection<Socket, Key>> {
     // on a timer that never expires and is woken by cancel().
     net::steady_timer wake;
     net::steady_timer watchdog{socket.get_executor()};  // liveness: see ConnectionManager::watch
-    bool heard_from_peer = false;  // a message or a control frame arrived since the last check
+    bool heard_from_peer = false;                       // a message or a control frame arrived since the last check
 
     std::mutex mutex;  // guards everything below
     std::deque<message> outbox;
     std::size_t queued_bytes = 0;
-    bool writer_parked = false;   // the writer waits on `wake`; the next push must cancel it
-    bool front_in_flight = false; // outbox.front() is being written and must not be dropped
+    bool writer_parked = false;    // the writer waits on `wake`; the next push must cancel it
+    bool front_in_flight = false;  // outbox.front() is being written and must not be dropped
     connection_state state = connection_state::open;
     std::uint16_t close_code = 0;
     std::string close_text;  // an owned copy: the caller's reason may not outlive the close
@@ -626,9 +630,8 @@ public:
 
     statistics stats() const noexcept {
         auto get = [](const std::atomic<std::uint64_t>& n) { return n.load(std::memory_order_relaxed); };
-        return {get(connections_), get(refused_),         get(messages_),
-                get(deliveries_),  get(dropped_),         get(overflow_closes_),
-                get(errors_)};
+        return {get(connections_), get(refused_),         get(messages_), get(deliveries_),
+                get(dropped_),     get(overflow_closes_), get(errors_)};
     }
 
     const options_type& config() const noexcept { return options_; }
@@ -679,8 +682,8 @@ public:
     /// The same, with this connection's own outbox limits and overflow policy.
     template <class OnMessage = void (*)(std::string_view)>
         requires readable_message_socket<Socket> && std::invocable<OnMessage&, std::string_view>
-    net::awaitable<error_code> serve(Socket ws, Key key, const outbox_options& outbox,
-                                     OnMessage on_message = [](std::string_view) {}) {
+    net::awaitable<error_code> serve(
+        Socket ws, Key key, const outbox_options& outbox, OnMessage on_message = [](std::string_view) {}) {
         auto c = make_connection(std::move(ws), std::move(key), outbox);
         auto executor = c->socket.get_executor();
         return net::co_spawn(executor, run_endpoint(std::move(c), detail::no_request{}, std::move(on_message)),
@@ -696,8 +699,8 @@ public:
     template <class Request, class OnMessage = void (*)(std::string_view)>
         requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> &&
                  std::invocable<OnMessage&, std::string_view>
-    net::awaitable<error_code> accept_and_serve(Socket ws, Request request, Key key,
-                                                OnMessage on_message = [](std::string_view) {}) {
+    net::awaitable<error_code> accept_and_serve(
+        Socket ws, Request request, Key key, OnMessage on_message = [](std::string_view) {}) {
         return accept_and_serve(std::move(ws), std::move(request), std::move(key), options_.outbox,
                                 std::move(on_message));
     }
@@ -706,8 +709,9 @@ public:
     template <class Request, class OnMessage = void (*)(std::string_view)>
         requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> &&
                  std::invocable<OnMessage&, std::string_view>
-    net::awaitable<error_code> accept_and_serve(Socket ws, Request request, Key key, const outbox_options& outbox,
-                                                OnMessage on_message = [](std::string_view) {}) {
+    net::awaitable<error_code> accept_and_serve(
+        Socket ws, Request request, Key key, const outbox_options& outbox,
+        OnMessage on_message = [](std::string_view) {}) {
         auto c = make_connection(std::move(ws), std::move(key), outbox);
         auto executor = c->socket.get_executor();
         return net::co_spawn(executor, run_endpoint(std::move(c), std::move(request), std::move(on_message)),
@@ -781,9 +785,7 @@ private:
                 pinged = false;
                 continue;
             }
-            if constexpr (requires {
-                              c->socket.async_ping({}, net::redirect_error(net::use_awaitable, ec));
-                          }) {
+            if constexpr (requires { c->socket.async_ping({}, net::redirect_error(net::use_awaitable, ec)); }) {
                 if (!pinged) {
                     pinged = true;
                     co_await c->socket.async_ping({}, net::redirect_error(net::use_awaitable, ec));
@@ -843,7 +845,8 @@ private:
         // with 1009 itself; for any other, the buffer's limit stops the read and we close.
         constexpr bool socket_limits_size = requires { socket.read_message_max(std::size_t{}); };
         std::string storage;
-        auto buffer = net::dynamic_buffer(storage, socket_limits_size ? storage.max_size() : options_.max_message_bytes);
+        auto buffer =
+            net::dynamic_buffer(storage, socket_limits_size ? storage.max_size() : options_.max_message_bytes);
         error_code ec;
         for (;;) {
             co_await socket.async_read(buffer, net::redirect_error(net::use_awaitable, ec));

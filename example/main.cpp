@@ -124,27 +124,47 @@ bool parse_number(std::string_view text, T& out) {
 
 bool parse_policy(std::string_view text, wsbroadcast::overflow_policy& out) {
     using enum wsbroadcast::overflow_policy;
-    if (text == "close") out = close;
-    else if (text == "drop-newest") out = drop_newest;
-    else if (text == "drop-oldest") out = drop_oldest;
-    else return false;
+    if (text == "close")
+        out = close;
+    else if (text == "drop-newest")
+        out = drop_newest;
+    else if (text == "drop-oldest")
+        out = drop_oldest;
+    else
+        return false;
     return true;
 }
 
 bool parse_level(std::string_view text, log_level& out) {
-    if (text == "error") out = log_level::error;
-    else if (text == "warn") out = log_level::warn;
-    else if (text == "info") out = log_level::info;
-    else if (text == "debug") out = log_level::debug;
-    else return false;
+    if (text == "error")
+        out = log_level::error;
+    else if (text == "warn")
+        out = log_level::warn;
+    else if (text == "info")
+        out = log_level::info;
+    else if (text == "debug")
+        out = log_level::debug;
+    else
+        return false;
     return true;
 }
 
 // The options that take a value, and the one flag; the environment may set any of them.
-constexpr std::string_view value_options[] = {
-    "address", "port", "threads", "publish-token", "allowed-origin", "max-message-bytes", "max-connections",
-    "max-connections-per-key", "idle-timeout", "tls-cert", "tls-key", "max-queued-bytes", "max-queued-messages",
-    "overflow", "log-level"};
+constexpr std::string_view value_options[] = {"address",
+                                              "port",
+                                              "threads",
+                                              "publish-token",
+                                              "allowed-origin",
+                                              "max-message-bytes",
+                                              "max-connections",
+                                              "max-connections-per-key",
+                                              "idle-timeout",
+                                              "tls-cert",
+                                              "tls-key",
+                                              "max-queued-bytes",
+                                              "max-queued-messages",
+                                              "overflow",
+                                              "log-level"};
 
 // WSBROADCAST_MAX_CONNECTIONS=100 becomes {"--max-connections", "100"}, placed before the command
 // line so that the command line wins.
@@ -195,23 +215,38 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
         if (i + 1 >= args.size()) return fail(std::string(arg) + " needs a value");
         const std::string_view value = args[++i];
         bool ok = true;
-        if (arg == "--address") o.address = value;
-        else if (arg == "--port") ok = parse_number(value, o.port);
-        else if (arg == "--threads") ok = parse_number(value, o.threads) && o.threads > 0;
-        else if (arg == "--publish-token") ok = !(o.publish_token = value).empty();
-        else if (arg == "--allowed-origin") o.allowed_origins.emplace_back(value);
-        else if (arg == "--max-message-bytes") ok = parse_number(value, o.max_message_bytes) && o.max_message_bytes > 0;
-        else if (arg == "--max-connections") ok = parse_number(value, o.max_connections);
-        else if (arg == "--max-connections-per-key") ok = parse_number(value, o.max_connections_per_key);
-        else if (arg == "--idle-timeout") ok = parse_number(value, o.idle_timeout_seconds) && o.idle_timeout_seconds > 0;
-        else if (arg == "--tls-cert") o.tls_cert = value;
-        else if (arg == "--tls-key") o.tls_key = value;
-        else if (arg == "--max-queued-bytes") ok = parse_number(value, o.outbox.max_bytes) && o.outbox.max_bytes > 0;
+        if (arg == "--address")
+            o.address = value;
+        else if (arg == "--port")
+            ok = parse_number(value, o.port);
+        else if (arg == "--threads")
+            ok = parse_number(value, o.threads) && o.threads > 0;
+        else if (arg == "--publish-token")
+            ok = !(o.publish_token = value).empty();
+        else if (arg == "--allowed-origin")
+            o.allowed_origins.emplace_back(value);
+        else if (arg == "--max-message-bytes")
+            ok = parse_number(value, o.max_message_bytes) && o.max_message_bytes > 0;
+        else if (arg == "--max-connections")
+            ok = parse_number(value, o.max_connections);
+        else if (arg == "--max-connections-per-key")
+            ok = parse_number(value, o.max_connections_per_key);
+        else if (arg == "--idle-timeout")
+            ok = parse_number(value, o.idle_timeout_seconds) && o.idle_timeout_seconds > 0;
+        else if (arg == "--tls-cert")
+            o.tls_cert = value;
+        else if (arg == "--tls-key")
+            o.tls_key = value;
+        else if (arg == "--max-queued-bytes")
+            ok = parse_number(value, o.outbox.max_bytes) && o.outbox.max_bytes > 0;
         else if (arg == "--max-queued-messages")
             ok = parse_number(value, o.outbox.max_messages) && o.outbox.max_messages > 0;
-        else if (arg == "--overflow") ok = parse_policy(value, o.outbox.on_overflow);
-        else if (arg == "--log-level") ok = parse_level(value, current_log_level);
-        else return fail("unknown option " + std::string(arg));
+        else if (arg == "--overflow")
+            ok = parse_policy(value, o.outbox.on_overflow);
+        else if (arg == "--log-level")
+            ok = parse_level(value, current_log_level);
+        else
+            return fail("unknown option " + std::string(arg));
         if (!ok) return fail("invalid value for " + std::string(arg) + ": " + std::string(value));
     }
     if (o.tls_cert.empty() != o.tls_key.empty()) return fail("--tls-cert and --tls-key go together");
@@ -242,8 +277,8 @@ auto log_exception(std::string_view where) {
 
 // Every refusal is logged with its reason and counted by kind (the label in /metrics).
 enum class refusal { unauthorized, forbidden_origin, too_large, connection_limit, bad_request, shutting_down, count };
-constexpr std::string_view refusal_labels[] = {"unauthorized", "forbidden_origin", "too_large",
-                                               "connection_limit", "bad_request", "shutting_down"};
+constexpr std::string_view refusal_labels[] = {"unauthorized",     "forbidden_origin", "too_large",
+                                               "connection_limit", "bad_request",      "shutting_down"};
 std::atomic<std::uint64_t> refusals[static_cast<int>(refusal::count)];
 std::atomic<std::uint64_t> pushes_accepted{0};
 
@@ -315,8 +350,9 @@ std::string metrics_text(const Manager& manager) {
     metric("wsbroadcast_policy_closes_total", "counter", "Connections closed by the overflow policy.",
            {{R"({reason="outbox_full"})", stats.overflow_closes}});
     metric("wsbroadcast_errors_total", "counter", "Unexpected connection errors.", {{"", stats.errors}});
-    out += "# HELP wsbroadcast_refusals_total Requests and connections refused, by reason.\n"
-           "# TYPE wsbroadcast_refusals_total counter\n";
+    out +=
+        "# HELP wsbroadcast_refusals_total Requests and connections refused, by reason.\n"
+        "# TYPE wsbroadcast_refusals_total counter\n";
     for (int i = 0; i < static_cast<int>(refusal::count); ++i)
         out += "wsbroadcast_refusals_total{reason=\"" + std::string(refusal_labels[i]) + "\"} " +
                std::to_string(refusals[i].load()) + "\n";
@@ -334,9 +370,9 @@ response push(State& state, const request& req, const std::string& id, std::stri
     }
     const auto result = state.manager.send(id, data);
     pushes_accepted.fetch_add(1, std::memory_order_relaxed);
-    return make_response(req, http::status::ok,
-                         R"({"sent":true,"data":)" + json_string(data) +
-                             R"(,"connections":)" + std::to_string(result.queued) + "}");
+    return make_response(
+        req, http::status::ok,
+        R"({"sent":true,"data":)" + json_string(data) + R"(,"connections":)" + std::to_string(result.queued) + "}");
 }
 
 template <class State>
@@ -351,8 +387,7 @@ response handle(State& state, const request& req, const route& r) {
                              R"({"status":"ok","connections":)" + std::to_string(state.manager.size()) + "}");
     case route_kind::push_body:
         return push(state, req, r.id, r.data ? std::string_view(*r.data) : std::string_view(req.body()));
-    case route_kind::push_path:
-        return push(state, req, r.id, *r.data);
+    case route_kind::push_path: return push(state, req, r.id, *r.data);
     case route_kind::subscribe: {
         auto res = make_error(req, http::status::upgrade_required, "this route is a WebSocket: send an upgrade");
         res.set(http::field::upgrade, "websocket");
@@ -367,8 +402,7 @@ response handle(State& state, const request& req, const route& r) {
         res.set(http::field::allow, r.allow);
         return res;
     }
-    case route_kind::not_found:
-        break;
+    case route_kind::not_found: break;
     }
     return make_error(req, http::status::not_found, "not found");
 }
@@ -441,10 +475,10 @@ net::awaitable<void> http_session(State& state, Stream stream) {
             const request bad_req{http::verb::get, "/", 11};
             const bool too_large = ec == http::error::body_limit;
             refuse(too_large ? refusal::too_large : refusal::bad_request, "request: " + ec.message());
-            auto res = too_large ? make_error(bad_req, http::status::payload_too_large,
-                                              "body larger than " + std::to_string(state.options.max_message_bytes) +
-                                                  " bytes")
-                                 : make_error(bad_req, http::status::bad_request, "malformed request: " + ec.message());
+            auto res =
+                too_large ? make_error(bad_req, http::status::payload_too_large,
+                                       "body larger than " + std::to_string(state.options.max_message_bytes) + " bytes")
+                          : make_error(bad_req, http::status::bad_request, "malformed request: " + ec.message());
             res.keep_alive(false);
             co_await http::async_write(stream, res, net::redirect_error(net::use_awaitable, ec));
             break;
@@ -479,7 +513,8 @@ net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::accept
     for (;;) {
         beast::error_code ec;
         // Each connection gets its own strand: its reader and writer never run at the same time.
-        auto socket = co_await acceptor.async_accept(net::make_strand(ioc), net::redirect_error(net::use_awaitable, ec));
+        auto socket =
+            co_await acceptor.async_accept(net::make_strand(ioc), net::redirect_error(net::use_awaitable, ec));
         if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
         if (ec) {
             log(log_level::error, "accept: " + ec.message());  // e.g. out of file descriptors: keep serving the others
@@ -487,9 +522,11 @@ net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::accept
         }
         auto executor = socket.get_executor();
         if constexpr (std::is_same_v<typename State::ws_stream::next_layer_type, beast::tcp_stream>) {
-            net::co_spawn(executor, http_session(state, beast::tcp_stream(std::move(socket))), log_exception("session"));
+            net::co_spawn(executor, http_session(state, beast::tcp_stream(std::move(socket))),
+                          log_exception("session"));
         } else {
-            net::co_spawn(executor, http_session(state, beast::ssl_stream<beast::tcp_stream>(std::move(socket), *state.tls)),
+            net::co_spawn(executor,
+                          http_session(state, beast::ssl_stream<beast::tcp_stream>(std::move(socket), *state.tls)),
                           log_exception("session"));
         }
     }
@@ -536,7 +573,7 @@ int run(const server_options& options, ssl::context* tls) {
     signals.async_wait([&](const beast::error_code& ec, int signal) {
         if (ec) return;
         log(log_level::warn, std::string("received ") + (signal == SIGINT ? "SIGINT" : "SIGTERM") + ", closing " +
-            std::to_string(state.manager.size()) + " connection(s) with 1001");
+                                 std::to_string(state.manager.size()) + " connection(s) with 1001");
         net::post(acceptor.get_executor(), [&] {
             beast::error_code ignored;
             acceptor.close(ignored);

@@ -92,8 +92,7 @@ inline std::string json_string(std::string_view s) {
 inline bool secret_matches(std::string_view given, std::string_view expected) {
     if (given.size() != expected.size()) return false;
     unsigned char diff = 0;
-    for (std::size_t i = 0; i < given.size(); ++i)
-        diff |= static_cast<unsigned char>(given[i] ^ expected[i]);
+    for (std::size_t i = 0; i < given.size(); ++i) diff |= static_cast<unsigned char>(given[i] ^ expected[i]);
     return diff == 0;
 }
 
@@ -107,15 +106,15 @@ inline std::string_view bearer_token(std::string_view authorization) {
 }
 
 enum class route_kind {
-    page,            // GET /
-    metrics,         // GET /metrics: Prometheus text format
-    health,          // GET /healthz
-    subscribe,       // GET /api/v1/ws/{id}, must be a WebSocket upgrade
-    push_body,       // POST /api/v1/ws/{id}: ?data= or the body
-    push_path,       // GET /api/v1/ws/{id}/{data}
-    bad_request,     // 400: bad id or malformed escape
-    not_found,       // 404
-    wrong_method,    // 405
+    page,          // GET /
+    metrics,       // GET /metrics: Prometheus text format
+    health,        // GET /healthz
+    subscribe,     // GET /api/v1/ws/{id}, must be a WebSocket upgrade
+    push_body,     // POST /api/v1/ws/{id}: ?data= or the body
+    push_path,     // GET /api/v1/ws/{id}/{data}
+    bad_request,   // 400: bad id or malformed escape
+    not_found,     // 404
+    wrong_method,  // 405
 };
 
 struct route {
@@ -138,8 +137,10 @@ inline route route_request(std::string_view method, std::string_view target) {
     for (auto [fixed, kind] : {std::pair{"/", route_kind::page}, std::pair{"/metrics", route_kind::metrics},
                                std::pair{"/healthz", route_kind::health}}) {
         if (path != fixed) continue;
-        if (method == "GET") r.kind = kind;
-        else r.kind = route_kind::wrong_method, r.allow = "GET";
+        if (method == "GET")
+            r.kind = kind;
+        else
+            r.kind = route_kind::wrong_method, r.allow = "GET";
         return r;
     }
     if (path != ws_prefix && !(path.starts_with(ws_prefix) && path[ws_prefix.size()] == '/')) return r;

@@ -4,7 +4,7 @@ set -euo pipefail
 # --no-install-recommends: libasio-dev recommends Boost 1.74, which conflicts with 1.81.
 server_packages=(g++ cmake ninja-build libboost1.81-dev libssl-dev)
 test_packages=("${server_packages[@]}" ccache libasio-dev doctest-dev openssl meson pkg-config
-               clang-19 libclang-rt-19-dev llvm-19
+               clang-19 libclang-rt-19-dev llvm-19 clang-format-19
                build-essential debhelper dpkg-dev fakeroot  # packaging tests: the .deb
                chromium)                                    # the browser test
 case "${1:-}" in

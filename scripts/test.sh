@@ -16,6 +16,9 @@ cmake_leg() {  # cmake_leg DIR [cmake args...]: configure, build, run every test
   ctest --test-dir "$dir" --output-on-failure -j "$jobs"
 }
 
+leg "formatting: clang-format 19, as pinned in .clang-format"
+scripts/check-format.sh
+
 # Sanitizer legs compile at -O0 with line tables only: Beast translation units build several times
 # faster that way, and reports still name file and line. The quick start is compiled by the g++ leg.
 sanitized=(-DCMAKE_CXX_COMPILER=clang++-19 -DCMAKE_BUILD_TYPE=None -DWSBROADCAST_QUICKSTART=OFF)
@@ -32,6 +35,9 @@ TSAN_OPTIONS=halt_on_error=1 \
 leg "meson + g++ 12: the second build system, both Asio flavours, -Werror"
 if [ ! -d build/meson ]; then CXX="ccache g++" meson setup build/meson --buildtype=debug >/dev/null; fi
 meson test -C build/meson --print-errorlogs
+
+leg "packaging: copy the header, add_subdirectory, FetchContent, find_package, pkg-config, meson, .deb"
+scripts/packaging-tests.sh
 
 leg "g++ 12 with CMake: -Wall -Wextra -Wpedantic -Werror, both Asio flavours, the README quick start, the page in chromium"
 npm ci --prefix tests/browser --no-audit --no-fund --silent

@@ -33,13 +33,13 @@ struct fake_peer {
     bool client_closed = false;
     bool server_closed = false;  // async_close was called
     std::uint16_t close_code = 0;
-    bool aborted = false;        // the lowest layer was closed without a handshake
-    bool stalled = false;        // writes do not complete until unstall()
-    bool refuse_handshake = false;  // async_accept fails
-    std::string accepted_request;   // what async_accept was given
+    bool aborted = false;             // the lowest layer was closed without a handshake
+    bool stalled = false;             // writes do not complete until unstall()
+    bool refuse_handshake = false;    // async_accept fails
+    std::string accepted_request;     // what async_accept was given
     std::function<void()> on_accept;  // runs inside the handshake, before it completes
     std::string close_reason;         // the reason text of the server's close frame
-    int writes_before_failure = -1;  // >= 0: that many writes succeed, then each fails
+    int writes_before_failure = -1;   // >= 0: that many writes succeed, then each fails
     error_code failure = net::error::connection_reset;
 
     net::steady_timer read_signal;  // a pending read waits here

@@ -23,12 +23,19 @@ void on_payment() { manager.send("invoice-42", R"({"paid": true})"); }
 
 int main() {
     auto report = [](std::exception_ptr e) {
-        try { if (e) std::rethrow_exception(e); } catch (std::exception& x) { std::cerr << x.what() << '\n'; }
+        try {
+            if (e) std::rethrow_exception(e);
+        } catch (std::exception& x) {
+            std::cerr << x.what() << '\n';
+        }
     };
     net::io_context ioc;
     net::ip::tcp::acceptor acceptor(ioc, {net::ip::make_address("127.0.0.1"), 8080});
-    net::co_spawn(ioc, [&]() -> net::awaitable<void> {
-        for (;;) net::co_spawn(ioc, session(co_await acceptor.async_accept(net::use_awaitable)), report);
-    }, report);
+    net::co_spawn(
+        ioc,
+        [&]() -> net::awaitable<void> {
+            for (;;) net::co_spawn(ioc, session(co_await acceptor.async_accept(net::use_awaitable)), report);
+        },
+        report);
     ioc.run();
 }

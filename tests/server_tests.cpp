@@ -67,7 +67,8 @@ public:
         posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
         posix_spawn_file_actions_addclose(&actions, out[0]);
         if (!stderr_file.empty())
-            posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, stderr_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, stderr_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                             0644);
         std::vector<char*> envp;
         for (char** e = environ; *e; ++e) envp.push_back(*e);
         for (auto& e : env) envp.push_back(e.data());
@@ -161,7 +162,8 @@ struct ws_client {
     }
 
     // The next message, or nullopt after `timeout` (or on close, with `ec` saying which).
-    std::optional<std::string> read(std::chrono::milliseconds timeout = io_timeout, beast::error_code* ec_out = nullptr) {
+    std::optional<std::string> read(std::chrono::milliseconds timeout = io_timeout,
+                                    beast::error_code* ec_out = nullptr) {
         beast::get_lowest_layer(ws).expires_after(timeout);
         buffer.clear();
         const auto ec = run(ioc, [&](auto done) { ws.async_read(buffer, done); });
@@ -190,13 +192,13 @@ std::unique_ptr<ws_client> subscriber(const std::string& id, unsigned short port
 using header_list = std::vector<std::pair<std::string, std::string>>;
 
 http::response<http::string_body> request(http::verb method, const std::string& target, std::string body = {},
-                                          unsigned short port = shared_server().port(), const header_list& headers = {}) {
+                                          unsigned short port = shared_server().port(),
+                                          const header_list& headers = {}) {
     net::io_context ioc;
     beast::tcp_stream stream(ioc);
     stream.expires_after(io_timeout);
-    REQUIRE_FALSE(run(ioc, [&](auto done) {
-        stream.async_connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), done);
-    }));
+    REQUIRE_FALSE(run(
+        ioc, [&](auto done) { stream.async_connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), done); }));
     http::request<http::string_body> req{method, target, 11};
     req.set(http::field::host, "127.0.0.1");
     for (auto& [name, value] : headers) req.set(name, value);
@@ -215,9 +217,8 @@ std::string raw_exchange(const std::string& bytes, unsigned short port = shared_
     net::io_context ioc;
     beast::tcp_stream stream(ioc);
     stream.expires_after(io_timeout);
-    REQUIRE_FALSE(run(ioc, [&](auto done) {
-        stream.async_connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), done);
-    }));
+    REQUIRE_FALSE(run(
+        ioc, [&](auto done) { stream.async_connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), done); }));
     REQUIRE_FALSE(run(ioc, [&](auto done) { net::async_write(stream, net::buffer(bytes), done); }));
     std::string answer;
     auto buffer = net::dynamic_buffer(answer);
@@ -363,7 +364,7 @@ TEST_CASE("unknown routes get 404, wrong methods 405, a plain GET on the socket 
 TEST_CASE("invalid ids are refused with 400, for pushes and for subscriptions") {
     const std::string too_long(129, 'a');
     for (const std::string& id : {std::string(""), too_long, std::string("bad%20id"), std::string("a.b"),
-                                 std::string("%C3%A9"), std::string("a%2Fb")}) {
+                                  std::string("%C3%A9"), std::string("a%2Fb")}) {
         CAPTURE(id);
         auto res = request(http::verb::post, "/api/v1/ws/" + id, "x");
         CHECK(res.result() == http::status::bad_request);
@@ -450,7 +451,8 @@ TEST_CASE("a client that stops reading is closed by the policy; the others get e
     // Every message reached the fast client, in order.
     REQUIRE(fast_got.size() == messages);
     bool in_order = true;
-    for (int i = 0; i < messages; ++i) in_order = in_order && fast_got[static_cast<std::size_t>(i)] == payload(i).substr(0, 8);
+    for (int i = 0; i < messages; ++i)
+        in_order = in_order && fast_got[static_cast<std::size_t>(i)] == payload(i).substr(0, 8);
     CHECK(in_order);
 
     // The slow one counted at first, then was closed once its outbox overflowed.
@@ -467,8 +469,8 @@ TEST_CASE("a client that stops reading is closed by the policy; the others get e
     if (ec == websocket::error::closed) CHECK(slow.ws.reason().code == websocket::close_code::policy_error);
 
     // It cost the server at most about its outbox limit, not the 16 MiB that was pushed.
-    MESSAGE("server RSS " << rss_before << " KiB -> " << rss_after << " KiB while pushing "
-                          << messages * 4 << " KiB to a client that does not read");
+    MESSAGE("server RSS " << rss_before << " KiB -> " << rss_after << " KiB while pushing " << messages * 4
+                          << " KiB to a client that does not read");
     if (!sanitized) CHECK(rss_after - rss_before < 8 * 1024);
 }
 
@@ -528,14 +530,15 @@ TEST_CASE("with --publish-token, pushes need the token; without it they get 401 
     const auto missing = request(http::verb::post, "/api/v1/ws/guarded", "sneaky", port);
     CHECK(missing.result() == http::status::unauthorized);
     CHECK(missing[http::field::www_authenticate] == "Bearer");
-    CHECK(request(http::verb::post, "/api/v1/ws/guarded", "sneaky", port, {{"Authorization", "Bearer wrong"}}).result() ==
-          http::status::unauthorized);
+    CHECK(
+        request(http::verb::post, "/api/v1/ws/guarded", "sneaky", port, {{"Authorization", "Bearer wrong"}}).result() ==
+        http::status::unauthorized);
     CHECK(request(http::verb::get, "/api/v1/ws/guarded/sneaky", {}, port).result() == http::status::unauthorized);
     CHECK(request(http::verb::post, "/api/v1/ws/guarded", "sneaky", port, {{"X-Api-Key", "s3cret-toke"}}).result() ==
           http::status::unauthorized);
 
-    CHECK(request(http::verb::post, "/api/v1/ws/guarded", "one", port, {{"Authorization", "Bearer s3cret-token"}}).body() ==
-          push_answer("one", 1));
+    CHECK(request(http::verb::post, "/api/v1/ws/guarded", "one", port, {{"Authorization", "Bearer s3cret-token"}})
+              .body() == push_answer("one", 1));
     CHECK(request(http::verb::post, "/api/v1/ws/guarded", "two", port, {{"X-Api-Key", "s3cret-token"}}).body() ==
           push_answer("two", 1));
     CHECK(c->read() == "one");  // nothing refused got through before it
@@ -589,7 +592,8 @@ TEST_CASE("--max-message-bytes bounds push bodies (413, delivered to no one)") {
     auto c = subscriber("small", server.port());
     CHECK(request(http::verb::post, "/api/v1/ws/small", std::string(1001, 'x'), server.port()).result() ==
           http::status::payload_too_large);
-    CHECK(request(http::verb::post, "/api/v1/ws/small", std::string(1000, 'y'), server.port()).result() == http::status::ok);
+    CHECK(request(http::verb::post, "/api/v1/ws/small", std::string(1000, 'y'), server.port()).result() ==
+          http::status::ok);
     CHECK(c->read() == std::string(1000, 'y'));  // the first one never arrived
 }
 
@@ -633,9 +637,10 @@ struct test_certificate {
         dir = tmpl;
         cert = dir + "/cert.pem";
         key = dir + "/key.pem";
-        const std::string cmd = "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 "
-                                "-addext subjectAltName=IP:127.0.0.1 -keyout " + key + " -out " + cert +
-                                " >/dev/null 2>&1";
+        const std::string cmd =
+            "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 "
+            "-addext subjectAltName=IP:127.0.0.1 -keyout " +
+            key + " -out " + cert + " >/dev/null 2>&1";
         REQUIRE(std::system(cmd.c_str()) == 0);
     }
     ~test_certificate() { std::system(("rm -rf " + dir).c_str()); }
@@ -707,12 +712,12 @@ TEST_CASE("/metrics counts connections, deliveries and refusals; /healthz answer
     CHECK(res.result() == http::status::ok);
     CHECK(res[http::field::content_type] == "text/plain; version=0.0.4");
     const auto& m = res.body();
-    for (const char* expected : {"# TYPE wsbroadcast_connections gauge\n", "\nwsbroadcast_connections 2\n",
-                                 "\nwsbroadcast_connections_total 2\n", "\nwsbroadcast_keys 1\n",
-                                 "\nwsbroadcast_pushes_total 1\n", "\nwsbroadcast_deliveries_total 2\n",
-                                 "\nwsbroadcast_refusals_total{reason=\"bad_request\"} 1\n",
-                                 "\nwsbroadcast_refusals_total{reason=\"unauthorized\"} 0\n",
-                                 "\nwsbroadcast_policy_closes_total{reason=\"outbox_full\"} 0\n"}) {
+    for (const char* expected :
+         {"# TYPE wsbroadcast_connections gauge\n", "\nwsbroadcast_connections 2\n",
+          "\nwsbroadcast_connections_total 2\n", "\nwsbroadcast_keys 1\n", "\nwsbroadcast_pushes_total 1\n",
+          "\nwsbroadcast_deliveries_total 2\n", "\nwsbroadcast_refusals_total{reason=\"bad_request\"} 1\n",
+          "\nwsbroadcast_refusals_total{reason=\"unauthorized\"} 0\n",
+          "\nwsbroadcast_policy_closes_total{reason=\"outbox_full\"} 0\n"}) {
         CAPTURE(expected);
         CHECK(m.find(expected) != std::string::npos);
     }
@@ -720,9 +725,8 @@ TEST_CASE("/metrics counts connections, deliveries and refusals; /healthz answer
 }
 
 TEST_CASE("options come from the environment, and the command line wins") {
-    server_process server({"--threads", "2"},
-                          {"WSBROADCAST_PUBLISH_TOKEN=from-env", "WSBROADCAST_MAX_CONNECTIONS_PER_KEY=1",
-                           "WSBROADCAST_THREADS=1"});
+    server_process server({"--threads", "2"}, {"WSBROADCAST_PUBLISH_TOKEN=from-env",
+                                               "WSBROADCAST_MAX_CONNECTIONS_PER_KEY=1", "WSBROADCAST_THREADS=1"});
     const auto port = server.port();
     CHECK(server.listening_line().find("with 2 thread(s)") != std::string::npos);
     auto c = subscriber("env", port);

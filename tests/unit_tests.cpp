@@ -246,17 +246,15 @@ TEST_CASE("sends from several threads at once keep each sender's order and lose 
     std::vector<std::thread> threads;
     for (int t = 0; t < senders; ++t)
         threads.emplace_back([&, t] {
-            for (int i = 0; i < per_sender; ++i)
-                manager.send("shared", std::to_string(t) + ":" + std::to_string(i));
+            for (int i = 0; i < per_sender; ++i) manager.send("shared", std::to_string(t) + ":" + std::to_string(i));
         });
     for (auto& t : threads) t.join();
     // Drain: once the sends are done the writers need only a moment, but bound the wait.
     for (int spin = 0; spin < 500; ++spin) {
         std::promise<bool> done;
         net::post(ioc, [&] {
-            done.set_value(std::all_of(peers.begin(), peers.end(), [](auto& p) {
-                return p->received.size() == senders * per_sender;
-            }));
+            done.set_value(std::all_of(peers.begin(), peers.end(),
+                                       [](auto& p) { return p->received.size() == senders * per_sender; }));
         });
         if (done.get_future().get()) break;
         std::this_thread::sleep_for(10ms);
@@ -343,13 +341,11 @@ TEST_CASE_FIXTURE(fixture, "serve registers, hands client messages over, and unr
     auto p = peer();
     std::vector<std::string> from_client;
     std::optional<error_code> ended;
-    net::co_spawn(
-        ioc,
-        manager.serve(fake_socket(p), "inv-1", [&](std::string_view m) { from_client.emplace_back(m); }),
-        [&](std::exception_ptr e, error_code ec) {
-            CHECK_FALSE(e);
-            ended = ec;
-        });
+    net::co_spawn(ioc, manager.serve(fake_socket(p), "inv-1", [&](std::string_view m) { from_client.emplace_back(m); }),
+                  [&](std::exception_ptr e, error_code ec) {
+                      CHECK_FALSE(e);
+                      ended = ec;
+                  });
     settle();
     CHECK(manager.count("inv-1") == 1);
 
@@ -371,10 +367,10 @@ TEST_CASE_FIXTURE(fixture, "serve unregisters when the message handler throws, a
     manager_type manager;
     auto p = peer();
     std::exception_ptr thrown;
-    net::co_spawn(ioc,
-                  manager.serve(fake_socket(p), "k",
-                                [](std::string_view) { throw std::runtime_error("bad client message"); }),
-                  [&](std::exception_ptr e, error_code) { thrown = e; });
+    net::co_spawn(
+        ioc,
+        manager.serve(fake_socket(p), "k", [](std::string_view) { throw std::runtime_error("bad client message"); }),
+        [&](std::exception_ptr e, error_code) { thrown = e; });
     settle();
     CHECK(manager.size() == 1);
     p->client_send("boom");
@@ -519,8 +515,10 @@ TEST_CASE_FIXTURE(fixture, "a connection can override the manager's overflow pol
     closer->stalled = dropper->stalled = true;
     auto s1 = manager.subscribe(fake_socket(closer), "k");
     auto s2 = manager.subscribe(fake_socket(dropper), "k",
-                                {.max_bytes = 1 << 20, .max_messages = 4,
-                                 .on_overflow = wsbroadcast::overflow_policy::drop_newest, .close_code = 1008});
+                                {.max_bytes = 1 << 20,
+                                 .max_messages = 4,
+                                 .on_overflow = wsbroadcast::overflow_policy::drop_newest,
+                                 .close_code = 1008});
     settle();
     wsbroadcast::send_result total;
     for (auto& m : numbered(10)) {
@@ -620,10 +618,12 @@ TEST_CASE("stress: churn of subscribers while several threads send to overlappin
         std::vector<std::vector<int>> by_sender(senders);
         for (auto& m : got) {
             const auto colon = m.find(':');
-            by_sender[static_cast<std::size_t>(std::stoi(m.substr(0, colon)))].push_back(std::stoi(m.substr(colon + 1)));
+            by_sender[static_cast<std::size_t>(std::stoi(m.substr(0, colon)))].push_back(
+                std::stoi(m.substr(colon + 1)));
         }
         for (int t = 0; t < senders; ++t)
-            CHECK(by_sender[static_cast<std::size_t>(t)] == sent[static_cast<std::size_t>(t)][static_cast<std::size_t>(k)]);
+            CHECK(by_sender[static_cast<std::size_t>(t)] ==
+                  sent[static_cast<std::size_t>(t)][static_cast<std::size_t>(k)]);
     }
     stable_subs.clear();
     guard.reset();
@@ -720,8 +720,8 @@ TEST_CASE_FIXTURE(fixture, "connection limits refuse with 1013 and leave the oth
 
 TEST_CASE_FIXTURE(fixture, "the admission hook can refuse a key with a reason, closed with 1008") {
     wsbroadcast::options opts;
-    opts.admit = [](const std::string& key, const wsbroadcast::upgrade_request& request)
-        -> net::awaitable<wsbroadcast::admission> {
+    opts.admit = [](const std::string& key,
+                    const wsbroadcast::upgrade_request& request) -> net::awaitable<wsbroadcast::admission> {
         CHECK_FALSE(request.present());  // serve() has no upgrade request to show
         if (key.starts_with("secret")) co_return wsbroadcast::admission::reject("unknown wallet");
         co_return wsbroadcast::admission::accept();
@@ -825,8 +825,8 @@ struct test_request {
 TEST_CASE_FIXTURE(fixture, "the admission hook sees the upgrade request given to accept_and_serve") {
     wsbroadcast::options opts;
     std::string seen_target, seen_token;
-    opts.admit = [&](const std::string&, const wsbroadcast::upgrade_request& request)
-        -> net::awaitable<wsbroadcast::admission> {
+    opts.admit = [&](const std::string&,
+                     const wsbroadcast::upgrade_request& request) -> net::awaitable<wsbroadcast::admission> {
         seen_target = request.target();
         seen_token = request.header("X-Token");
         if (request.header("X-Token") != "letmein") co_return wsbroadcast::admission::reject("bad token");
@@ -835,7 +835,8 @@ TEST_CASE_FIXTURE(fixture, "the admission hook sees the upgrade request given to
     manager_type manager(opts);
     endpoint_result good_result, bad_result;
     auto good = peer(), bad = peer();
-    net::co_spawn(ioc, manager.accept_and_serve(fake_socket(good), test_request{"/ws/a", {{"X-Token", "letmein"}}}, "a"),
+    net::co_spawn(ioc,
+                  manager.accept_and_serve(fake_socket(good), test_request{"/ws/a", {{"X-Token", "letmein"}}}, "a"),
                   [&](std::exception_ptr, error_code ec) { good_result.ended = ec; });
     settle();
     CHECK(seen_target == "/ws/a");

@@ -75,7 +75,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                 require(r.queued + r.closed <= manager.size() && r.dropped <= manager.size());
                 break;
             }
-            case 4: manager.broadcast(in.next() % 2 ? wsbroadcast::message::binary("b") : wsbroadcast::message::text("t")); break;
+            case 4:
+                manager.broadcast(in.next() % 2 ? wsbroadcast::message::binary("b") : wsbroadcast::message::text("t"));
+                break;
             case 5:
                 if (auto* p = some_peer()) p->client_send(std::string(in.next() % 40, 'c'));
                 break;

@@ -30,17 +30,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         break;
     case route_kind::page:
     case route_kind::metrics:
-    case route_kind::health:
-        require(method == "GET");
-        break;
-    case route_kind::wrong_method:
-        require(!r.allow.empty());
-        break;
-    case route_kind::bad_request:
-        require(!r.problem.empty());
-        break;
-    case route_kind::not_found:
-        break;
+    case route_kind::health: require(method == "GET"); break;
+    case route_kind::wrong_method: require(!r.allow.empty()); break;
+    case route_kind::bad_request: require(!r.problem.empty()); break;
+    case route_kind::not_found: break;
     }
     if (r.kind == route_kind::push_path) require(r.data.has_value());
 
