@@ -17,8 +17,7 @@ struct null_socket {
     template <class Token>
     auto async_write(wsbroadcast::net::const_buffer buffer, Token&& token) {
         return wsbroadcast::net::async_compose<Token, void(wsbroadcast::error_code, std::size_t)>(
-            [size = buffer.size()](auto& self) { self.complete(wsbroadcast::error_code{}, size); }, token,
-            executor);
+            [size = buffer.size()](auto& self) { self.complete(wsbroadcast::error_code{}, size); }, token, executor);
     }
 };
 
