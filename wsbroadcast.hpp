@@ -819,7 +819,10 @@ private:
 
         error_code ec;
         if constexpr (!std::is_same_v<Request, detail::no_request>) {
-            co_await c->socket.async_accept(request, net::redirect_error(net::use_awaitable, ec));
+            // Moved into a scope of its own: the request (headers and all) is freed after the
+            // handshake instead of living, as a parameter, as long as the connection.
+            Request handshake_request = std::move(request);
+            co_await c->socket.async_accept(handshake_request, net::redirect_error(net::use_awaitable, ec));
             if (ec) co_return ec;  // a failed handshake is the client's problem, not worth a log line
         }
         if (refusal) {

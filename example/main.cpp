@@ -492,6 +492,7 @@ net::awaitable<void> http_session(State& state, Stream stream) {
                 co_await http::async_write(stream, *res, net::redirect_error(net::use_awaitable, ec));
                 break;
             }
+            buffer = {};  // this frame waits as long as the WebSocket lives: keep it small
             co_await subscribe(state, std::move(stream), std::move(req), r.id);
             co_return;
         }
