@@ -28,6 +28,7 @@
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <fstream>
@@ -91,9 +92,12 @@ bool read_hex(const char* in, int digits, std::uint64_t& v) {
     for (int i = 0; i < digits; ++i) {
         const char c = in[i];
         unsigned d;
-        if (c >= '0' && c <= '9') d = static_cast<unsigned>(c - '0');
-        else if (c >= 'a' && c <= 'f') d = static_cast<unsigned>(c - 'a' + 10);
-        else return false;
+        if (c >= '0' && c <= '9')
+            d = static_cast<unsigned>(c - '0');
+        else if (c >= 'a' && c <= 'f')
+            d = static_cast<unsigned>(c - 'a' + 10);
+        else
+            return false;
         v = (v << 4) | d;
     }
     return true;
@@ -191,6 +195,10 @@ Options:
   --client-threads N     io_context threads for the subscribers [1]
   --batch N              concurrent WebSocket handshakes while connecting [200]
   --deadline SECONDS     wait at most this long for deliveries once publishing is done [30]
+  --publish-token TOKEN  send "Authorization: Bearer TOKEN" with every push
+                         [$WSBROADCAST_PUBLISH_TOKEN, which the server also reads]
+  --server-arg ARG       one more argument for the server (repeatable), e.g. --server-arg --overflow
+                         --server-arg drop-oldest
   --max-seconds SECONDS  watchdog for the whole run [600]
   --help                 this text
 
@@ -200,6 +208,8 @@ Exit status: 0 when every subscriber got every message once and in order, 1 othe
 
 struct config {
     std::string server_path;
+    std::vector<std::string> server_args;
+    std::string publish_token;
     unsigned server_threads = 2;
     std::string scenario;
     std::optional<unsigned> subscribers, ids, messages, size;
@@ -219,6 +229,7 @@ struct config {
 
 std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
     config c;
+    if (const char* token = std::getenv("WSBROADCAST_PUBLISH_TOKEN")) c.publish_token = token;
     auto fail = [&](const std::string& why) {
         std::cerr << "wsbroadcast-loadgen: " << why << "\n\n" << usage;
         exit_code = 2;
@@ -251,21 +262,40 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
             return true;
         };
         bool ok = true;
-        if (arg == "--server") c.server_path = v;
-        else if (arg == "--scenario") c.scenario = v;
-        else if (arg == "--server-threads") ok = number(c.server_threads, 1);
-        else if (arg == "--subscribers") ok = optional_number(c.subscribers, 1);
-        else if (arg == "--ids") ok = optional_number(c.ids, 1);
-        else if (arg == "--messages") ok = optional_number(c.messages, 1);
-        else if (arg == "--size") ok = optional_number(c.size, static_cast<unsigned>(min_payload));
-        else if (arg == "--publishers") ok = number(c.publishers, 1);
-        else if (arg == "--rate") ok = number(c.rate, 1);
-        else if (arg == "--sample") ok = number(c.sample, 1);
-        else if (arg == "--client-threads") ok = number(c.client_threads, 1);
-        else if (arg == "--batch") ok = number(c.batch, 1);
-        else if (arg == "--deadline") ok = seconds(c.deadline);
-        else if (arg == "--max-seconds") ok = seconds(c.max_seconds);
-        else return fail("unknown option " + std::string(arg));
+        if (arg == "--server")
+            c.server_path = v;
+        else if (arg == "--scenario")
+            c.scenario = v;
+        else if (arg == "--server-arg")
+            c.server_args.emplace_back(v);
+        else if (arg == "--publish-token")
+            c.publish_token = v;
+        else if (arg == "--server-threads")
+            ok = number(c.server_threads, 1);
+        else if (arg == "--subscribers")
+            ok = optional_number(c.subscribers, 1);
+        else if (arg == "--ids")
+            ok = optional_number(c.ids, 1);
+        else if (arg == "--messages")
+            ok = optional_number(c.messages, 1);
+        else if (arg == "--size")
+            ok = optional_number(c.size, static_cast<unsigned>(min_payload));
+        else if (arg == "--publishers")
+            ok = number(c.publishers, 1);
+        else if (arg == "--rate")
+            ok = number(c.rate, 1);
+        else if (arg == "--sample")
+            ok = number(c.sample, 1);
+        else if (arg == "--client-threads")
+            ok = number(c.client_threads, 1);
+        else if (arg == "--batch")
+            ok = number(c.batch, 1);
+        else if (arg == "--deadline")
+            ok = seconds(c.deadline);
+        else if (arg == "--max-seconds")
+            ok = seconds(c.max_seconds);
+        else
+            return fail("unknown option " + std::string(arg));
         if (!ok) return fail(std::string(arg) + " needs a valid value");
     }
     if (c.server_path.empty()) return fail("--server is required");
@@ -316,8 +346,9 @@ public:
         posix_spawn_file_actions_init(&actions);
         posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
         posix_spawn_file_actions_addclose(&actions, out[0]);
-        std::vector<std::string> args = {c.server_path, "--address", "127.0.0.1", "--port", "0", "--threads",
-                                         std::to_string(c.server_threads)};
+        std::vector<std::string> args = {
+            c.server_path, "--address", "127.0.0.1", "--port", "0", "--threads", std::to_string(c.server_threads)};
+        args.insert(args.end(), c.server_args.begin(), c.server_args.end());
         std::vector<char*> argv;
         for (auto& a : args) argv.push_back(a.data());
         argv.push_back(nullptr);
@@ -426,6 +457,18 @@ std::optional<std::uint64_t> rss_kib(pid_t pid) {
     return std::nullopt;
 }
 
+// Busy time of all CPUs (everything but idle and iowait), in clock ticks: with the server's and our
+// own ticks it tells how much CPU other processes took during the measurement.
+std::optional<std::uint64_t> machine_busy_ticks() {
+    std::ifstream f("/proc/stat");
+    std::string cpu;
+    std::uint64_t v[8] = {};
+    if (!(f >> cpu) || cpu != "cpu") return std::nullopt;
+    for (auto& x : v)
+        if (!(f >> x)) return std::nullopt;
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7];  // user nice system irq softirq steal
+}
+
 std::uint64_t own_cpu_us() {
     rusage u{};
     getrusage(RUSAGE_SELF, &u);
@@ -471,7 +514,9 @@ struct worker {
     std::atomic<std::uint64_t> last_delivery_ns{0};
     std::atomic<unsigned> connected{0}, failed{0}, ended{0};
 
-    static void bump(std::atomic<unsigned>& a) { a.store(a.load(std::memory_order_relaxed) + 1, std::memory_order_release); }
+    static void bump(std::atomic<unsigned>& a) {
+        a.store(a.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+    }
 };
 
 struct subscriber {
@@ -538,8 +583,10 @@ void on_message(subscriber& s, run_state& rs, const char* p, std::size_t n) {
         return;
     }
     word |= mask;
-    if (seq + 1 < s.high[pub]) ++s.out_of_order;
-    else s.high[pub] = static_cast<std::uint32_t>(seq + 1);
+    if (seq + 1 < s.high[pub])
+        ++s.out_of_order;
+    else
+        s.high[pub] = static_cast<std::uint32_t>(seq + 1);
     if (s.slow) return;
     worker& w = *s.w;
     w.latency.add(now > ts ? (now - ts) / 1000 : 0);
@@ -613,7 +660,8 @@ std::optional<std::size_t> header_number(std::string_view head, std::string_view
         if (line.size() <= name.size() || line[name.size()] != ':') continue;
         bool same = true;
         for (std::size_t i = 0; i < name.size() && same; ++i)
-            same = std::tolower(static_cast<unsigned char>(line[i])) == std::tolower(static_cast<unsigned char>(name[i]));
+            same =
+                std::tolower(static_cast<unsigned char>(line[i])) == std::tolower(static_cast<unsigned char>(name[i]));
         if (!same) continue;
         auto value = line.substr(name.size() + 1);
         while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
@@ -652,7 +700,8 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
     std::vector<char> in(16384 + 8 * std::size_t{cfg.n_size});  // the answer echoes the message, JSON-escaped
     std::size_t used = 0;
 
-    for (std::uint64_t k = ps.index; k < pl.messages && rs.go.load() && !rs.stop_publishing.load(); k += pl.publishers) {
+    for (std::uint64_t k = ps.index; k < pl.messages && rs.go.load() && !rs.stop_publishing.load();
+         k += pl.publishers) {
         const std::uint32_t id = pl.target[k];
         std::uint64_t stamp;
         if (cfg.paced) {
@@ -677,6 +726,10 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
         request += rs.targets[id];
         request += " HTTP/1.1\r\nHost: ";
         request += rs.host;
+        if (!cfg.publish_token.empty()) {
+            request += "\r\nAuthorization: Bearer ";
+            request += cfg.publish_token;
+        }
         request += "\r\nContent-Type: text/plain\r\nContent-Length: ";
         request += length;
         request += "\r\n\r\n";
@@ -913,12 +966,18 @@ int run(const config& cfg) {
         pubs[p].sent.assign(pl.ids, 0);
         net::co_spawn(workers[0]->ioc, run_publisher(pubs[p], rs), report_exception);
     }
-    wait_for([&] { return std::all_of(pubs.begin(), pubs.end(), [](auto& p) { return p.connected.load() || p.done.load(); }); }, 15);
+    wait_for(
+        [&] {
+            return std::all_of(pubs.begin(), pubs.end(), [](auto& p) { return p.connected.load() || p.done.load(); });
+        },
+        15);
 
     // The measured phase: from the first push until the last delivery.
     const long ticks_per_second = sysconf(_SC_CLK_TCK);
     const auto cpu_before = cpu_ticks(server.pid());
     const auto own_before = own_cpu_us();
+    const auto own_ticks_before = cpu_ticks(getpid());
+    const auto busy_before = machine_busy_ticks();
     const std::uint64_t publish_start_ns = now_ns();
     rs.t0_ns = publish_start_ns + 5000000;  // rate: message 0 is due 5 ms from now
     rs.go.store(true);
@@ -975,6 +1034,8 @@ int run(const config& cfg) {
     const std::uint64_t phase_end_ns = now_ns();
     const auto cpu_after = cpu_ticks(server.pid());
     const auto own_after = own_cpu_us();
+    const auto own_ticks_after = cpu_ticks(getpid());
+    const auto busy_after = machine_busy_ticks();
     const auto rss_end = rss_kib(server.pid());
 
     // The slow client reads now; the drain ends with the server's close, an error or 3 s of silence.
@@ -1012,7 +1073,8 @@ int run(const config& cfg) {
         }
         for (unsigned p = 0; p < pl.publishers; ++p) {
             std::uint64_t got = 0;
-            for (auto i = s.word_offset[p]; i < s.word_offset[p + 1]; ++i) got += static_cast<unsigned>(std::popcount(s.bits[i]));
+            for (auto i = s.word_offset[p]; i < s.word_offset[p + 1]; ++i)
+                got += static_cast<unsigned>(std::popcount(s.bits[i]));
             deliveries += got;
             const std::uint64_t sent = pubs[p].sent[s.id];
             missing += sent > got ? sent - got : 0;
@@ -1026,6 +1088,18 @@ int run(const config& cfg) {
                        static_cast<double>(deliveries);
     const double own_per_delivery =
         deliveries ? static_cast<double>(own_after - own_before) / static_cast<double>(deliveries) : 0;
+
+    // CPU that neither the server nor the loadgen used during the measured phase, in % of one core:
+    // other processes (a build, say) competing for the same cores make the figures worse.
+    std::optional<double> other_cpu_percent;
+    if (busy_before && busy_after && cpu_before && cpu_after && own_ticks_before && own_ticks_after &&
+        phase_end_ns > publish_start_ns) {
+        const double other = static_cast<double>(*busy_after - *busy_before) -
+                             static_cast<double>(*cpu_after - *cpu_before) -
+                             static_cast<double>(*own_ticks_after - *own_ticks_before);
+        const double phase = static_cast<double>(phase_end_ns - publish_start_ns) / 1e9;
+        other_cpu_percent = std::max(0.0, other) / static_cast<double>(ticks_per_second) / phase * 100;
+    }
 
     std::string json = "{";
     auto field = [&](std::string_view name, const std::string& value) {
@@ -1052,14 +1126,15 @@ int run(const config& cfg) {
     field("out_of_order", num(out_of_order));
     field("rss_kib_before", maybe(rss_before));
     field("rss_kib_after", maybe(rss_after));
-    field("rss_kib_per_connection",
-          rss_before && rss_after && connected
-              ? fixed((static_cast<double>(*rss_after) - static_cast<double>(*rss_before)) / static_cast<double>(connected), 2)
-              : "null");
+    field("rss_kib_per_connection", rss_before && rss_after && connected
+                                        ? fixed((static_cast<double>(*rss_after) - static_cast<double>(*rss_before)) /
+                                                    static_cast<double>(connected),
+                                                2)
+                                        : "null");
     if (cfg.slow) {
         const auto& s = subs.back();
-        field("slow_client", "{\"received\":" + num(s.received) + ",\"closed_with\":" +
-                                 (s.close_code ? num(*s.close_code) : std::string("null")) +
+        field("slow_client", "{\"received\":" + num(s.received) +
+                                 ",\"closed_with\":" + (s.close_code ? num(*s.close_code) : std::string("null")) +
                                  ",\"ended\":" + json_escape(s.connected ? s.end_reason : "never connected") + "}");
     }
     // Beyond the requested fields: context and the other error counts.
@@ -1073,6 +1148,7 @@ int run(const config& cfg) {
     field("server_queued", num(server_queued));
     field("client_cpu_us_per_delivery", fixed(own_per_delivery, 3));
     field("rss_kib_end", maybe(rss_end));
+    field("other_cpu_percent", other_cpu_percent ? fixed(*other_cpu_percent, 1) : "null");
     if (cfg.scenario == "idle") field("open_after_settle", num(open_before_push));
     field("connect_failures", num(connect_failures));
     field("closed_early", num(closed_early));
