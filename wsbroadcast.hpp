@@ -891,11 +891,7 @@ private:
                 begin_close(*c, detail::connection_state::aborting, 1001, "shutdown deadline");
                 c->writer_parked = false;
             }
-            net::post(c->socket.get_executor(), [c] {
-                detail::abort_socket(c->socket);
-                c->wake.cancel();
-                c->watchdog.cancel();
-            });
+            post_stop(*c, teardown::always);
         }
     }
 
@@ -964,7 +960,7 @@ private:
             }
         }
         if (abort)
-            post_abort(c);
+            post_stop(c, teardown::if_writing);
         else if (wake)
             post_wake(c);
     }
@@ -1020,17 +1016,25 @@ private:
         net::post(c.socket.get_executor(), [c = c.shared_from_this()] { c->wake.cancel(); });
     }
 
-    /// Close policy: a write still in flight belongs to a peer that is not reading, so tear the
-    /// socket down; otherwise the writer sends the close frame itself.
-    void post_abort(connection& c) {
-        net::post(c.socket.get_executor(), [c = c.shared_from_this()] {
-            bool in_flight;
-            {
+    enum class teardown {
+        none,        // the writer sees the new state and ends (unsubscribe, write error)
+        if_writing,  // close policy: a write still in flight belongs to a peer that is not reading
+        always,      // end of a shutdown: no more waiting
+    };
+
+    /// The one way to stop a connection from outside: on its executor (its timers and socket may be
+    /// touched only there), tear the socket down as asked, wake the writer so it sees the state that
+    /// was set, and stop the watchdog. Idempotent.
+    void post_stop(connection& c, teardown how) {
+        net::post(c.socket.get_executor(), [c = c.shared_from_this(), how] {
+            bool tear_down = how == teardown::always;
+            if (how == teardown::if_writing) {
                 std::lock_guard lock(c->mutex);
-                in_flight = c->front_in_flight;
+                tear_down = c->front_in_flight;
             }
-            if (in_flight) detail::abort_socket(c->socket);
+            if (tear_down) detail::abort_socket(c->socket);
             c->wake.cancel();
+            c->watchdog.cancel();
         });
     }
 
@@ -1050,22 +1054,15 @@ private:
                 if (peers.empty()) registry_.erase(it);
             }
         }
-        bool wake = false;
         {
             std::lock_guard lock(c->mutex);
             if (why == detail::connection_state::detached || c->state == detail::connection_state::open)
                 begin_close(*c, why, 0, {});
-            wake = std::exchange(c->writer_parked, false);
+            c->writer_parked = false;
         }
-        const bool watched = options_.idle_timeout > std::chrono::steady_clock::duration::zero();
-        if (wake || watched) {
-            try {
-                net::post(c->socket.get_executor(), [c, wake] {
-                    if (wake) c->wake.cancel();
-                    c->watchdog.cancel();
-                });
-            } catch (...) {  // the executor is shutting down: the coroutines die with it
-            }
+        try {
+            post_stop(*c, teardown::none);
+        } catch (...) {  // the executor is shutting down: the coroutines die with it
         }
     }
 
