@@ -134,6 +134,7 @@ enum class error {
     connection_limit,      ///< close 1013: options::max_connections reached
     key_connection_limit,  ///< close 1013: options::max_connections_per_key reached
     not_admitted,          ///< close 1008: options::admit said no
+    relay_unavailable,     ///< publish(): the relay cannot take messages now (its broker is away)
 };
 
 namespace detail {
@@ -152,6 +153,7 @@ public:
         case error::connection_limit: return "too many connections";
         case error::key_connection_limit: return "too many connections for this key";
         case error::not_admitted: return "not admitted";
+        case error::relay_unavailable: return "the message broker is unavailable";
         }
         return "unknown wsbroadcast error";
     }
@@ -170,8 +172,9 @@ inline std::uint16_t close_code_for(error e) noexcept {
     switch (e) {
     case error::shutting_down: return 1001;  // going away
     case error::connection_limit:
-    case error::key_connection_limit: return 1013;  // try again later
-    case error::not_admitted: return 1008;          // policy violation
+    case error::key_connection_limit:
+    case error::relay_unavailable: return 1013;  // try again later
+    case error::not_admitted: return 1008;       // policy violation
     }
     return 1011;
 }
@@ -281,7 +284,7 @@ enum class overflow_policy {
 
 /// An unexpected failure: a write or read error other than a normal close, or an exception.
 struct error_event {
-    std::string_view operation;    ///< "write", "read", "close", "writer"
+    std::string_view operation;    ///< "write", "read", "close", "writer", "relay"
     error_code code;               ///< set for I/O errors
     std::exception_ptr exception;  ///< set when a coroutine threw
 
@@ -297,6 +300,24 @@ struct error_event {
         }
         return code.message();
     }
+};
+
+/// A broker between server instances (Redis pub/sub, NATS, ...), for running several instances
+/// over one keyspace. The manager tells it which keys this instance needs; publish() hands it a
+/// message; it brings back every message published on a needed key, by any instance including
+/// this one, and delivers it here with ConnectionManager::send(), once per instance. This header
+/// has no broker in it: implementations live with the application (example/redis_relay.hpp).
+template <class Key>
+class relay {
+public:
+    virtual ~relay() = default;
+    /// `key` got its first local connection (`needed`) or lost its last. Called in order, under
+    /// the manager's registry lock, on whichever thread registered or removed: queue the work and
+    /// return; never block, never call back into the manager.
+    virtual void interest(const Key& key, bool needed) = 0;
+    /// Takes `m` for every instance that needs `key`, or fails at once (error::relay_unavailable)
+    /// when the broker cannot take it now. Called from any thread.
+    virtual error_code publish(const Key& key, const message& m) = 0;
 };
 
 /// Limits of one connection's outbox and what happens when a send finds it full. A message counts
@@ -366,6 +387,9 @@ struct options {
     /// the upgrade request when accept_and_serve() has one. serve() and accept_and_serve() call it
     /// on the socket's executor; a rejection closes with 1008 and the admission's reason.
     std::function<net::awaitable<admission>(const Key&, const upgrade_request&)> admit;
+    /// Set for scale-out: publish() goes through it and interest in keys is reported to it.
+    /// Null (the default): publish() is send(), and the registry pays nothing.
+    std::shared_ptr<wsbroadcast::relay<Key>> relay;
     /// Unexpected errors. Normal endings (peer closed, eof, cancelled) are never reported.
     /// The default writes one line to std::cerr. Called on the socket's executor.
     std::function<void(const error_event&)> on_error;
@@ -376,6 +400,13 @@ struct send_result {
     std::size_t queued = 0;   ///< the message is in this many outboxes
     std::size_t dropped = 0;  ///< outbox full: the new message (drop_newest) or older ones (drop_oldest) dropped
     std::size_t closed = 0;   ///< outbox full and policy close closed the connection
+};
+
+/// What one publish() did.
+struct publish_result {
+    error_code error;      ///< the relay refused the message: nothing was sent anywhere
+    bool relayed = false;  ///< the relay took it; this instance delivers it when it comes back
+    send_result local;     ///< with no relay: what send() did here
 };
 
 /// Counters since the manager was made. Read with relaxed loads: each value is exact, the set is
@@ -567,6 +598,25 @@ public:
         return send_to(key, [text] { return message::text(text); });
     }
 
+    /// Sends `m` to `key` on every instance: through options::relay when one is set (this instance
+    /// delivers it when the relay brings it back), else here, as send() does.
+    template <class K>
+    publish_result publish(const K& key, const message& m) {
+        auto& relay = options_.relay;
+        if (!relay) return {{}, false, send(key, m)};
+        if constexpr (std::is_convertible_v<const K&, const Key&>) {
+            const Key& k = key;
+            return {relay->publish(k, m), true, {}};
+        } else {
+            return {relay->publish(Key(key), m), true, {}};
+        }
+    }
+
+    template <class K>
+    publish_result publish(const K& key, std::string_view text) {
+        return publish(key, message::text(text));
+    }
+
     /// Queues `m` to every connection under every key.
     send_result broadcast(const message& m) {
         std::shared_lock lock(registry_mutex_);
@@ -747,6 +797,7 @@ private:
                 refusal = error::key_connection_limit;
             else {
                 auto& peers = registry_[c->key];
+                if (peers.empty()) report_interest(c->key, true);
                 c->slot = peers.size();
                 peers.push_back(c);
                 ++total_;
@@ -877,11 +928,13 @@ private:
         std::vector<connection_ptr> left;
         {
             std::unique_lock lock(registry_mutex_);
-            for (auto& [key, peers] : registry_)
+            for (auto& [key, peers] : registry_) {
+                report_interest(key, false);
                 for (auto& c : peers) {
                     c->slot = connection::npos;
                     left.push_back(std::move(c));
                 }
+            }
             registry_.clear();
             total_ = 0;
         }
@@ -1051,7 +1104,10 @@ private:
                 peers.pop_back();
                 c->slot = connection::npos;
                 --total_;
-                if (peers.empty()) registry_.erase(it);
+                if (peers.empty()) {
+                    report_interest(c->key, false);
+                    registry_.erase(it);
+                }
             }
         }
         {
@@ -1129,6 +1185,17 @@ private:
         // A connection closed by close_all() stays registered until its peer's answer ends the read
         // loop; one closed on overflow leaves at once, whether or not anybody reads it.
         if (overflowed) remove(c, connection_state::aborting);
+    }
+
+    /// Tells the relay, if any, that `key` got its first connection or lost its last. Called under
+    /// the registry's unique lock, so the relay sees a key's changes in the order they happened.
+    void report_interest(const Key& key, bool needed) noexcept {
+        if (!options_.relay) return;
+        try {
+            options_.relay->interest(key, needed);
+        } catch (...) {
+            report({"relay", {}, std::current_exception()});
+        }
     }
 
     void report(const error_event& e) noexcept {

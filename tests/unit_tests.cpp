@@ -852,3 +852,126 @@ TEST_CASE_FIXTURE(fixture, "the admission hook sees the upgrade request given to
     manager.close_all();
     settle();
 }
+
+// ---- relay: the seam for scale-out ------------------------------------------------------------
+
+namespace {
+
+struct memory_relay;
+
+// Stands in for Redis: the relays of several managers ("instances") share it.
+struct memory_broker {
+    std::map<std::string, std::vector<memory_relay*>> listeners;
+};
+
+struct memory_relay : wsbroadcast::relay<std::string> {
+    memory_broker& broker;
+    manager_type* manager = nullptr;  // where messages from the broker are delivered
+    std::vector<std::pair<std::string, bool>> interest_log;
+    bool available = true;
+
+    explicit memory_relay(memory_broker& b) : broker(b) {}
+
+    void interest(const std::string& key, bool needed) override {
+        interest_log.emplace_back(key, needed);
+        auto& l = broker.listeners[key];
+        if (needed)
+            l.push_back(this);
+        else
+            l.erase(std::find(l.begin(), l.end(), this));
+    }
+    error_code publish(const std::string& key, const wsbroadcast::message& m) override {
+        if (!available) return wsbroadcast::error::relay_unavailable;
+        for (auto* r : broker.listeners[key]) r->manager->send(key, m);
+        return {};
+    }
+};
+
+wsbroadcast::options<std::string> with_relay(std::shared_ptr<memory_relay> r) {
+    wsbroadcast::options<std::string> o;
+    o.relay = std::move(r);
+    return o;
+}
+
+}  // namespace
+
+TEST_CASE_FIXTURE(fixture, "a relay hears of a key's first connection and of its last, in order") {
+    memory_broker broker;
+    auto relay = std::make_shared<memory_relay>(broker);
+    manager_type manager(with_relay(relay));
+    using log = std::vector<std::pair<std::string, bool>>;
+
+    auto a1 = manager.subscribe(fake_socket(peer()), "a");
+    auto a2 = manager.subscribe(fake_socket(peer()), "a");
+    auto b = manager.subscribe(fake_socket(peer()), "b");
+    CHECK(relay->interest_log == log{{"a", true}, {"b", true}});
+    a1.unsubscribe();
+    CHECK(relay->interest_log.size() == 2);  // "a" still has a connection
+    a2.unsubscribe();
+    auto a3 = manager.subscribe(fake_socket(peer()), "a");
+    CHECK(relay->interest_log == log{{"a", true}, {"b", true}, {"a", false}, {"a", true}});
+
+    bool done = false;
+    net::co_spawn(ioc, manager.shutdown(std::chrono::milliseconds(100)), [&](std::exception_ptr) { done = true; });
+    ioc.restart();
+    ioc.run_for(1s);
+    CHECK(done);
+    REQUIRE(relay->interest_log.size() == 6);  // shutdown lets go of both keys
+    CHECK(std::count(relay->interest_log.begin() + 4, relay->interest_log.end(),
+                     std::pair<std::string, bool>{"a", false}) == 1);
+    CHECK(std::count(relay->interest_log.begin() + 4, relay->interest_log.end(),
+                     std::pair<std::string, bool>{"b", false}) == 1);
+    CHECK(broker.listeners["a"].empty());
+    CHECK(broker.listeners["b"].empty());
+}
+
+TEST_CASE_FIXTURE(fixture, "publish goes through the relay; each instance that needs the key delivers it once") {
+    memory_broker broker;
+    auto relay1 = std::make_shared<memory_relay>(broker), relay2 = std::make_shared<memory_relay>(broker);
+    manager_type instance1(with_relay(relay1)), instance2(with_relay(relay2));
+    relay1->manager = &instance1;
+    relay2->manager = &instance2;
+    auto p1 = peer(), p2 = peer(), other = peer();
+    auto s1 = instance1.subscribe(fake_socket(p1), "k");
+    auto s2 = instance2.subscribe(fake_socket(p2), "k");
+    auto s3 = instance2.subscribe(fake_socket(other), "other");
+
+    const auto r = instance1.publish("k", "paid");
+    CHECK_FALSE(r.error);
+    CHECK(r.relayed);
+    CHECK(r.local.queued == 0);  // nothing is sent here directly: it comes back through the relay
+    settle();
+    CHECK(p1->received == std::vector<std::string>{"paid"});
+    CHECK(p2->received == std::vector<std::string>{"paid"});
+    CHECK(other->received.empty());
+    CHECK(instance1.stats().deliveries == 1);
+    CHECK(instance2.stats().deliveries == 1);
+}
+
+TEST_CASE_FIXTURE(fixture, "a relay that cannot take a message makes publish fail; nothing is sent") {
+    memory_broker broker;
+    auto relay = std::make_shared<memory_relay>(broker);
+    manager_type manager(with_relay(relay));
+    relay->manager = &manager;
+    auto p = peer();
+    auto s = manager.subscribe(fake_socket(p), "k");
+    relay->available = false;
+    const auto r = manager.publish("k", "lost?");
+    CHECK(r.error == wsbroadcast::error::relay_unavailable);
+    CHECK(r.error.message() == "the message broker is unavailable");
+    settle();
+    CHECK(p->received.empty());
+    CHECK(manager.stats().deliveries == 0);
+}
+
+TEST_CASE_FIXTURE(fixture, "without a relay, publish is send") {
+    manager_type manager;
+    auto p = peer();
+    auto s = manager.subscribe(fake_socket(p), "k");
+    const auto r = manager.publish("k", "here");
+    CHECK_FALSE(r.error);
+    CHECK_FALSE(r.relayed);
+    CHECK(r.local.queued == 1);
+    settle();
+    CHECK(p->received == std::vector<std::string>{"here"});
+}
