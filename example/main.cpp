@@ -13,6 +13,7 @@
 #include "wsbroadcast.hpp"
 
 #include "page.hpp"
+#include "redis_relay.hpp"
 #include "routes.hpp"
 
 #include <boost/asio/ssl.hpp>
@@ -62,6 +63,8 @@ struct server_options {
     unsigned idle_timeout_seconds = 60;
     std::string tls_cert, tls_key;
     wsbroadcast::outbox_options outbox;
+    std::optional<redis_address> redis;  // set: pushes go through Redis to every instance
+    std::string redis_prefix = "wsbroadcast:";
 };
 
 // error: failures; warn: start-up and shutdown; info: + every refusal; debug: + every connection.
@@ -93,6 +96,14 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
   --max-queued-messages N        per-connection outbox limit in messages (default 1024)
   --overflow POLICY              when a client's outbox is full: close (with 1008, the default),
                                  drop-newest or drop-oldest
+  --redis URL                    share ids with other instances through Redis pub/sub:
+                                 redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]. A push is published
+                                 and every instance delivers it to its own subscribers; each
+                                 instance subscribes only to ids it has subscribers for. While
+                                 Redis is unreachable pushes answer 503 and the server reconnects.
+                                 Delivery across instances is at most once. (Pub/sub ignores /DB.)
+  --redis-prefix PREFIX          channel name prefix, to share one Redis between deployments
+                                 (default "wsbroadcast:"; the channel for id X is PREFIX + X)
   --log-level LEVEL              error, warn, info (default: + every refusal) or debug (+ every
                                  connection opening and closing)
   --help                         this text
@@ -164,6 +175,8 @@ constexpr std::string_view value_options[] = {"address",
                                               "max-queued-bytes",
                                               "max-queued-messages",
                                               "overflow",
+                                              "redis",
+                                              "redis-prefix",
                                               "log-level"};
 
 // WSBROADCAST_MAX_CONNECTIONS=100 becomes {"--max-connections", "100"}, placed before the command
@@ -243,6 +256,10 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             ok = parse_number(value, o.outbox.max_messages) && o.outbox.max_messages > 0;
         else if (arg == "--overflow")
             ok = parse_policy(value, o.outbox.on_overflow);
+        else if (arg == "--redis")
+            ok = (o.redis = parse_redis_url(value)).has_value();
+        else if (arg == "--redis-prefix")
+            o.redis_prefix = value;
         else if (arg == "--log-level")
             ok = parse_level(value, current_log_level);
         else
@@ -276,9 +293,19 @@ auto log_exception(std::string_view where) {
 }
 
 // Every refusal is logged with its reason and counted by kind (the label in /metrics).
-enum class refusal { unauthorized, forbidden_origin, too_large, connection_limit, bad_request, shutting_down, count };
+enum class refusal {
+    unauthorized,
+    forbidden_origin,
+    too_large,
+    connection_limit,
+    bad_request,
+    shutting_down,
+    relay_unavailable,
+    count
+};
 constexpr std::string_view refusal_labels[] = {"unauthorized",     "forbidden_origin", "too_large",
-                                               "connection_limit", "bad_request",      "shutting_down"};
+                                               "connection_limit", "bad_request",      "shutting_down",
+                                               "relay_unavailable"};
 std::atomic<std::uint64_t> refusals[static_cast<int>(refusal::count)];
 std::atomic<std::uint64_t> pushes_accepted{0};
 
@@ -313,8 +340,10 @@ template <class Stream>
 struct server_state {
     using ws_stream = websocket::stream<Stream>;
     using manager_type = wsbroadcast::ConnectionManager<ws_stream>;
+    using relay_type = redis_relay<manager_type>;
 
     const server_options& options;
+    std::shared_ptr<relay_type> relay;  // with --redis; the manager holds it too
     manager_type manager;
     ssl::context* tls = nullptr;  // set when Stream is an ssl_stream
 };
@@ -326,8 +355,9 @@ bool authorized(const server_options& o, const request& req) {
 }
 
 // The Prometheus text exposition format: HELP, TYPE, then the samples.
-template <class Manager>
-std::string metrics_text(const Manager& manager) {
+template <class State>
+std::string metrics_text(const State& state) {
+    const auto& manager = state.manager;
     const auto stats = manager.stats();
     std::string out;
     auto metric = [&out](std::string_view name, std::string_view type, std::string_view help,
@@ -356,10 +386,25 @@ std::string metrics_text(const Manager& manager) {
     for (int i = 0; i < static_cast<int>(refusal::count); ++i)
         out += "wsbroadcast_refusals_total{reason=\"" + std::string(refusal_labels[i]) + "\"} " +
                std::to_string(refusals[i].load()) + "\n";
+    if (const auto& relay = state.relay) {
+        const auto& r = relay->stats();
+        metric("wsbroadcast_relay_connected", "gauge", "1 while the Redis relay is connected.",
+               {{"", r.connected.load() ? 1 : 0}});
+        metric("wsbroadcast_relay_connects_total", "counter", "Connections to Redis made (the first and reconnects).",
+               {{"", r.connects.load()}});
+        metric("wsbroadcast_relay_failures_total", "counter", "Connections to Redis lost or not made.",
+               {{"", r.failures.load()}});
+        metric("wsbroadcast_relay_channels", "gauge", "Redis channels subscribed now.", {{"", r.channels.load()}});
+        metric("wsbroadcast_relay_messages_in_total", "counter", "Messages received from Redis for local delivery.",
+               {{"", r.messages_in.load()}});
+        metric("wsbroadcast_relay_messages_out_total", "counter", "Pushes published to Redis and acknowledged.",
+               {{"", r.messages_out.load()}});
+    }
     return out;
 }
 
-// LNbits answers {"sent": true, "data": ...}; we add how many connections the message reached.
+// LNbits answers {"sent": true, "data": ...}; we add how many connections the message reached here,
+// or, through Redis, that it was relayed (every instance delivers it to its own subscribers).
 template <class State>
 response push(State& state, const request& req, const std::string& id, std::string_view data) {
     if (!authorized(state.options, req)) {
@@ -368,11 +413,18 @@ response push(State& state, const request& req, const std::string& id, std::stri
         res.set(http::field::www_authenticate, "Bearer");
         return res;
     }
-    const auto result = state.manager.send(id, data);
+    const auto result = state.manager.publish(id, data);
+    if (result.error) {
+        refuse(refusal::relay_unavailable, "push to " + id + ": " + result.error.message());
+        auto res = make_error(req, http::status::service_unavailable,
+                              "not sent: " + result.error.message() + " (Redis at " + state.relay->where() + ")");
+        res.set(http::field::retry_after, "1");
+        return res;
+    }
     pushes_accepted.fetch_add(1, std::memory_order_relaxed);
-    return make_response(
-        req, http::status::ok,
-        R"({"sent":true,"data":)" + json_string(data) + R"(,"connections":)" + std::to_string(result.queued) + "}");
+    const auto reach =
+        result.relayed ? std::string(R"("relayed":true)") : R"("connections":)" + std::to_string(result.local.queued);
+    return make_response(req, http::status::ok, R"({"sent":true,"data":)" + json_string(data) + "," + reach + "}");
 }
 
 template <class State>
@@ -381,10 +433,14 @@ response handle(State& state, const request& req, const route& r) {
     case route_kind::page:
         return make_response(req, http::status::ok, std::string(index_html), "text/html; charset=utf-8");
     case route_kind::metrics:
-        return make_response(req, http::status::ok, metrics_text(state.manager), "text/plain; version=0.0.4");
-    case route_kind::health:
+        return make_response(req, http::status::ok, metrics_text(state), "text/plain; version=0.0.4");
+    case route_kind::health: {
+        std::string relay;
+        if (state.relay)
+            relay = state.relay->stats().connected ? R"(,"redis":"connected")" : R"(,"redis":"reconnecting")";
         return make_response(req, http::status::ok,
-                             R"({"status":"ok","connections":)" + std::to_string(state.manager.size()) + "}");
+                             R"({"status":"ok","connections":)" + std::to_string(state.manager.size()) + relay + "}");
+    }
     case route_kind::push_body:
         return push(state, req, r.id, r.data ? std::string_view(*r.data) : std::string_view(req.body()));
     case route_kind::push_path: return push(state, req, r.id, *r.data);
@@ -553,9 +609,18 @@ int run(const server_options& options, ssl::context* tls) {
     manager_options.on_error = [](const wsbroadcast::error_event& e) {
         log(log_level::warn, "connection " + std::string(e.operation) + ": " + e.message());
     };
+    using state_type = server_state<Stream>;
+    std::shared_ptr<typename state_type::relay_type> relay;
+    if (options.redis) {
+        relay = std::make_shared<typename state_type::relay_type>(
+            *options.redis, options.redis_prefix,
+            [](bool warning, const std::string& what) { log(warning ? log_level::warn : log_level::info, what); });
+        manager_options.relay = relay;
+    }
     // Before the io_context: the manager must outlive every connection.
-    server_state<Stream> state{options, typename server_state<Stream>::manager_type(std::move(manager_options)), tls};
+    state_type state{options, relay, typename state_type::manager_type(std::move(manager_options)), tls};
     net::io_context ioc(static_cast<int>(options.threads));
+    if (relay) relay->attach(ioc.get_executor(), state.manager);
 
     tcp::acceptor acceptor(net::make_strand(ioc));  // a strand: the signal handler closes it
     try {
@@ -590,6 +655,9 @@ int run(const server_options& options, ssl::context* tls) {
     // Signals are handled from here on; tests read the port from this line (with --port 0).
     std::cout << "wsbroadcast-server listening on " << (tls ? "https://" : "http://") << host << ":" << bound.port()
               << " with " << options.threads << " thread(s)" << std::endl;
+    if (relay)
+        log(log_level::warn,
+            "relaying pushes through Redis at " + relay->where() + ", channel prefix \"" + options.redis_prefix + "\"");
 
     net::co_spawn(acceptor.get_executor(), accept_loop(state, ioc, acceptor), log_exception("accept loop"));
 
@@ -597,6 +665,7 @@ int run(const server_options& options, ssl::context* tls) {
     for (unsigned i = 1; i < options.threads; ++i) threads.emplace_back([&] { ioc.run(); });
     ioc.run();
     for (auto& t : threads) t.join();
+    if (relay) relay->detach();  // while the io_context its connections belong to still exists
     log(log_level::warn, "stopped");
     return 0;
 }

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 
 namespace wsbroadcast_server {
@@ -103,6 +104,61 @@ inline std::string_view bearer_token(std::string_view authorization) {
     for (std::size_t i = 0; i < scheme.size(); ++i)  // the scheme is case-insensitive (RFC 7235)
         if ((authorization[i] | 0x20) != (scheme[i] | 0x20)) return {};
     return authorization.substr(scheme.size());
+}
+
+/// Where --redis points: redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]. The database number is accepted
+/// for compatibility and otherwise unused: Redis pub/sub channels belong to the whole server.
+struct redis_address {
+    std::string host;
+    unsigned short port = 6379;
+    std::string user, password;  // AUTH [user] password, when a password is given
+    unsigned db = 0;
+};
+
+inline std::optional<redis_address> parse_redis_url(std::string_view url) {
+    constexpr std::string_view scheme = "redis://";
+    if (!url.starts_with(scheme)) return std::nullopt;
+    url.remove_prefix(scheme.size());
+    redis_address a;
+    auto digits = [](std::string_view text, auto& out, unsigned long max) {
+        if (text.empty() || text.size() > 5) return false;
+        unsigned long n = 0;
+        for (char c : text) {
+            if (c < '0' || c > '9') return false;
+            n = n * 10 + static_cast<unsigned long>(c - '0');
+        }
+        if (n > max) return false;
+        out = static_cast<std::remove_reference_t<decltype(out)>>(n);
+        return true;
+    };
+    if (const auto slash = url.find('/'); slash != url.npos) {
+        if (!digits(url.substr(slash + 1), a.db, 65535)) return std::nullopt;
+        url = url.substr(0, slash);
+    }
+    if (const auto at = url.rfind('@'); at != url.npos) {
+        const auto userinfo = url.substr(0, at);
+        const auto colon = userinfo.find(':');
+        if (colon == userinfo.npos) return std::nullopt;  // a user with no password says nothing
+        a.user = userinfo.substr(0, colon);
+        a.password = userinfo.substr(colon + 1);
+        if (a.password.empty()) return std::nullopt;
+        url = url.substr(at + 1);
+    }
+    if (url.starts_with('[')) {  // [::1]:6379
+        const auto close = url.find(']');
+        if (close == url.npos) return std::nullopt;
+        a.host = url.substr(1, close - 1);
+        url.remove_prefix(close + 1);
+    } else {
+        const auto colon = url.find(':');
+        a.host = url.substr(0, colon);
+        url.remove_prefix(colon == url.npos ? url.size() : colon);
+    }
+    if (a.host.empty()) return std::nullopt;
+    if (!url.empty()) {
+        if (url[0] != ':' || !digits(url.substr(1), a.port, 65535) || a.port == 0) return std::nullopt;
+    }
+    return a;
 }
 
 enum class route_kind {

@@ -80,3 +80,36 @@ TEST_CASE("routing") {
     CHECK(route_request("DELETE", "/api/v1/ws/ok").allow == "GET, POST");
     CHECK(route_request("POST", "/api/v1/ws/ok/data").allow == "GET");
 }
+
+TEST_CASE("--redis URLs") {
+    auto a = parse_redis_url("redis://127.0.0.1:6380/2");
+    REQUIRE(a);
+    CHECK(a->host == "127.0.0.1");
+    CHECK(a->port == 6380);
+    CHECK(a->db == 2);
+    CHECK(a->password.empty());
+
+    a = parse_redis_url("redis://localhost");
+    REQUIRE(a);
+    CHECK(a->host == "localhost");
+    CHECK(a->port == 6379);
+
+    a = parse_redis_url("redis://:s3cret@[::1]:7000");
+    REQUIRE(a);
+    CHECK(a->host == "::1");
+    CHECK(a->port == 7000);
+    CHECK(a->user.empty());
+    CHECK(a->password == "s3cret");
+
+    a = parse_redis_url("redis://app:pw@redis.internal/0");
+    REQUIRE(a);
+    CHECK(a->user == "app");
+    CHECK(a->password == "pw");
+    CHECK(a->host == "redis.internal");
+
+    for (const char* bad : {"", "http://h:1", "redis://", "redis://:6379", "redis://h:0", "redis://h:65536",
+                            "redis://h:12x", "redis://h/x", "redis://user@h", "redis://[::1", "redis://h:"}) {
+        CAPTURE(bad);
+        CHECK_FALSE(parse_redis_url(bad).has_value());
+    }
+}

@@ -12,6 +12,7 @@
 #include <boost/asio/write.hpp>
 #include <boost/asio/ssl.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -22,6 +23,7 @@
 #include <thread>
 
 #include <fcntl.h>
+#include <hiredis/hiredis.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -768,4 +770,253 @@ TEST_CASE("--log-level debug logs each connection and refusal; the default stays
     CHECK(info_log.find("WebSocket quiet") == std::string::npos);
     CHECK(info_log.find("info: refused (bad_request)") != std::string::npos);
     std::remove(path);
+}
+
+// ---- scale-out: instances share ids through a real Redis --------------------------------------
+
+namespace {
+
+// A redis-server of our own on a free loopback port, stopped by its PID. Restartable on that port.
+class redis_process {
+public:
+    redis_process() : port_(free_port()) { start(); }
+    ~redis_process() { stop(); }
+    redis_process(const redis_process&) = delete;
+    redis_process& operator=(const redis_process&) = delete;
+
+    void start() {
+        std::vector<std::string> all = {
+            "redis-server", "--port", std::to_string(port_), "--bind",  "127.0.0.1",   "--save", "",
+            "--appendonly", "no",     "--loglevel",          "warning", "--daemonize", "no"};
+        std::vector<char*> argv;
+        for (auto& a : all) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        posix_spawn_file_actions_t quiet;  // its start-up banner says nothing about our tests
+        posix_spawn_file_actions_init(&quiet);
+        posix_spawn_file_actions_addopen(&quiet, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+        posix_spawn_file_actions_adddup2(&quiet, STDOUT_FILENO, STDERR_FILENO);
+        INFO("redis-server must be installed (scripts/deps.sh test installs it)");
+        REQUIRE(posix_spawnp(&pid_, "redis-server", &quiet, nullptr, argv.data(), environ) == 0);
+        posix_spawn_file_actions_destroy(&quiet);
+        const auto deadline = std::chrono::steady_clock::now() + 10s;
+        while (command_text("PING") != "PONG") {
+            REQUIRE(std::chrono::steady_clock::now() < deadline);
+            std::this_thread::sleep_for(20ms);
+        }
+    }
+    void stop() {
+        if (pid_ <= 0) return;
+        kill(pid_, SIGKILL);  // abrupt, as a crash or a network cut looks to the instances
+        waitpid(pid_, nullptr, 0);
+        pid_ = -1;
+    }
+
+    std::string url() const { return "redis://127.0.0.1:" + std::to_string(port_); }
+
+    // Redis' own view: how many connections are subscribed to `channel`, and which channels exist.
+    long long subscribers(const std::string& channel) const {
+        long long n = -1;
+        with_reply({"PUBSUB", "NUMSUB", channel}, [&](redisReply* r) {
+            if (r->type == REDIS_REPLY_ARRAY && r->elements == 2) n = r->element[1]->integer;
+        });
+        return n;
+    }
+    std::vector<std::string> channels(const std::string& pattern) const {
+        std::vector<std::string> out;
+        with_reply({"PUBSUB", "CHANNELS", pattern}, [&](redisReply* r) {
+            for (std::size_t i = 0; r->type == REDIS_REPLY_ARRAY && i < r->elements; ++i)
+                out.emplace_back(r->element[i]->str, r->element[i]->len);
+        });
+        std::sort(out.begin(), out.end());
+        return out;
+    }
+
+private:
+    static unsigned short free_port() {
+        net::io_context ioc;
+        tcp::acceptor acceptor(ioc, tcp::endpoint(net::ip::make_address("127.0.0.1"), 0));
+        return acceptor.local_endpoint().port();
+    }
+
+    template <class Use>
+    void with_reply(std::vector<std::string> args, Use use) const {
+        const timeval timeout{1, 0};
+        redisContext* c = redisConnectWithTimeout("127.0.0.1", port_, timeout);
+        if (!c || c->err) {
+            if (c) redisFree(c);
+            return;
+        }
+        std::vector<const char*> argv;
+        std::vector<std::size_t> lengths;
+        for (auto& a : args) {
+            argv.push_back(a.data());
+            lengths.push_back(a.size());
+        }
+        if (auto* r = static_cast<redisReply*>(
+                redisCommandArgv(c, static_cast<int>(argv.size()), argv.data(), lengths.data()))) {
+            use(r);
+            freeReplyObject(r);
+        }
+        redisFree(c);
+    }
+    std::string command_text(const std::string& command) const {
+        std::string out;
+        with_reply({command}, [&](redisReply* r) {
+            if (r->type == REDIS_REPLY_STATUS || r->type == REDIS_REPLY_STRING) out.assign(r->str, r->len);
+        });
+        return out;
+    }
+
+    unsigned short port_;
+    pid_t pid_ = -1;
+};
+
+template <class Predicate>
+bool eventually(Predicate done, std::chrono::milliseconds limit = 10s) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (!done()) {
+        if (std::chrono::steady_clock::now() >= deadline) return false;
+        std::this_thread::sleep_for(10ms);
+    }
+    return true;
+}
+
+bool relay_connected(const server_process& s) {
+    return request(http::verb::get, "/healthz", {}, s.port()).body().find(R"("redis":"connected")") !=
+           std::string::npos;
+}
+
+// The value of one unlabelled sample in /metrics, or -1.
+long long metric(const server_process& s, const std::string& name) {
+    const auto body = request(http::verb::get, "/metrics", {}, s.port()).body();
+    const auto at = body.find("\n" + name + " ");
+    return at == std::string::npos ? -1 : std::stoll(body.substr(at + name.size() + 2));
+}
+
+http::response<http::string_body> push_to(const server_process& s, const std::string& id, const std::string& data) {
+    return request(http::verb::post, "/api/v1/ws/" + id, data, s.port());
+}
+
+std::string relayed_answer(const std::string& data) {
+    return R"({"sent":true,"data":")" + data + R"(","relayed":true})";
+}
+
+}  // namespace
+
+TEST_CASE("scale-out: a push on one instance reaches the subscribers of every instance, once each") {
+    redis_process redis;
+    server_process a({"--redis", redis.url()}), b({"--redis", redis.url()});
+    auto on_a = subscriber("shared", a.port()), on_b = subscriber("shared", b.port());
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:shared") == 2; }));
+    REQUIRE(eventually([&] { return relay_connected(b); }));
+
+    const auto res = push_to(b, "shared", "paid");
+    CHECK(res.result() == http::status::ok);
+    CHECK(res.body() == relayed_answer("paid"));
+    CHECK(on_a->read() == "paid");
+    CHECK(on_b->read() == "paid");  // the pushing instance's own subscriber, through Redis too
+    CHECK_FALSE(on_a->read(300ms).has_value());
+    CHECK_FALSE(on_b->read(300ms).has_value());
+    CHECK(metric(a, "wsbroadcast_relay_messages_in_total") == 1);
+    CHECK(metric(b, "wsbroadcast_relay_messages_out_total") == 1);
+}
+
+TEST_CASE("scale-out: an instance subscribes in Redis only to ids it has subscribers for") {
+    redis_process redis;
+    server_process a({"--redis", redis.url()}), b({"--redis", redis.url()}), c({"--redis", redis.url()});
+    for (auto* s : {&a, &b, &c}) REQUIRE(eventually([&] { return relay_connected(*s); }));
+
+    auto only_on_a = subscriber("only-a", a.port());
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:only-a") == 1; }));
+    CHECK(redis.channels("wsbroadcast:*") == std::vector<std::string>{"wsbroadcast:only-a"});
+
+    for (int i = 0; i < 5; ++i)
+        CHECK(push_to(b, "only-a", "n" + std::to_string(i)).body() == relayed_answer("n" + std::to_string(i)));
+    for (int i = 0; i < 5; ++i) CHECK(only_on_a->read() == "n" + std::to_string(i));
+    CHECK(metric(a, "wsbroadcast_relay_messages_in_total") == 5);
+    CHECK(metric(b, "wsbroadcast_relay_messages_in_total") == 0);  // B published but has no subscriber
+    CHECK(metric(c, "wsbroadcast_relay_messages_in_total") == 0);  // no traffic for C at all
+    CHECK(metric(a, "wsbroadcast_relay_channels") == 1);
+    CHECK(metric(c, "wsbroadcast_relay_channels") == 0);
+
+    // A second subscriber on A adds no Redis subscription; the last one leaving removes it.
+    auto again_on_a = subscriber("only-a", a.port());
+    CHECK(redis.subscribers("wsbroadcast:only-a") == 1);
+    only_on_a->close();
+    again_on_a->close();
+    CHECK(eventually([&] { return redis.subscribers("wsbroadcast:only-a") == 0; }));
+    CHECK(redis.channels("wsbroadcast:*").empty());
+}
+
+TEST_CASE("scale-out: one publisher's pushes to an id arrive in order on another instance") {
+    redis_process redis;
+    server_process a({"--redis", redis.url()}), b({"--redis", redis.url()});
+    auto on_a = subscriber("ordered", a.port());
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:ordered") == 1; }));
+    REQUIRE(eventually([&] { return relay_connected(b); }));
+    constexpr int count = 300;
+    for (int i = 0; i < count; ++i) REQUIRE(push_to(b, "ordered", std::to_string(i)).result() == http::status::ok);
+    for (int i = 0; i < count; ++i) REQUIRE(on_a->read() == std::to_string(i));
+    CHECK_FALSE(on_a->read(300ms).has_value());
+}
+
+TEST_CASE("scale-out: while Redis is away pushes get 503; it comes back, delivery resumes, clients stayed") {
+    redis_process redis;
+    server_process a({"--redis", redis.url()}), b({"--redis", redis.url()});
+    auto on_a = subscriber("outage", a.port());
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:outage") == 1; }));
+    REQUIRE(eventually([&] { return relay_connected(b); }));
+    CHECK(push_to(b, "outage", "before").result() == http::status::ok);
+    CHECK(on_a->read() == "before");
+
+    redis.stop();
+    http::response<http::string_body> refused;
+    CHECK(eventually([&] {
+        refused = push_to(b, "outage", "during");
+        return refused.result() == http::status::service_unavailable;
+    }));
+    CHECK(refused.body().find("the message broker is unavailable") != std::string::npos);
+    CHECK(refused[http::field::retry_after] == "1");
+    CHECK(eventually([&] { return !relay_connected(a); }));
+    CHECK(request(http::verb::get, "/healthz", {}, a.port()).body().find(R"("redis":"reconnecting")") !=
+          std::string::npos);
+
+    redis.start();  // the same port, empty: the instances must subscribe again by themselves
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:outage") == 1; }));
+    REQUIRE(eventually([&] { return relay_connected(b); }));
+    CHECK(push_to(b, "outage", "after").body() == relayed_answer("after"));
+    CHECK(on_a->read() == "after");  // the same WebSocket, never reconnected
+    CHECK(metric(a, "wsbroadcast_relay_connects_total") == 2);
+    CHECK(metric(a, "wsbroadcast_relay_failures_total") >= 1);
+    CHECK(metric(b, "wsbroadcast_connections") == 0);
+}
+
+TEST_CASE("scale-out: deployments with different prefixes share one Redis without crossing") {
+    redis_process redis;
+    server_process blue({"--redis", redis.url(), "--redis-prefix", "blue:"}),
+        green({"--redis", redis.url(), "--redis-prefix", "green:"});
+    auto on_blue = subscriber("k", blue.port()), on_green = subscriber("k", green.port());
+    REQUIRE(eventually([&] { return redis.channels("*") == std::vector<std::string>{"blue:k", "green:k"}; }));
+    REQUIRE(eventually([&] { return relay_connected(green); }));
+    CHECK(push_to(green, "k", "green only").result() == http::status::ok);
+    CHECK(on_green->read() == "green only");
+    CHECK_FALSE(on_blue->read(300ms).has_value());
+}
+
+TEST_CASE("scale-out: a server started before its Redis refuses pushes, then connects; bad URLs exit 2") {
+    redis_process redis;
+    const auto url = redis.url();
+    redis.stop();
+    server_process a({"--redis", url});
+    const auto early = push_to(a, "k", "too early");
+    CHECK(early.result() == http::status::service_unavailable);
+    redis.start();
+    CHECK(eventually([&] { return relay_connected(a); }));
+    CHECK(push_to(a, "k", "x").body() == relayed_answer("x"));
+
+    for (const char* bad : {"http://127.0.0.1:6379", "redis://", "redis://127.0.0.1:0"}) {
+        CAPTURE(bad);
+        const std::string cmd = std::string(WSBROADCAST_SERVER_PATH) + " --redis '" + bad + "' >/dev/null 2>&1";
+        CHECK(WEXITSTATUS(std::system(cmd.c_str())) == 2);
+    }
 }

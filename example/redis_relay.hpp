@@ -1,0 +1,359 @@
+// A wsbroadcast::relay over Redis pub/sub, for running several server instances over one keyspace.
+// hiredis (Debian's libhiredis-dev) speaks the protocol; the server's own io_context drives it
+// through the small adapter below, so the relay needs no thread of its own.
+//
+// Two Redis connections: a subscriber (a connection in subscribe mode may not PUBLISH) and a
+// publisher. The subscriber follows the manager's interest: SUBSCRIBE on a key's first local
+// connection, UNSUBSCRIBE on its last, so Redis sends a key's traffic only to the instances that
+// need it. A connection lost is retried with backoff; on success every key still needed is
+// subscribed again. While Redis is away publish() fails at once, and the server answers 503.
+// Delivery across instances is at most once: a message published while an instance's subscriber
+// is down never reaches that instance.
+#pragma once
+
+#include "wsbroadcast.hpp"
+
+#include "routes.hpp"
+
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace wsbroadcast_server {
+
+namespace redis_detail {
+
+namespace net = boost::asio;
+using strand = net::strand<net::any_io_executor>;
+
+/// Drives one hiredis context from Asio: hiredis says which readiness it wants (its ev hooks),
+/// this waits for it on the descriptor and hands it back. Everything runs on the relay's strand.
+class watcher : public std::enable_shared_from_this<watcher> {
+public:
+    watcher(const strand& s, redisAsyncContext* ac) : descriptor_(s, ac->c.fd), strand_(s), ac_(ac) {}
+
+    /// Installs the hooks. The watcher lives until hiredis frees the context (whoever asked) and
+    /// calls cleanup, and until its last wait has completed.
+    static void attach(const strand& s, redisAsyncContext* ac) {
+        auto w = std::make_shared<watcher>(s, ac);
+        w->self_ = w;
+        ac->ev.data = w.get();
+        ac->ev.addRead = [](void* p) { static_cast<watcher*>(p)->want(read_, true); };
+        ac->ev.delRead = [](void* p) { static_cast<watcher*>(p)->want(read_, false); };
+        ac->ev.addWrite = [](void* p) { static_cast<watcher*>(p)->want(write_, true); };
+        ac->ev.delWrite = [](void* p) { static_cast<watcher*>(p)->want(write_, false); };
+        ac->ev.cleanup = [](void* p) { static_cast<watcher*>(p)->detach(); };
+    }
+
+private:
+    struct direction {
+        bool wanted = false;
+        bool waiting = false;
+    };
+    static constexpr int read_ = 0, write_ = 1;
+
+    void want(int which, bool on) {
+        dir_[which].wanted = on;
+        if (on) wait(which);
+    }
+
+    void wait(int which) {
+        auto& d = dir_[which];
+        if (!ac_ || !d.wanted || d.waiting) return;
+        d.waiting = true;
+        const auto type =
+            which == read_ ? net::posix::descriptor_base::wait_read : net::posix::descriptor_base::wait_write;
+        descriptor_.async_wait(type, net::bind_executor(strand_, [self = shared_from_this(), which](auto ec) {
+                                   auto& d = self->dir_[which];
+                                   d.waiting = false;
+                                   if (ec || !self->ac_ || !d.wanted) return;
+                                   if (which == read_)
+                                       redisAsyncHandleRead(self->ac_);
+                                   else
+                                       redisAsyncHandleWrite(self->ac_);
+                                   self->wait(which);  // hiredis may have freed the context: wait() checks
+                               }));
+    }
+
+    // The context is going away and hiredis closes the descriptor itself: stop waiting, let go.
+    void detach() {
+        ac_ = nullptr;
+        boost::system::error_code ignored;
+        descriptor_.cancel(ignored);
+        descriptor_.release();
+        self_.reset();  // may be the last owner: nothing may follow
+    }
+
+    net::posix::stream_descriptor descriptor_;
+    strand strand_;
+    redisAsyncContext* ac_;
+    direction dir_[2];
+    std::shared_ptr<watcher> self_;
+};
+
+}  // namespace redis_detail
+
+/// The relay. Call attach() once the io_context exists and detach() after it stopped running, before
+/// it is destroyed; in between it connects, and reconnects, by itself.
+template <class Manager>
+class redis_relay final : public wsbroadcast::relay<std::string>,
+                          public std::enable_shared_from_this<redis_relay<Manager>> {
+    using strand = redis_detail::strand;
+    using clock = std::chrono::steady_clock;
+
+public:
+    struct counters {
+        std::atomic<bool> connected{false};
+        std::atomic<std::uint64_t> connects{0};      // successful (re)connections
+        std::atomic<std::uint64_t> failures{0};      // connections lost or attempts failed
+        std::atomic<std::uint64_t> messages_in{0};   // messages Redis brought for local delivery
+        std::atomic<std::uint64_t> messages_out{0};  // PUBLISH commands Redis acknowledged
+        std::atomic<std::uint64_t> channels{0};      // keys subscribed now
+    };
+
+    /// `log(warning, text)`: warning for trouble, otherwise information.
+    redis_relay(redis_address address, std::string prefix, std::function<void(bool, const std::string&)> log)
+        : address_(std::move(address)), prefix_(std::move(prefix)), log_(std::move(log)) {}
+
+    void attach(boost::asio::any_io_executor executor, Manager& manager) {
+        manager_ = &manager;
+        strand_.emplace(boost::asio::make_strand(executor));
+        retry_timer_.emplace(*strand_);
+        boost::asio::post(*strand_, [self = this->shared_from_this()] { self->connect(); });
+    }
+
+    /// Frees the Redis connections. Only once the io_context no longer runs.
+    void detach() {
+        stopping_ = true;
+        free_contexts();
+        retry_timer_.reset();
+        strand_.reset();
+    }
+
+    const counters& stats() const noexcept { return counters_; }
+    std::string where() const { return address_.host + ":" + std::to_string(address_.port); }
+
+    // ---- wsbroadcast::relay ------------------------------------------------------------------
+
+    void interest(const std::string& key, bool needed) override {
+        boost::asio::post(*strand_, [self = this->shared_from_this(), key, needed] {
+            if (needed)
+                self->wanted_.insert(key);
+            else
+                self->wanted_.erase(key);
+            self->sync_subscriptions();
+        });
+    }
+
+    wsbroadcast::error_code publish(const std::string& key, const wsbroadcast::message& m) override {
+        if (!counters_.connected.load(std::memory_order_acquire)) return wsbroadcast::error::relay_unavailable;
+        boost::asio::post(*strand_, [self = this->shared_from_this(), channel = prefix_ + key, m] {
+            if (!self->publisher_) return;  // lost meanwhile: at most once
+            redisAsyncCommand(self->publisher_, &redis_relay::on_published, self.get(), "PUBLISH %b %b", channel.data(),
+                              channel.size(), m.data().data(), m.size());
+        });
+        return {};
+    }
+
+private:
+    static constexpr auto connect_timeout = std::chrono::seconds(3);
+    static constexpr auto first_retry = std::chrono::milliseconds(100);
+    static constexpr auto last_retry = std::chrono::seconds(5);
+    static constexpr std::size_t channels_per_command = 1000;
+
+    static redis_relay* of(const redisAsyncContext* ac) { return static_cast<redis_relay*>(ac->data); }
+
+    // ---- connecting ----------------------------------------------------------------------------
+
+    void connect() {
+        if (stopping_) return;
+        ++attempt_;
+        subscriber_ = open();
+        publisher_ = subscriber_ ? open() : nullptr;
+        if (!subscriber_ || !publisher_) return fail(last_error_);
+        retry_timer_->expires_after(connect_timeout);
+        retry_timer_->async_wait([self = this->shared_from_this(), attempt = attempt_](auto ec) {
+            if (!ec && attempt == self->attempt_ && !self->counters_.connected) self->fail("connecting timed out");
+        });
+    }
+
+    redisAsyncContext* open() {
+        redisAsyncContext* ac = redisAsyncConnect(address_.host.c_str(), address_.port);
+        if (!ac || ac->err) {
+            last_error_ = ac ? ac->errstr : "out of memory";
+            if (ac) redisAsyncFree(ac);
+            return nullptr;
+        }
+        ac->data = this;
+        redis_detail::watcher::attach(*strand_, ac);
+        redisAsyncSetDisconnectCallback(ac, &redis_relay::on_disconnected);
+        redisAsyncSetConnectCallback(ac, &redis_relay::on_connected);  // last: it starts waiting to write
+        return ac;
+    }
+
+    static void on_connected(const redisAsyncContext* ac, int status) {
+        auto* self = of(ac);
+        const bool subscriber = ac == self->subscriber_;
+        if (!subscriber && ac != self->publisher_) return;  // an attempt given up already
+        if (status != REDIS_OK) {
+            // hiredis frees this context when we return.
+            (subscriber ? self->subscriber_ : self->publisher_) = nullptr;
+            return self->fail(ac->errstr);
+        }
+        auto* mutable_ac = subscriber ? self->subscriber_ : self->publisher_;
+        if (!self->address_.password.empty()) {
+            if (self->address_.user.empty())
+                redisAsyncCommand(mutable_ac, &redis_relay::on_authenticated, self, "AUTH %s",
+                                  self->address_.password.c_str());
+            else
+                redisAsyncCommand(mutable_ac, &redis_relay::on_authenticated, self, "AUTH %s %s",
+                                  self->address_.user.c_str(), self->address_.password.c_str());
+        }
+        (subscriber ? self->subscriber_up_ : self->publisher_up_) = true;
+        if (subscriber) self->sync_subscriptions();
+        if (self->subscriber_up_ && self->publisher_up_) self->ready();
+    }
+
+    static void on_authenticated(redisAsyncContext* ac, void* reply, void*) {
+        auto* r = static_cast<redisReply*>(reply);
+        if (r && r->type == REDIS_REPLY_ERROR) of(ac)->fail(std::string("AUTH refused: ") + r->str);
+    }
+
+    static void on_disconnected(const redisAsyncContext* ac, int status) {
+        auto* self = of(ac);
+        const bool subscriber = ac == self->subscriber_;
+        if (!subscriber && ac != self->publisher_) return;              // one we let go of on purpose
+        (subscriber ? self->subscriber_ : self->publisher_) = nullptr;  // hiredis frees it when we return
+        if (self->stopping_) return;
+        self->fail(status == REDIS_OK ? std::string("connection closed") : std::string(ac->errstr));
+    }
+
+    void ready() {
+        retry_delay_ = first_retry;
+        counters_.connects.fetch_add(1, std::memory_order_relaxed);
+        counters_.connected.store(true, std::memory_order_release);
+        log_(false, "redis: connected to " + where() + ", " + std::to_string(wanted_.size()) + " key(s) to subscribe");
+    }
+
+    // Once per attempt: mark the relay down, let go of both connections, retry after a backoff.
+    // May run inside a hiredis callback, so the connections are freed later, from the strand.
+    void fail(const std::string& why) {
+        if (failed_attempt_ == attempt_ || stopping_) return;
+        failed_attempt_ = attempt_;
+        const bool was_connected = counters_.connected.exchange(false, std::memory_order_acq_rel);
+        // A warning when the relay goes down (or first fails to come up); the retries after it are information.
+        const bool warning = was_connected || counters_.failures.fetch_add(1, std::memory_order_relaxed) == 0;
+        if (was_connected) counters_.failures.fetch_add(1, std::memory_order_relaxed);
+        subscriber_up_ = publisher_up_ = false;
+        boost::asio::post(*strand_, [self = this->shared_from_this(), attempt = attempt_] {
+            if (attempt == self->attempt_) self->free_contexts();
+        });
+        const auto delay = retry_delay_;
+        retry_delay_ = std::min<clock::duration>(retry_delay_ * 2, last_retry);
+        log_(warning, std::string(was_connected ? "redis: connection to " : "redis: cannot connect to ") + where() +
+                          ": " + why + "; pushes are refused (503) until it is back; retrying in " +
+                          std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(delay).count()) + " ms");
+        retry_timer_->expires_after(delay);
+        retry_timer_->async_wait([self = this->shared_from_this()](auto ec) {
+            if (!ec) self->connect();
+        });
+    }
+
+    void free_contexts() {
+        subscriber_up_ = publisher_up_ = false;
+        subscribed_.clear();
+        counters_.channels.store(0, std::memory_order_relaxed);
+        in_flight_ = 0;
+        // Cleared first: the disconnect callbacks these frees run must not take them for new failures.
+        if (auto* ac = std::exchange(subscriber_, nullptr)) redisAsyncFree(ac);
+        if (auto* ac = std::exchange(publisher_, nullptr)) redisAsyncFree(ac);
+    }
+
+    // ---- subscriptions -------------------------------------------------------------------------
+
+    // Makes Redis' subscriptions follow wanted_, one command at a time. hiredis keeps one callback
+    // per channel and can lose it when a SUBSCRIBE and an UNSUBSCRIBE of one channel cross; with a
+    // single command in flight they never do.
+    void sync_subscriptions() {
+        if (!subscriber_up_ || in_flight_ > 0) return;
+        std::vector<std::string> add, remove;
+        for (auto& key : wanted_)
+            if (!subscribed_.count(key) && add.size() < channels_per_command) add.push_back(key);
+        if (add.empty())
+            for (auto& key : subscribed_)
+                if (!wanted_.count(key) && remove.size() < channels_per_command) remove.push_back(key);
+        auto& keys = add.empty() ? remove : add;
+        if (keys.empty()) return;
+        std::vector<std::string> channels;
+        for (auto& key : keys) channels.push_back(prefix_ + key);
+        std::vector<const char*> argv{add.empty() ? "UNSUBSCRIBE" : "SUBSCRIBE"};
+        std::vector<std::size_t> lengths{std::strlen(argv[0])};
+        for (auto& c : channels) {
+            argv.push_back(c.data());
+            lengths.push_back(c.size());
+        }
+        // Every channel's replies (subscribe, message, unsubscribe) come to on_channel.
+        if (redisAsyncCommandArgv(subscriber_, &redis_relay::on_channel, this, static_cast<int>(argv.size()),
+                                  argv.data(), lengths.data()) != REDIS_OK)
+            return;
+        in_flight_ = keys.size();
+        for (auto& key : keys) add.empty() ? (void)subscribed_.erase(key) : (void)subscribed_.insert(key);
+        counters_.channels.store(subscribed_.size(), std::memory_order_relaxed);
+    }
+
+    static void on_channel(redisAsyncContext* ac, void* reply, void*) {
+        auto* self = of(ac);
+        auto* r = static_cast<redisReply*>(reply);
+        if (!r || ac != self->subscriber_ || r->type != REDIS_REPLY_ARRAY || r->elements < 3) return;
+        const std::string_view kind(r->element[0]->str, r->element[0]->len);
+        if (kind == "message") {
+            std::string_view channel(r->element[1]->str, r->element[1]->len);
+            if (!channel.starts_with(self->prefix_)) return;
+            channel.remove_prefix(self->prefix_.size());
+            self->counters_.messages_in.fetch_add(1, std::memory_order_relaxed);
+            self->manager_->send(channel, std::string_view(r->element[2]->str, r->element[2]->len));
+        } else if ((kind == "subscribe" || kind == "unsubscribe") && self->in_flight_ > 0 && --self->in_flight_ == 0) {
+            self->sync_subscriptions();
+        }
+    }
+
+    static void on_published(redisAsyncContext* ac, void* reply, void*) {
+        auto* r = static_cast<redisReply*>(reply);
+        if (r && r->type == REDIS_REPLY_INTEGER) of(ac)->counters_.messages_out.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    const redis_address address_;
+    const std::string prefix_;
+    const std::function<void(bool, const std::string&)> log_;
+    Manager* manager_ = nullptr;
+    counters counters_;
+
+    // Everything below is touched only on the strand (or by detach(), once nothing runs).
+    std::optional<strand> strand_;
+    std::optional<boost::asio::steady_timer> retry_timer_;
+    redisAsyncContext* subscriber_ = nullptr;
+    redisAsyncContext* publisher_ = nullptr;
+    bool subscriber_up_ = false, publisher_up_ = false, stopping_ = false;
+    unsigned attempt_ = 0, failed_attempt_ = 0;
+    clock::duration retry_delay_ = first_retry;
+    std::string last_error_;
+    std::set<std::string> wanted_;      // keys with local connections, as the manager reported them
+    std::set<std::string> subscribed_;  // keys Redis has (or is about to have) a SUBSCRIBE for
+    std::size_t in_flight_ = 0;         // replies still due for the one (UN)SUBSCRIBE in flight
+};
+
+}  // namespace wsbroadcast_server
