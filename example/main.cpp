@@ -390,8 +390,9 @@ std::string metrics_text(const State& state) {
         const auto& r = relay->stats();
         metric("wsbroadcast_relay_connected", "gauge", "1 while the Redis relay is connected.",
                {{"", r.connected.load() ? 1 : 0}});
-        metric("wsbroadcast_relay_connects_total", "counter", "Connections to Redis made (the first and reconnects).",
-               {{"", r.connects.load()}});
+        const auto connects = r.connects.load();
+        metric("wsbroadcast_relay_reconnects_total", "counter", "Connections to Redis made again after the first.",
+               {{"", connects ? connects - 1 : 0}});
         metric("wsbroadcast_relay_failures_total", "counter", "Connections to Redis lost or not made.",
                {{"", r.failures.load()}});
         metric("wsbroadcast_relay_channels", "gauge", "Redis channels subscribed now.", {{"", r.channels.load()}});
@@ -399,6 +400,9 @@ std::string metrics_text(const State& state) {
                {{"", r.messages_in.load()}});
         metric("wsbroadcast_relay_messages_out_total", "counter", "Pushes published to Redis and acknowledged.",
                {{"", r.messages_out.load()}});
+        metric("wsbroadcast_relay_unacknowledged_bytes", "gauge",
+               "Bytes of pushes Redis has not answered yet (over 8 MiB, pushes get 503).",
+               {{"", r.unacknowledged_bytes.load()}});
     }
     return out;
 }

@@ -118,11 +118,12 @@ class redis_relay final : public wsbroadcast::relay<std::string>,
 public:
     struct counters {
         std::atomic<bool> connected{false};
-        std::atomic<std::uint64_t> connects{0};      // successful (re)connections
-        std::atomic<std::uint64_t> failures{0};      // connections lost or attempts failed
-        std::atomic<std::uint64_t> messages_in{0};   // messages Redis brought for local delivery
-        std::atomic<std::uint64_t> messages_out{0};  // PUBLISH commands Redis acknowledged
-        std::atomic<std::uint64_t> channels{0};      // keys subscribed now
+        std::atomic<std::uint64_t> connects{0};            // successful connections, the first one included
+        std::atomic<std::uint64_t> failures{0};            // connections lost or attempts failed
+        std::atomic<std::uint64_t> messages_in{0};         // messages Redis brought for local delivery
+        std::atomic<std::uint64_t> messages_out{0};        // PUBLISH commands Redis acknowledged
+        std::atomic<std::uint64_t> channels{0};            // keys subscribed now
+        std::atomic<std::size_t> unacknowledged_bytes{0};  // pushes handed to Redis, not answered yet
     };
 
     /// `log(warning, text)`: warning for trouble, otherwise information.
@@ -159,12 +160,23 @@ public:
         });
     }
 
+    /// Refused while Redis is away, and while more than max_unacknowledged_bytes of pushes wait for
+    /// its answer (a Redis that stalls must not make this process grow without bound).
     wsbroadcast::error_code publish(const std::string& key, const wsbroadcast::message& m) override {
         if (!counters_.connected.load(std::memory_order_acquire)) return wsbroadcast::error::relay_unavailable;
-        boost::asio::post(*strand_, [self = this->shared_from_this(), channel = prefix_ + key, m] {
-            if (!self->publisher_) return;  // lost meanwhile: at most once
-            redisAsyncCommand(self->publisher_, &redis_relay::on_published, self.get(), "PUBLISH %b %b", channel.data(),
-                              channel.size(), m.data().data(), m.size());
+        std::string channel = prefix_ + key;
+        const std::size_t cost = channel.size() + m.size();
+        if (counters_.unacknowledged_bytes.fetch_add(cost) + cost > max_unacknowledged_bytes) {
+            counters_.unacknowledged_bytes.fetch_sub(cost);
+            return wsbroadcast::error::relay_unavailable;
+        }
+        boost::asio::post(*strand_, [self = this->shared_from_this(), channel = std::move(channel), m, cost] {
+            // Lost if the connection went meanwhile: at most once. The reply (or its absence, when
+            // the connection goes) comes back to on_published with the cost in privdata.
+            if (!self->publisher_ || redisAsyncCommand(self->publisher_, &redis_relay::on_published,
+                                                       reinterpret_cast<void*>(cost), "PUBLISH %b %b", channel.data(),
+                                                       channel.size(), m.data().data(), m.size()) != REDIS_OK)
+                self->counters_.unacknowledged_bytes.fetch_sub(cost);
         });
         return {};
     }
@@ -174,6 +186,7 @@ private:
     static constexpr auto first_retry = std::chrono::milliseconds(100);
     static constexpr auto last_retry = std::chrono::seconds(5);
     static constexpr std::size_t channels_per_command = 1000;
+    static constexpr std::size_t max_unacknowledged_bytes = 8 * 1024 * 1024;
 
     static redis_relay* of(const redisAsyncContext* ac) { return static_cast<redis_relay*>(ac->data); }
 
@@ -331,9 +344,11 @@ private:
         }
     }
 
-    static void on_published(redisAsyncContext* ac, void* reply, void*) {
+    static void on_published(redisAsyncContext* ac, void* reply, void* cost) {
+        auto& counters = of(ac)->counters_;
+        counters.unacknowledged_bytes.fetch_sub(reinterpret_cast<std::size_t>(cost));
         auto* r = static_cast<redisReply*>(reply);
-        if (r && r->type == REDIS_REPLY_INTEGER) of(ac)->counters_.messages_out.fetch_add(1, std::memory_order_relaxed);
+        if (r && r->type == REDIS_REPLY_INTEGER) counters.messages_out.fetch_add(1, std::memory_order_relaxed);
     }
 
     const redis_address address_;
