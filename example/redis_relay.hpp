@@ -15,6 +15,7 @@
 
 #include "routes.hpp"
 
+#include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
@@ -134,13 +135,15 @@ public:
         manager_ = &manager;
         strand_.emplace(boost::asio::make_strand(executor));
         retry_timer_.emplace(*strand_);
+        resolver_.emplace(*strand_);
         boost::asio::post(*strand_, [self = this->shared_from_this()] { self->connect(); });
     }
 
-    /// Frees the Redis connections. Only once the io_context no longer runs.
+    /// Frees the Redis connections. Only once the io_context no longer runs (its threads joined).
     void detach() {
         stopping_ = true;
         free_contexts();
+        resolver_.reset();
         retry_timer_.reset();
         strand_.reset();
     }
@@ -151,6 +154,7 @@ public:
     // ---- wsbroadcast::relay ------------------------------------------------------------------
 
     void interest(const std::string& key, bool needed) override {
+        if (stopping_) return;  // detached: connections torn down with the io_context end here
         boost::asio::post(*strand_, [self = this->shared_from_this(), key, needed] {
             if (needed)
                 self->wanted_.insert(key);
@@ -195,17 +199,26 @@ private:
     void connect() {
         if (stopping_) return;
         ++attempt_;
-        subscriber_ = open();
-        publisher_ = subscriber_ ? open() : nullptr;
-        if (!subscriber_ || !publisher_) return fail(last_error_);
         retry_timer_->expires_after(connect_timeout);
         retry_timer_->async_wait([self = this->shared_from_this(), attempt = attempt_](auto ec) {
             if (!ec && attempt == self->attempt_ && !self->counters_.connected) self->fail("connecting timed out");
         });
+        // Resolved here, asynchronously: hiredis would resolve a host name on the event loop's thread.
+        resolver_->async_resolve(
+            address_.host, std::to_string(address_.port),
+            [self = this->shared_from_this(), attempt = attempt_](const boost::system::error_code& ec, auto results) {
+                if (self->stopping_ || attempt != self->attempt_) return;
+                if (ec || results.empty())
+                    return self->fail("cannot resolve " + self->address_.host + ": " + ec.message());
+                const auto ip = results.begin()->endpoint().address().to_string();
+                self->subscriber_ = self->open(ip);
+                self->publisher_ = self->subscriber_ ? self->open(ip) : nullptr;
+                if (!self->subscriber_ || !self->publisher_) self->fail(self->last_error_);
+            });
     }
 
-    redisAsyncContext* open() {
-        redisAsyncContext* ac = redisAsyncConnect(address_.host.c_str(), address_.port);
+    redisAsyncContext* open(const std::string& ip) {
+        redisAsyncContext* ac = redisAsyncConnect(ip.c_str(), address_.port);
         if (!ac || ac->err) {
             last_error_ = ac ? ac->errstr : "out of memory";
             if (ac) redisAsyncFree(ac);
@@ -228,22 +241,31 @@ private:
             return self->fail(ac->errstr);
         }
         auto* mutable_ac = subscriber ? self->subscriber_ : self->publisher_;
-        if (!self->address_.password.empty()) {
-            if (self->address_.user.empty())
-                redisAsyncCommand(mutable_ac, &redis_relay::on_authenticated, self, "AUTH %s",
-                                  self->address_.password.c_str());
-            else
-                redisAsyncCommand(mutable_ac, &redis_relay::on_authenticated, self, "AUTH %s %s",
-                                  self->address_.user.c_str(), self->address_.password.c_str());
-        }
-        (subscriber ? self->subscriber_up_ : self->publisher_up_) = true;
-        if (subscriber) self->sync_subscriptions();
-        if (self->subscriber_up_ && self->publisher_up_) self->ready();
+        const auto& a = self->address_;
+        if (a.password.empty())
+            self->up(mutable_ac);
+        else if (a.user.empty())
+            redisAsyncCommand(mutable_ac, &redis_relay::on_authenticated, nullptr, "AUTH %s", a.password.c_str());
+        else
+            redisAsyncCommand(mutable_ac, &redis_relay::on_authenticated, nullptr, "AUTH %s %s", a.user.c_str(),
+                              a.password.c_str());
     }
 
+    // Nothing else is sent before AUTH succeeds: a SUBSCRIBE refused with NOAUTH would confuse hiredis.
     static void on_authenticated(redisAsyncContext* ac, void* reply, void*) {
+        auto* self = of(ac);
         auto* r = static_cast<redisReply*>(reply);
-        if (r && r->type == REDIS_REPLY_ERROR) of(ac)->fail(std::string("AUTH refused: ") + r->str);
+        if (!r || (ac != self->subscriber_ && ac != self->publisher_)) return;  // going away
+        if (r->type == REDIS_REPLY_ERROR) return self->fail(std::string("AUTH refused: ") + r->str);
+        self->up(ac);
+    }
+
+    // One connection is ready for commands; with both, the relay is.
+    void up(redisAsyncContext* ac) {
+        const bool subscriber = ac == subscriber_;
+        (subscriber ? subscriber_up_ : publisher_up_) = true;
+        if (subscriber) sync_subscriptions();
+        if (subscriber_up_ && publisher_up_) ready();
     }
 
     static void on_disconnected(const redisAsyncContext* ac, int status) {
@@ -360,6 +382,7 @@ private:
     // Everything below is touched only on the strand (or by detach(), once nothing runs).
     std::optional<strand> strand_;
     std::optional<boost::asio::steady_timer> retry_timer_;
+    std::optional<boost::asio::ip::tcp::resolver> resolver_;
     redisAsyncContext* subscriber_ = nullptr;
     redisAsyncContext* publisher_ = nullptr;
     bool subscriber_up_ = false, publisher_up_ = false, stopping_ = false;

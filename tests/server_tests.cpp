@@ -779,7 +779,8 @@ namespace {
 // A redis-server of our own on a free loopback port, stopped by its PID. Restartable on that port.
 class redis_process {
 public:
-    redis_process() : port_(free_port()) { start(); }
+    // `password`: started with --requirepass, and our own queries AUTH first.
+    explicit redis_process(std::string password = {}) : port_(free_port()), password_(std::move(password)) { start(); }
     ~redis_process() { stop(); }
     redis_process(const redis_process&) = delete;
     redis_process& operator=(const redis_process&) = delete;
@@ -788,6 +789,7 @@ public:
         std::vector<std::string> all = {
             "redis-server", "--port", std::to_string(port_), "--bind",  "127.0.0.1",   "--save", "",
             "--appendonly", "no",     "--loglevel",          "warning", "--daemonize", "no"};
+        if (!password_.empty()) all.insert(all.end(), {"--requirepass", password_});
         std::vector<char*> argv;
         for (auto& a : all) argv.push_back(a.data());
         argv.push_back(nullptr);
@@ -850,6 +852,7 @@ private:
             if (c) redisFree(c);
             return;
         }
+        if (!password_.empty()) freeReplyObject(redisCommand(c, "AUTH %s", password_.c_str()));
         std::vector<const char*> argv;
         std::vector<std::size_t> lengths;
         for (auto& a : args) {
@@ -872,6 +875,7 @@ private:
     }
 
     unsigned short port_;
+    std::string password_;
     pid_t pid_ = -1;
 };
 
@@ -1036,6 +1040,36 @@ TEST_CASE("scale-out: deployments with different prefixes share one Redis withou
     CHECK(push_to(green, "k", "green only").result() == http::status::ok);
     CHECK(on_green->read() == "green only");
     CHECK_FALSE(on_blue->read(300ms).has_value());
+}
+
+TEST_CASE("scale-out: a Redis with a password: the right one connects, a wrong one is refused and logged") {
+    redis_process redis("s3cret");
+    const std::string address = "127.0.0.1:" + redis.url().substr(redis.url().rfind(':') + 1);
+    server_process good({"--redis", "redis://:s3cret@" + address});
+    auto c = subscriber("locked", good.port());
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:locked") == 1; }));
+    REQUIRE(eventually([&] { return relay_connected(good); }));
+    CHECK(push_to(good, "locked", "in").body() == relayed_answer("in"));
+    CHECK(c->read() == "in");
+
+    char path[] = "/tmp/wsbroadcast-redis-log-XXXXXX";
+    const int fd = mkstemp(path);
+    REQUIRE(fd >= 0);
+    close(fd);
+    {
+        server_process bad({"--redis", "redis://:wrong@" + address}, {}, path);
+        auto waiting = subscriber("locked", bad.port());  // an id to subscribe to, once AUTH would allow it
+        CHECK(eventually([&] {
+            std::ifstream in(path);
+            return std::string(std::istreambuf_iterator<char>(in), {}).find("AUTH refused") != std::string::npos;
+        }));
+        CHECK(push_to(bad, "locked", "x").result() == http::status::service_unavailable);
+        std::this_thread::sleep_for(500ms);  // a few more refused attempts: the instance keeps serving
+        CHECK(request(http::verb::get, "/healthz", {}, bad.port()).body() ==
+              R"({"status":"ok","connections":1,"redis":"reconnecting"})");
+        CHECK(redis.subscribers("wsbroadcast:locked") == 1);  // only the good instance
+    }
+    std::remove(path);
 }
 
 TEST_CASE("scale-out: a server started before its Redis refuses pushes, then connects; bad URLs exit 2") {
