@@ -1,7 +1,10 @@
 // wsbroadcast-loadgen: starts the reference server (wsbroadcast-server), drives it with Beast
 // WebSocket subscribers and keep-alive HTTP publishers over loopback, and prints one JSON line.
 //
-//   wsbroadcast-loadgen --server PATH --scenario fanout|targeted|rate|idle|slow [options]
+//   wsbroadcast-loadgen --server PATH --scenario fanout|targeted|rate|idle|slow|relay [options]
+//
+// The relay scenario also starts a redis-server of its own and two server instances relaying through
+// it (--redis): subscribers alternate between the two, the pushes all go to the first.
 //
 // Every message is exactly --size bytes of ASCII:
 //
@@ -11,8 +14,8 @@
 // nanoseconds (CLOCK_MONOTONIC), all lowercase hex. A subscriber keeps one bit per message it can
 // receive from each publisher, so it tells missing, duplicate and out-of-order messages apart.
 //
-// Every phase has a deadline, and a watchdog ends the process (and the server) if the whole run
-// takes longer than --max-seconds, so the program always terminates.
+// Every phase has a deadline, and a watchdog ends the process (and the processes it started) if the
+// whole run takes longer than --max-seconds, so the program always terminates.
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -22,6 +25,7 @@
 #include <atomic>
 #include <bit>
 #include <cctype>
+#include <cerrno>
 #include <charconv>
 #include <chrono>
 #include <condition_variable>
@@ -32,6 +36,7 @@
 #include <cstring>
 #include <exception>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <iterator>
 #include <memory>
@@ -43,8 +48,12 @@
 #include <thread>
 #include <vector>
 
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -180,6 +189,10 @@ Scenarios (defaults in brackets):
   idle      S subscribers on S ids stay idle; RSS per connection; then one push to each of
             --sample ids spread over all of them [S=10000 sample=100]
   slow      S fast subscribers plus one that never reads, on one id [S=100 M=20000 size=1024]
+  relay     starts a redis-server and two server instances with --redis; S subscribers on one id,
+            alternating between the instances (even index on A, odd on B); publish M messages to A
+            only, as in fanout [S=1000 M=2000]. With an even --ids above 1 each id would live on
+            one instance only
 
 Options:
   --server PATH          the wsbroadcast-server binary (required)
@@ -199,15 +212,17 @@ Options:
                          [$WSBROADCAST_PUBLISH_TOKEN, which the server also reads]
   --server-arg ARG       one more argument for the server (repeatable), e.g. --server-arg --overflow
                          --server-arg drop-oldest
+  --redis-server PATH    the redis-server binary for the relay scenario [redis-server, from PATH]
   --max-seconds SECONDS  watchdog for the whole run [600]
   --help                 this text
 
 Exit status: 0 when every subscriber got every message once and in order, 1 otherwise,
-2 for bad options, 3 if the server did not start or the watchdog fired.
+2 for bad options, 3 if a server (or redis-server) did not start or the watchdog fired.
 )";
 
 struct config {
     std::string server_path;
+    std::string redis_server_path = "redis-server";
     std::vector<std::string> server_args;
     std::string publish_token;
     unsigned server_threads = 2;
@@ -225,6 +240,7 @@ struct config {
     unsigned n_subscribers = 0, n_ids = 0, n_messages = 0, n_size = 0;
     bool slow = false;
     bool paced = false;
+    bool relay = false;  // two instances and a redis-server
 };
 
 std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
@@ -270,6 +286,8 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
             c.server_args.emplace_back(v);
         else if (arg == "--publish-token")
             c.publish_token = v;
+        else if (arg == "--redis-server")
+            c.redis_server_path = v;
         else if (arg == "--server-threads")
             ok = number(c.server_threads, 1);
         else if (arg == "--subscribers")
@@ -316,8 +334,11 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
         subs = c.subscribers.value_or(100), ids = 1, messages = c.messages.value_or(20000), size = 1024;
         if (c.ids && *c.ids != 1) return fail("the slow scenario uses one id");
         c.slow = true;
+    } else if (c.scenario == "relay") {
+        subs = c.subscribers.value_or(1000), ids = c.ids.value_or(1), messages = c.messages.value_or(2000);
+        c.relay = true;
     } else {
-        return fail("--scenario must be fanout, targeted, rate, idle or slow");
+        return fail("--scenario must be fanout, targeted, rate, idle, slow or relay");
     }
     c.n_subscribers = subs;
     c.n_ids = std::min(ids, subs);
@@ -326,17 +347,66 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
     return c;
 }
 
-// ---- the server process --------------------------------------------------------------------------
+// ---- child processes -----------------------------------------------------------------------------
+
+// The processes this run started (server instance A, instance B, redis-server), for the signal
+// handler, the watchdog and std::terminate: the loadgen never leaves one behind. A slot is set right
+// after the process is spawned and cleared once it has been reaped.
+constexpr std::size_t child_slots = 3;
+std::atomic<pid_t> g_child_pids[child_slots] = {-1, -1, -1};
+constexpr std::size_t redis_slot = 2;
+
+// The servers' default --redis-prefix: the channel of id X is this + X.
+constexpr std::string_view redis_prefix = "wsbroadcast:";
+
+// SIGKILLs every process still in g_child_pids and waits for them.
+void kill_children() {
+    pid_t pids[child_slots];
+    for (std::size_t i = 0; i < child_slots; ++i) {
+        pids[i] = g_child_pids[i].exchange(-1);
+        if (pids[i] > 0) kill(pids[i], SIGKILL);
+    }
+    for (const pid_t pid : pids)
+        if (pid > 0) waitpid(pid, nullptr, 0);
+}
+
+// SIGTERM, then waits up to `limit`; SIGKILL after that. Returns the exit status, or -1 when it had
+// to be killed (or was not running), or 128 + signal. Sets pid to -1.
+int stop_child(pid_t& pid, std::chrono::milliseconds limit) {
+    if (pid <= 0) return -1;
+    kill(pid, SIGTERM);
+    const auto deadline = steady::now() + limit;
+    while (steady::now() < deadline) {
+        int status = 0;
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+            pid = -1;
+            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        }
+        std::this_thread::sleep_for(10ms);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    pid = -1;
+    return -1;
+}
+
+void kill_child(pid_t& pid) {
+    if (pid <= 0) return;
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    pid = -1;
+}
 
 class server_process {
 public:
-    server_process() = default;
+    explicit server_process(std::atomic<pid_t>* slot = nullptr) : slot_(slot) {}
     server_process(const server_process&) = delete;
     server_process& operator=(const server_process&) = delete;
     ~server_process() { kill_now(); }
 
-    // Starts the server and reads "wsbroadcast-server listening on http://127.0.0.1:PORT with ..."
-    bool start(const config& c, std::string& error) {
+    // Starts the server (with `extra` after the --server-arg arguments) and reads
+    // "wsbroadcast-server listening on http://127.0.0.1:PORT with ..."
+    bool start(const config& c, const std::vector<std::string>& extra, std::string& error) {
         int out[2];
         if (pipe(out) != 0) {
             error = "pipe failed";
@@ -349,6 +419,7 @@ public:
         std::vector<std::string> args = {
             c.server_path, "--address", "127.0.0.1", "--port", "0", "--threads", std::to_string(c.server_threads)};
         args.insert(args.end(), c.server_args.begin(), c.server_args.end());
+        args.insert(args.end(), extra.begin(), extra.end());
         std::vector<char*> argv;
         for (auto& a : args) argv.push_back(a.data());
         argv.push_back(nullptr);
@@ -361,6 +432,7 @@ public:
             error = "cannot start " + c.server_path + ": " + std::strerror(rc);
             return false;
         }
+        if (slot_) slot_->store(pid_);
         out_fd_ = out[0];  // kept open until the end, so a late write to stdout cannot kill the server
 
         std::string line;
@@ -393,28 +465,15 @@ public:
     // SIGTERM, then waits up to `limit`; SIGKILL after that. Returns the exit status, or -1 when it
     // had to be killed, or 128 + signal.
     int stop(std::chrono::milliseconds limit) {
-        if (pid_ <= 0) return -1;
-        kill(pid_, SIGTERM);
-        const auto deadline = steady::now() + limit;
-        while (steady::now() < deadline) {
-            int status = 0;
-            if (waitpid(pid_, &status, WNOHANG) == pid_) {
-                pid_ = -1;
-                close_pipe();
-                return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-            }
-            std::this_thread::sleep_for(10ms);
-        }
-        kill_now();
-        return -1;
+        const int status = stop_child(pid_, limit);
+        if (slot_) slot_->store(-1);
+        close_pipe();
+        return status;
     }
 
     void kill_now() {
-        if (pid_ > 0) {
-            kill(pid_, SIGKILL);
-            waitpid(pid_, nullptr, 0);
-            pid_ = -1;
-        }
+        kill_child(pid_);
+        if (slot_) slot_->store(-1);
         close_pipe();
     }
 
@@ -423,8 +482,203 @@ private:
         if (out_fd_ >= 0) close(out_fd_);
         out_fd_ = -1;
     }
+    std::atomic<pid_t>* slot_ = nullptr;
     pid_t pid_ = -1;
     int out_fd_ = -1;
+    unsigned short port_ = 0;
+};
+
+// ---- short loopback exchanges: Redis commands, /healthz ------------------------------------------
+
+struct fd_guard {
+    int fd;
+    explicit fd_guard(int f) : fd(f) {}
+    fd_guard(const fd_guard&) = delete;
+    fd_guard& operator=(const fd_guard&) = delete;
+    ~fd_guard() {
+        if (fd >= 0) close(fd);
+    }
+};
+
+// Connects to 127.0.0.1:port, sends `request`, then reads until `complete(answer)` holds, the peer
+// closes, or `limit` has passed. Returns what was read; nullopt when connecting or sending failed.
+std::optional<std::string> exchange(unsigned short port, std::string_view request,
+                                    const std::function<bool(std::string_view)>& complete,
+                                    std::chrono::milliseconds limit) {
+    const auto deadline = steady::now() + limit;
+    auto wait = [&](int fd, short events) {
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady::now()).count();
+        if (left <= 0) return false;
+        pollfd p{fd, events, 0};
+        return poll(&p, 1, static_cast<int>(left)) > 0;
+    };
+    fd_guard s{socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)};
+    if (s.fd < 0) return std::nullopt;
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(s.fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
+        if (errno != EINPROGRESS || !wait(s.fd, POLLOUT)) return std::nullopt;
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(s.fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) return std::nullopt;
+    }
+    std::size_t sent = 0;
+    for (int i = 0; i < 10000 && sent < request.size(); ++i) {
+        const auto n = send(s.fd, request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
+        if (n > 0)
+            sent += static_cast<std::size_t>(n);
+        else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) && wait(s.fd, POLLOUT))
+            continue;
+        else
+            return std::nullopt;
+    }
+    if (sent < request.size()) return std::nullopt;
+    std::string answer;
+    for (int i = 0; i < 10000 && !complete(answer) && answer.size() < (1u << 20); ++i) {
+        char buf[4096];
+        const auto n = recv(s.fd, buf, sizeof buf, 0);
+        if (n > 0)
+            answer.append(buf, static_cast<std::size_t>(n));
+        else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) && wait(s.fd, POLLIN))
+            continue;
+        else
+            break;  // closed, an error, or out of time
+    }
+    return answer;
+}
+
+// A port on 127.0.0.1 that nobody listens on right now (0 if none could be found).
+unsigned short free_loopback_port() {
+    fd_guard s{socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)};
+    if (s.fd < 0) return 0;
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = 0;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    if (bind(s.fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0 ||
+        getsockname(s.fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0)
+        return 0;
+    return ntohs(addr.sin_port);
+}
+
+// A Redis command in RESP: an array of bulk strings.
+std::string resp_command(const std::vector<std::string>& args) {
+    std::string out = "*" + std::to_string(args.size()) + "\r\n";
+    for (const auto& a : args) out += "$" + std::to_string(a.size()) + "\r\n" + a + "\r\n";
+    return out;
+}
+
+// The elements of a RESP array of bulk strings and integers (PUBSUB NUMSUB answers one), as text,
+// once `in` holds all of it; nullopt while it is incomplete or when it is another kind of reply.
+std::optional<std::vector<std::string>> resp_array(std::string_view in) {
+    std::size_t pos = 0;
+    auto line = [&](std::string_view& out) {
+        const auto end = in.find("\r\n", pos);
+        if (end == std::string_view::npos) return false;
+        out = in.substr(pos, end - pos);
+        pos = end + 2;
+        return true;
+    };
+    std::string_view head;
+    std::size_t count = 0;
+    if (!line(head) || !head.starts_with('*') || !parse_number(head.substr(1), count) || count > 100000)
+        return std::nullopt;
+    std::vector<std::string> items;
+    for (std::size_t i = 0; i < count; ++i) {
+        std::string_view h;
+        std::size_t n = 0;
+        if (!line(h) || h.empty()) return std::nullopt;
+        if (h.front() == ':') {
+            items.emplace_back(h.substr(1));
+        } else if (h.front() == '$' && parse_number(h.substr(1), n) && pos + n + 2 <= in.size()) {
+            items.emplace_back(in.substr(pos, n));
+            pos += n + 2;
+        } else {
+            return std::nullopt;
+        }
+    }
+    return items;
+}
+
+bool has_line(std::string_view in) { return in.find("\r\n") != std::string_view::npos; }
+
+// A redis-server of our own on a free loopback port, without persistence, its output to /dev/null.
+class redis_process {
+public:
+    explicit redis_process(std::atomic<pid_t>* slot) : slot_(slot) {}
+    redis_process(const redis_process&) = delete;
+    redis_process& operator=(const redis_process&) = delete;
+    ~redis_process() { kill_now(); }
+
+    // Starts `path` (looked up in PATH when it has no '/') and waits until it answers PING. The port
+    // was free when we looked; if another process takes it first, redis-server exits and we try
+    // another one.
+    bool start(const std::string& path, std::string& error) {
+        for (int attempt = 0; attempt < 5; ++attempt) {
+            port_ = free_loopback_port();
+            if (port_ == 0) {
+                error = "no free port on 127.0.0.1 for redis-server";
+                return false;
+            }
+            std::vector<std::string> args = {path,     "--save",    "",       "--appendonly",       "no",
+                                             "--bind", "127.0.0.1", "--port", std::to_string(port_)};
+            std::vector<char*> argv;
+            for (auto& a : args) argv.push_back(a.data());
+            argv.push_back(nullptr);
+            posix_spawn_file_actions_t actions;
+            posix_spawn_file_actions_init(&actions);
+            posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+            posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+            const int rc = posix_spawnp(&pid_, argv[0], &actions, nullptr, argv.data(), environ);
+            posix_spawn_file_actions_destroy(&actions);
+            if (rc != 0) {
+                pid_ = -1;
+                error = "cannot start " + path + ": " + std::strerror(rc);
+                return false;
+            }
+            slot_->store(pid_);
+            bool exited = false;
+            const auto deadline = steady::now() + 10s;
+            for (int i = 0; i < 1000 && steady::now() < deadline; ++i) {
+                int status = 0;
+                if (waitpid(pid_, &status, WNOHANG) == pid_) {
+                    pid_ = -1;
+                    slot_->store(-1);
+                    exited = true;
+                    break;
+                }
+                const auto reply = exchange(port_, resp_command({"PING"}), has_line, 1s);
+                if (reply && reply->starts_with("+PONG")) return true;
+                std::this_thread::sleep_for(20ms);
+            }
+            if (!exited) {
+                kill_now();
+                error = path + " did not answer PING on port " + std::to_string(port_) + " within 10 s";
+                return false;
+            }
+        }
+        error = path + " exited at start 5 times (port taken?)";
+        return false;
+    }
+
+    int stop(std::chrono::milliseconds limit) {
+        const int status = stop_child(pid_, limit);
+        slot_->store(-1);
+        return status;
+    }
+    void kill_now() {
+        kill_child(pid_);
+        slot_->store(-1);
+    }
+    pid_t pid() const { return pid_; }
+    unsigned short port() const { return port_; }
+
+private:
+    std::atomic<pid_t>* slot_;
+    pid_t pid_ = -1;
     unsigned short port_ = 0;
 };
 
@@ -522,6 +776,7 @@ struct worker {
 struct subscriber {
     std::uint32_t index = 0;
     std::uint32_t id = 0;
+    unsigned instance = 0;  // which server it connects to (relay: even index A, odd B)
     bool slow = false;
     worker* w = nullptr;
     // Per publisher: bits of the sequence numbers received, and 1 + the highest one seen.
@@ -540,7 +795,7 @@ struct subscriber {
 struct publisher {
     unsigned index = 0;
     std::vector<std::uint32_t> sent;  // per id: messages sent (= next sequence number)
-    std::uint64_t published = 0, answered = 0, connections = 0, errors = 0;
+    std::uint64_t published = 0, answered = 0, connections = 0, relayed = 0, errors = 0;
     std::uint64_t max_late_ns = 0;  // rate: how far behind its schedule it fell
     std::string error;
     std::atomic<bool> connected{false}, done{false};
@@ -549,9 +804,9 @@ struct publisher {
 struct run_state {
     const config& cfg;
     const plan& pl;
-    tcp::endpoint endpoint;
-    std::string host;
-    std::vector<std::string> targets;  // per id: /api/v1/ws/{id}
+    std::vector<tcp::endpoint> endpoints;  // per server instance; the publishers use the first
+    std::vector<std::string> hosts;        // per server instance: 127.0.0.1:PORT
+    std::vector<std::string> targets;      // per id: /api/v1/ws/{id}
     std::atomic<bool> go{false}, stop_publishing{false}, drain_slow{false}, shutting_down{false};
     std::uint64_t t0_ns = 0;  // rate: when message 0 is due; written before `go`
 };
@@ -600,9 +855,10 @@ net::awaitable<void> run_subscriber(subscriber& s, run_state& rs) {
     auto& stream = beast::get_lowest_layer(ws);
     beast::error_code ec;
     stream.expires_after(15s);
-    co_await stream.async_connect(rs.endpoint, net::redirect_error(net::use_awaitable, ec));
+    co_await stream.async_connect(rs.endpoints[s.instance], net::redirect_error(net::use_awaitable, ec));
     if (!ec) {
-        co_await ws.async_handshake(rs.host, rs.targets[s.id], net::redirect_error(net::use_awaitable, ec));
+        co_await ws.async_handshake(rs.hosts[s.instance], rs.targets[s.id],
+                                    net::redirect_error(net::use_awaitable, ec));
     }
     if (ec) {
         s.end_reason = "connect: " + ec.message();
@@ -678,7 +934,7 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
     beast::tcp_stream stream(co_await net::this_coro::executor);
     beast::error_code ec;
     stream.expires_after(10s);
-    co_await stream.async_connect(rs.endpoint, net::redirect_error(net::use_awaitable, ec));
+    co_await stream.async_connect(rs.endpoints[0], net::redirect_error(net::use_awaitable, ec));
     if (ec) {
         ps.error = "connect: " + ec.message();
         ++ps.errors;
@@ -725,7 +981,7 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
         request += "POST ";
         request += rs.targets[id];
         request += " HTTP/1.1\r\nHost: ";
-        request += rs.host;
+        request += rs.hosts[0];
         if (!cfg.publish_token.empty()) {
             request += "\r\nAuthorization: Bearer ";
             request += cfg.publish_token;
@@ -774,13 +1030,21 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
             ++ps.errors;
             break;  // the connection's state is unknown: this publisher stops
         }
+        // {"sent":true,"data":"...","connections":N}, or through Redis {"sent":true,"data":"...","relayed":true}.
+        // The data is our payload (hex digits, ':' and 'x'), so neither key can occur inside it.
         const std::string_view answer(in.data() + head, total - head);
         constexpr std::string_view key = "\"connections\":";
         const auto at = answer.rfind(key);
         std::uint64_t n = 0;
-        if (at != std::string_view::npos) {
+        if (answer.ends_with(",\"relayed\":true}")) {
+            ++ps.relayed;
+        } else if (at != std::string_view::npos) {
             const char* first = answer.data() + at + key.size();
             std::from_chars(first, answer.data() + answer.size(), n);
+        } else {
+            ps.error = "answer with neither \"connections\" nor \"relayed\": " + std::string(answer.substr(0, 200));
+            ++ps.errors;
+            break;
         }
         // Keep whatever came after this answer (nothing, without pipelining).
         std::memmove(in.data(), in.data() + total, used - total);
@@ -830,18 +1094,15 @@ std::string json_escape(std::string_view s) {
     return out + "\"";
 }
 
-// Watchdog: if the run is not over by the deadline, kill the server and exit 3.
+// Watchdog: if the run is not over by the deadline, kill the server(s) and redis-server and exit 3.
 class watchdog {
 public:
-    watchdog(double seconds, std::atomic<pid_t>& server) : server_(server) {
+    explicit watchdog(double seconds) {
         thread_ = std::thread([this, seconds] {
             std::unique_lock lock(mutex_);
             if (cv_.wait_for(lock, std::chrono::duration<double>(seconds), [this] { return done_; })) return;
             say("watchdog: the run took longer than --max-seconds, giving up");
-            if (const pid_t pid = server_.load(); pid > 0) {
-                kill(pid, SIGKILL);
-                waitpid(pid, nullptr, 0);
-            }
+            kill_children();
             std::fflush(nullptr);
             _exit(3);
         });
@@ -856,19 +1117,54 @@ public:
     }
 
 private:
-    std::atomic<pid_t>& server_;
     std::mutex mutex_;
     std::condition_variable cv_;
     bool done_ = false;
     std::thread thread_;
 };
 
-// The server's pid for the signal handler: a loadgen stopped by SIGINT / SIGTERM takes its server along.
-std::atomic<pid_t> g_server_pid{-1};
-
+// A loadgen stopped by SIGINT / SIGTERM takes its server(s) and redis-server along.
 extern "C" void on_stop_signal(int sig) {
-    if (const pid_t pid = g_server_pid.load(); pid > 0) kill(pid, SIGKILL);
+    kill_children();  // kill() and waitpid() are async-signal-safe
     _exit(128 + sig);
+}
+
+// Asks Redis (PUBSUB NUMSUB) how many instances subscribe to each id's channel, and each instance's
+// /healthz whether its relay is connected. True when Redis reports want[id] subscribers for every id
+// and every instance says "redis":"connected".
+bool relay_ready(unsigned short redis_port, const std::vector<unsigned>& want,
+                 const std::vector<unsigned short>& server_ports) {
+    constexpr std::size_t chunk = 500;  // channels per PUBSUB NUMSUB
+    for (std::size_t first = 0; first < want.size(); first += chunk) {
+        const std::size_t end = std::min(want.size(), first + chunk);
+        std::vector<std::string> args = {"PUBSUB", "NUMSUB"};
+        for (std::size_t id = first; id < end; ++id)
+            args.push_back(std::string(redis_prefix) + "bench-" + std::to_string(id));
+        const auto reply = exchange(
+            redis_port, resp_command(args),
+            [](std::string_view a) { return resp_array(a).has_value() || (a.starts_with('-') && has_line(a)); }, 2s);
+        const auto items = reply ? resp_array(*reply) : std::nullopt;
+        if (!items || items->size() != 2 * (end - first)) return false;
+        for (std::size_t id = first; id < end; ++id) {
+            unsigned n = 0;
+            if (!parse_number((*items)[2 * (id - first) + 1], n) || n != want[id]) return false;
+        }
+    }
+    for (const auto port : server_ports) {
+        const std::string request =
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:" + std::to_string(port) + "\r\nConnection: close\r\n\r\n";
+        const auto reply = exchange(
+            port, request,
+            [](std::string_view a) {
+                const auto head = a.find("\r\n\r\n");
+                return head != std::string_view::npos && a.find('}', head) != std::string_view::npos;
+            },
+            2s);
+        if (!reply || !reply->starts_with("HTTP/1.1 200 ") ||
+            reply->find("\"redis\":\"connected\"") == std::string::npos)
+            return false;
+    }
+    return true;
 }
 
 int run(const config& cfg) {
@@ -883,22 +1179,45 @@ int run(const config& cfg) {
     if (lim.rlim_cur < need)
         say("warning: RLIMIT_NOFILE is " + std::to_string(lim.rlim_cur) + ", " + std::to_string(need) + " are needed");
 
-    watchdog dog(cfg.max_seconds, g_server_pid);
+    watchdog dog(cfg.max_seconds);
 
-    server_process server;
+    // relay: a redis-server of our own, then two instances relaying through it. Redis is declared
+    // before the servers, so on every way out of this function the servers are stopped first.
+    redis_process redis(&g_child_pids[redis_slot]);
     std::string error;
-    if (!server.start(cfg, error)) {
-        say(error);
-        return 3;
+    std::vector<std::string> redis_args;
+    if (cfg.relay) {
+        if (!redis.start(cfg.redis_server_path, error)) {
+            say(error);
+            return 3;
+        }
+        redis_args = {"--redis", "redis://127.0.0.1:" + std::to_string(redis.port())};
     }
-    g_server_pid.store(server.pid());
-    say("server pid " + std::to_string(server.pid()) + " on port " + std::to_string(server.port()) + ", scenario " +
-        cfg.scenario + ", RLIMIT_NOFILE " + std::to_string(lim.rlim_cur));
+    const unsigned instances = cfg.relay ? 2 : 1;
+    std::vector<std::unique_ptr<server_process>> servers;
+    for (unsigned i = 0; i < instances; ++i) {
+        servers.push_back(std::make_unique<server_process>(&g_child_pids[i]));
+        if (!servers.back()->start(cfg, redis_args, error)) {
+            say(error);
+            return 3;
+        }
+    }
+    server_process& server = *servers[0];
+    if (cfg.relay)
+        say("server pids " + std::to_string(server.pid()) + " (A, port " + std::to_string(server.port()) + ") and " +
+            std::to_string(servers[1]->pid()) + " (B, port " + std::to_string(servers[1]->port()) +
+            "), redis-server pid " + std::to_string(redis.pid()) + " on port " + std::to_string(redis.port()) +
+            ", scenario " + cfg.scenario + ", RLIMIT_NOFILE " + std::to_string(lim.rlim_cur));
+    else
+        say("server pid " + std::to_string(server.pid()) + " on port " + std::to_string(server.port()) + ", scenario " +
+            cfg.scenario + ", RLIMIT_NOFILE " + std::to_string(lim.rlim_cur));
 
     const plan pl = make_plan(cfg);
     run_state rs{cfg, pl, {}, {}, {}, {}, {}, {}, {}, 0};
-    rs.endpoint = tcp::endpoint(net::ip::make_address("127.0.0.1"), server.port());
-    rs.host = "127.0.0.1:" + std::to_string(server.port());
+    for (auto& sp : servers) {
+        rs.endpoints.emplace_back(net::ip::make_address("127.0.0.1"), sp->port());
+        rs.hosts.push_back("127.0.0.1:" + std::to_string(sp->port()));
+    }
     for (unsigned i = 0; i < pl.ids; ++i) rs.targets.push_back("/api/v1/ws/bench-" + std::to_string(i));
 
     // Workers.
@@ -916,6 +1235,7 @@ int run(const config& cfg) {
         s.index = i;
         s.slow = cfg.slow && i == cfg.n_subscribers;
         s.id = s.slow ? 0 : i % pl.ids;
+        s.instance = i % instances;
         s.w = workers[i % workers.size()].get();
         s.word_offset.resize(pl.publishers + 1, 0);
         for (unsigned p = 0; p < pl.publishers; ++p)
@@ -929,7 +1249,17 @@ int run(const config& cfg) {
         return n;
     };
 
-    const auto rss_before = rss_kib(server.pid());
+    // Summed over the server instances; nullopt if one could not be read.
+    auto servers_sum = [&](auto read) -> std::optional<std::uint64_t> {
+        std::uint64_t total = 0;
+        for (auto& sp : servers) {
+            const std::optional<std::uint64_t> v = read(sp->pid());
+            if (!v) return std::nullopt;
+            total += *v;
+        }
+        return total;
+    };
+    const auto rss_before = servers_sum(rss_kib);
     const auto connect_start = steady::now();
     // Batches of --batch handshakes. Stop early if a batch is stuck for 30 s, if a whole batch
     // failed (the server is not answering), or after 30 s + 10 ms per subscriber in all.
@@ -956,8 +1286,34 @@ int run(const config& cfg) {
         (connect_failures ? ", " + std::to_string(connect_failures) + " failed" : std::string()));
 
     std::this_thread::sleep_for(cfg.scenario == "idle" ? 1000ms : 200ms);  // let the server settle
-    const auto rss_after = rss_kib(server.pid());
+    const auto rss_after = servers_sum(rss_kib);
     const auto open_before_push = connected - sum(&worker::ended);
+
+    // relay: publish only once Redis has every instance that has subscribers for an id subscribed to
+    // its channel, and both instances' relays are connected (a push answers 503 until then).
+    std::optional<double> relay_wait;
+    std::vector<std::uint64_t> connected_on(instances, 0);
+    for (auto& s : subs)
+        if (s.connected) ++connected_on[s.instance];
+    if (cfg.relay) {
+        std::vector<unsigned> want(pl.ids, 0);
+        std::vector<unsigned char> on(std::size_t{pl.ids} * instances, 0);
+        for (auto& s : subs)
+            if (s.connected) on[std::size_t{s.id} * instances + s.instance] = 1;
+        for (unsigned id = 0; id < pl.ids; ++id)
+            for (unsigned i = 0; i < instances; ++i) want[id] += on[std::size_t{id} * instances + i];
+        std::vector<unsigned short> ports;
+        for (auto& sp : servers) ports.push_back(sp->port());
+        const auto start = steady::now();
+        if (wait_for([&] { return relay_ready(redis.port(), want, ports); }, 15, 20ms))
+            relay_wait = seconds_since(start);
+        else
+            say("Redis did not report the instances subscribed, or an instance's relay was not connected, within 15 "
+                "s; publishing anyway");
+        if (relay_wait)
+            say("Redis has both instances subscribed and both relays are connected after " + fixed(*relay_wait, 3) +
+                " s");
+    }
 
     // Publishers, all on worker 0.
     std::vector<publisher> pubs(cfg.publishers);
@@ -974,7 +1330,10 @@ int run(const config& cfg) {
 
     // The measured phase: from the first push until the last delivery.
     const long ticks_per_second = sysconf(_SC_CLK_TCK);
-    const auto cpu_before = cpu_ticks(server.pid());
+    std::vector<std::optional<std::uint64_t>> instance_cpu_before, instance_cpu_after;
+    for (auto& sp : servers) instance_cpu_before.push_back(cpu_ticks(sp->pid()));
+    const auto redis_cpu_before = cfg.relay ? cpu_ticks(redis.pid()) : std::nullopt;
+    const auto cpu_before = servers_sum(cpu_ticks);
     const auto own_before = own_cpu_us();
     const auto own_ticks_before = cpu_ticks(getpid());
     const auto busy_before = machine_busy_ticks();
@@ -998,10 +1357,12 @@ int run(const config& cfg) {
     for (auto& s : subs)
         if (!s.slow && s.connected) ++fast_connected_on[s.id];
     std::uint64_t expected_total = 0, published = 0, publish_errors = 0, server_queued = 0, max_late_ns = 0;
+    std::uint64_t relayed_answers = 0;
     for (auto& p : pubs) {
         published += p.published;
         publish_errors += p.errors;
         server_queued += p.connections;
+        relayed_answers += p.relayed;
         max_late_ns = std::max(max_late_ns, p.max_late_ns);
         if (!p.error.empty()) say("publisher " + std::to_string(p.index) + ": " + p.error);
         for (unsigned id = 0; id < pl.ids; ++id) expected_total += std::uint64_t{p.sent[id]} * fast_connected_on[id];
@@ -1032,11 +1393,14 @@ int run(const config& cfg) {
         }
     }
     const std::uint64_t phase_end_ns = now_ns();
-    const auto cpu_after = cpu_ticks(server.pid());
+    for (auto& sp : servers) instance_cpu_after.push_back(cpu_ticks(sp->pid()));
+    const auto redis_cpu_after = cfg.relay ? cpu_ticks(redis.pid()) : std::nullopt;
+    const auto redis_rss_end = cfg.relay ? rss_kib(redis.pid()) : std::nullopt;
+    const auto cpu_after = servers_sum(cpu_ticks);
     const auto own_after = own_cpu_us();
     const auto own_ticks_after = cpu_ticks(getpid());
     const auto busy_after = machine_busy_ticks();
-    const auto rss_end = rss_kib(server.pid());
+    const auto rss_end = servers_sum(rss_kib);
 
     // The slow client reads now; the drain ends with the server's close, an error or 3 s of silence.
     if (cfg.slow) {
@@ -1044,12 +1408,13 @@ int run(const config& cfg) {
         wait_for([&] { return subs.back().ended.load(); }, 20, 5ms);
     }
 
-    // Stop: the server closes every client with 1001 and waits up to 3 s for the answers.
+    // Stop: the server closes every client with 1001 and waits up to 3 s for the answers. Then Redis.
     rs.shutting_down.store(true);
     rs.stop_publishing.store(true);
-    const int server_status = server.stop(15s);
-    g_server_pid.store(-1);
+    std::vector<int> server_status;
+    for (auto& sp : servers) server_status.push_back(sp->stop(15s));
     wait_for([&] { return sum(&worker::ended) >= connected; }, 5, 5ms);
+    const int redis_status = cfg.relay ? redis.stop(10s) : -1;
     for (auto& g : guards) g.reset();
     for (auto& w : workers) w->ioc.stop();
     for (auto& w : workers) w->thread.join();
@@ -1088,15 +1453,23 @@ int run(const config& cfg) {
                        static_cast<double>(deliveries);
     const double own_per_delivery =
         deliveries ? static_cast<double>(own_after - own_before) / static_cast<double>(deliveries) : 0;
+    // relay: each instance's and redis-server's own share.
+    auto cpu_per_delivery = [&](const std::optional<std::uint64_t>& before, const std::optional<std::uint64_t>& after) {
+        if (!before || !after || !deliveries) return std::string("null");
+        return fixed(static_cast<double>(*after - *before) * 1e6 / static_cast<double>(ticks_per_second) /
+                         static_cast<double>(deliveries),
+                     3);
+    };
+    const std::uint64_t redis_ticks = redis_cpu_before && redis_cpu_after ? *redis_cpu_after - *redis_cpu_before : 0;
 
     // CPU that neither the server nor the loadgen used during the measured phase, in % of one core:
     // other processes (a build, say) competing for the same cores make the figures worse.
     std::optional<double> other_cpu_percent;
     if (busy_before && busy_after && cpu_before && cpu_after && own_ticks_before && own_ticks_after &&
         phase_end_ns > publish_start_ns) {
-        const double other = static_cast<double>(*busy_after - *busy_before) -
-                             static_cast<double>(*cpu_after - *cpu_before) -
-                             static_cast<double>(*own_ticks_after - *own_ticks_before);
+        const double other =
+            static_cast<double>(*busy_after - *busy_before) - static_cast<double>(*cpu_after - *cpu_before) -
+            static_cast<double>(*own_ticks_after - *own_ticks_before) - static_cast<double>(redis_ticks);
         const double phase = static_cast<double>(phase_end_ns - publish_start_ns) / 1e9;
         other_cpu_percent = std::max(0.0, other) / static_cast<double>(ticks_per_second) / phase * 100;
     }
@@ -1131,6 +1504,15 @@ int run(const config& cfg) {
                                                     static_cast<double>(connected),
                                                 2)
                                         : "null");
+    if (cfg.relay) {
+        // server_cpu_us_per_delivery and the rss_kib_* fields are summed over both instances.
+        field("instances", num(instances));
+        field("subscribers_per_instance", "[" + num(connected_on[0]) + "," + num(connected_on[1]) + "]");
+        field("server_a_cpu_us_per_delivery", cpu_per_delivery(instance_cpu_before[0], instance_cpu_after[0]));
+        field("server_b_cpu_us_per_delivery", cpu_per_delivery(instance_cpu_before[1], instance_cpu_after[1]));
+        field("redis_cpu_us_per_delivery", cpu_per_delivery(redis_cpu_before, redis_cpu_after));
+        field("relay_ready_seconds", relay_wait ? fixed(*relay_wait, 3) : "null");
+    }
     if (cfg.slow) {
         const auto& s = subs.back();
         field("slow_client", "{\"received\":" + num(s.received) +
@@ -1146,26 +1528,37 @@ int run(const config& cfg) {
     field("server_threads", num(cfg.server_threads));
     field("client_threads", num(cfg.client_threads));
     field("server_queued", num(server_queued));
+    if (cfg.relay) field("relayed_answers", num(relayed_answers));
     field("client_cpu_us_per_delivery", fixed(own_per_delivery, 3));
     field("rss_kib_end", maybe(rss_end));
+    if (cfg.relay) field("redis_rss_kib_end", maybe(redis_rss_end));
     field("other_cpu_percent", other_cpu_percent ? fixed(*other_cpu_percent, 1) : "null");
     if (cfg.scenario == "idle") field("open_after_settle", num(open_before_push));
     field("connect_failures", num(connect_failures));
     field("closed_early", num(closed_early));
     field("unexpected", num(unexpected));
     field("publish_errors", num(publish_errors));
-    field("server_exit", num(server_status));
+    field("server_exit", num(server_status[0]));
+    if (cfg.relay) {
+        field("server_b_exit", num(server_status[1]));
+        field("redis_exit", num(redis_status));
+    }
     json += "}";
     std::cout << json << std::endl;
 
     const bool ok = missing == 0 && duplicates == 0 && out_of_order == 0 && unexpected == 0 && connect_failures == 0 &&
-                    closed_early == 0 && publish_errors == 0 && published == cfg.n_messages;
+                    closed_early == 0 && publish_errors == 0 && published == cfg.n_messages &&
+                    (!cfg.relay || relay_wait.has_value());
     return ok ? 0 : 1;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+    std::set_terminate([] {
+        kill_children();
+        std::abort();
+    });
     std::signal(SIGPIPE, SIG_IGN);
     std::signal(SIGINT, on_stop_signal);
     std::signal(SIGTERM, on_stop_signal);
