@@ -27,6 +27,7 @@
 #include <atomic>
 #include <chrono>
 #include <functional>
+#include <iterator>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -210,7 +211,10 @@ private:
                 if (self->stopping_ || attempt != self->attempt_) return;
                 if (ec || results.empty())
                     return self->fail("cannot resolve " + self->address_.host + ": " + ec.message());
-                const auto ip = results.begin()->endpoint().address().to_string();
+                // A name with several addresses ("localhost": ::1 and 127.0.0.1): each attempt takes the next.
+                auto it = results.begin();
+                std::advance(it, attempt % results.size());
+                const auto ip = it->endpoint().address().to_string();
                 self->subscriber_ = self->open(ip);
                 self->publisher_ = self->subscriber_ ? self->open(ip) : nullptr;
                 if (!self->subscriber_ || !self->publisher_) self->fail(self->last_error_);
