@@ -901,13 +901,33 @@ private:
         std::string storage;
         auto buffer =
             net::dynamic_buffer(storage, socket_limits_size ? storage.max_size() : options_.max_message_bytes);
+        // Most peers of a fan-out server never speak, and a whole-message read reserves a full
+        // frame's worth (1.5 KiB with Beast) before a byte arrives. Where the socket can read part
+        // of a message (Beast's read_some with a limit), the first read of each message asks for a
+        // few bytes only; the rest of the message is read at full size.
+        constexpr bool reads_parts = requires {
+            socket.async_read_some(buffer, std::size_t{},
+                                   net::redirect_error(net::use_awaitable, std::declval<error_code&>()));
+            { socket.is_message_done() } -> std::convertible_to<bool>;
+        };
+        constexpr std::size_t first_read = 64, large_buffer = 16 * 1024;
         error_code ec;
         for (;;) {
-            co_await socket.async_read(buffer, net::redirect_error(net::use_awaitable, ec));
+            if constexpr (reads_parts) {
+                std::size_t limit = first_read;
+                do {
+                    co_await socket.async_read_some(buffer, limit, net::redirect_error(net::use_awaitable, ec));
+                    limit = buffer.max_size();
+                } while (!ec && !socket.is_message_done());
+            } else {
+                co_await socket.async_read(buffer, net::redirect_error(net::use_awaitable, ec));
+            }
             if (ec) break;
             sub.connection_->heard_from_peer = true;
             on_message(std::string_view(storage.data(), buffer.size()));
             buffer.consume(buffer.size());
+            if (storage.capacity() > large_buffer)
+                std::string().swap(storage);  // one big message is no reason to keep its buffer
         }
         if (!detail::is_expected_ending(ec)) report({"read", ec, {}});
         if constexpr (!socket_limits_size && requires {

@@ -30,6 +30,10 @@ struct fake_peer {
     std::vector<const void*> write_addresses;
 
     std::deque<std::string> inbox;  // what the "client" sent, waiting to be read by the server
+    // fake_socket_parts: how far into inbox.front() reads have got, and the limit of each read.
+    std::size_t read_offset = 0;
+    bool message_done = true;
+    std::vector<std::size_t> read_limits;
     bool client_closed = false;
     bool server_closed = false;  // async_close was called
     std::uint16_t close_code = 0;
@@ -157,10 +161,48 @@ public:
         peer_->write_gate.cancel();
     }
 
+protected:
+    const std::shared_ptr<fake_peer>& peer() const { return peer_; }
+
 private:
     std::shared_ptr<fake_peer> peer_;
     close_reason_type last_reason_;
     bool binary_ = false;
+};
+
+/// A socket that can also read part of a message, as Beast's read_some(buffer, limit) does.
+class fake_socket_parts : public fake_socket {
+public:
+    using fake_socket::fake_socket;
+
+    template <class DynamicBuffer, class Token>
+    auto async_read_some(DynamicBuffer& buffer, std::size_t limit, Token&& token) {
+        return net::async_compose<Token, void(error_code, std::size_t)>(
+            [p = peer(), &buffer, limit, started = false](auto& self, error_code = {}) mutable {
+                if (!std::exchange(started, true)) return net::post(p->executor, std::move(self));
+                if (p->aborted) return self.complete(net::error::operation_aborted, 0);
+                if (!p->inbox.empty()) {
+                    const auto& text = p->inbox.front();
+                    p->read_limits.push_back(limit);
+                    const auto n = std::min(limit, text.size() - p->read_offset);
+                    if (n > buffer.max_size() - buffer.size()) return self.complete(net::error::message_size, 0);
+                    buffer.commit(net::buffer_copy(buffer.prepare(n), net::buffer(text.data() + p->read_offset, n)));
+                    p->read_offset += n;
+                    p->message_done = p->read_offset == text.size();
+                    if (p->message_done) {
+                        p->inbox.pop_front();
+                        p->read_offset = 0;
+                    }
+                    return self.complete({}, n);
+                }
+                if (p->client_closed || p->server_closed) return self.complete(net::error::eof, 0);
+                p->read_signal.expires_at(net::steady_timer::time_point::max());
+                p->read_signal.async_wait(std::move(self));
+            },
+            token, peer()->executor);
+    }
+
+    bool is_message_done() const { return peer()->message_done; }
 };
 
 }  // namespace test

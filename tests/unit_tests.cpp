@@ -975,3 +975,32 @@ TEST_CASE_FIXTURE(fixture, "without a relay, publish is send") {
     settle();
     CHECK(p->received == std::vector<std::string>{"here"});
 }
+
+// ---- reading parts of messages ------------------------------------------------------------------
+
+TEST_CASE_FIXTURE(fixture, "where a socket reads parts, an idle read asks for a few bytes; messages arrive whole") {
+    wsbroadcast::ConnectionManager<test::fake_socket_parts> manager;
+    auto p = peer();
+    std::vector<std::string> got;
+    error_code ended;
+    net::co_spawn(ioc, manager.serve(test::fake_socket_parts(p), "k", [&](std::string_view m) { got.emplace_back(m); }),
+                  [&](std::exception_ptr, error_code ec) { ended = ec; });
+    settle();
+    const std::string big(20000, 'b'), medium(1000, 'm');
+    p->client_send(medium);
+    p->client_send("short");
+    p->client_send(big);
+    p->client_send("after the big one");
+    settle();
+    CHECK(got == std::vector<std::string>{medium, "short", big, "after the big one"});
+    REQUIRE(p->read_limits.size() >= 4);
+    CHECK(p->read_limits[0] == 64);   // the first read of a message is small...
+    CHECK(p->read_limits[1] > 1000);  // ...the rest of it is read at full size
+    CHECK(manager.send("k", "still writing").queued == 1);
+    settle();
+    CHECK(p->received == std::vector<std::string>{"still writing"});
+    p->client_close();
+    settle();
+    CHECK(ended == net::error::eof);
+    CHECK(manager.size() == 0);
+}
