@@ -812,41 +812,34 @@ private:
         net::co_spawn(c->socket.get_executor(), write_loop(c), [this](std::exception_ptr e) {
             if (e) report({"writer", {}, e});
         });
-        if (options_.idle_timeout > std::chrono::steady_clock::duration::zero())
-            net::co_spawn(c->socket.get_executor(), watch(c), [this](std::exception_ptr e) {
-                if (e) report({"watchdog", {}, e});
-            });
+        if (options_.idle_timeout > std::chrono::steady_clock::duration::zero()) watch(c, false);
     }
 
     /// Liveness: every half idle period, a peer not heard from is pinged, and one still silent a
-    /// half period later is torn down (its read loop then ends and unregisters it).
-    net::awaitable<void> watch(connection_ptr c) {
-        const auto half = options_.idle_timeout / 2;
-        bool pinged = false;
-        error_code ec;
-        for (;;) {
-            c->watchdog.expires_after(half);
-            co_await c->watchdog.async_wait(net::redirect_error(net::use_awaitable, ec));
+    /// half period later is torn down (its read loop then ends and unregisters it). A chain of
+    /// timer callbacks rather than a coroutine: it holds no frame while it waits, which matters
+    /// with many idle connections.
+    void watch(connection_ptr c, bool pinged) {
+        auto& timer = c->watchdog;
+        timer.expires_after(options_.idle_timeout / 2);
+        timer.async_wait([this, c = std::move(c), pinged](const error_code&) mutable {
             {
                 std::lock_guard lock(c->mutex);
                 if (c->state == detail::connection_state::detached || c->state == detail::connection_state::aborting)
-                    co_return;
+                    return;
             }
-            if (std::exchange(c->heard_from_peer, false)) {
-                pinged = false;
-                continue;
-            }
-            if constexpr (requires { c->socket.async_ping({}, net::redirect_error(net::use_awaitable, ec)); }) {
+            if (std::exchange(c->heard_from_peer, false)) return watch(std::move(c), false);
+            (void)pinged;  // read only for sockets that can ping
+            if constexpr (requires { c->socket.async_ping({}, [](const error_code&) {}); }) {
                 if (!pinged) {
-                    pinged = true;
-                    co_await c->socket.async_ping({}, net::redirect_error(net::use_awaitable, ec));
-                    continue;
+                    auto& socket = c->socket;
+                    return socket.async_ping(
+                        {}, [this, c = std::move(c)](const error_code&) mutable { watch(std::move(c), true); });
                 }
             }
             detail::abort_socket(c->socket);
             remove(c, detail::connection_state::aborting);
-            co_return;
-        }
+        });
     }
 
     /// The endpoint: admission, registration, handshake (when there is a request), then the
