@@ -494,6 +494,7 @@ struct connection : std::enable_shared_from_this<connection<Socket, Key>> {
     net::steady_timer wake;
     net::steady_timer watchdog{socket.get_executor()};  // liveness: see ConnectionManager::watch
     bool heard_from_peer = false;                       // a message or a control frame arrived since the last check
+    bool ping_in_flight = false;                        // the watchdog's ping has not completed yet
 
     std::mutex mutex;  // guards everything below
     std::deque<message> outbox;
@@ -604,12 +605,14 @@ public:
     publish_result publish(const K& key, const message& m) {
         auto& relay = options_.relay;
         if (!relay) return {{}, false, send(key, m)};
+        error_code refused;
         if constexpr (std::is_convertible_v<const K&, const Key&>) {
             const Key& k = key;
-            return {relay->publish(k, m), true, {}};
+            refused = relay->publish(k, m);
         } else {
-            return {relay->publish(Key(key), m), true, {}};
+            refused = relay->publish(Key(key), m);
         }
+        return {refused, !refused, {}};
     }
 
     template <class K>
@@ -743,7 +746,8 @@ public:
     /// Like serve(), for a socket whose handshake is still to be done: admits and registers `ws`
     /// under `key` first, then answers the upgrade `request` (ws.async_accept(request)), then
     /// starts writing. A client that sees its handshake complete therefore gets every message sent
-    /// from then on; messages sent during the handshake wait in its outbox. A failed handshake
+    /// from then on; messages sent during the handshake wait in its outbox. (Through a relay, what
+    /// it gets is what the relay brings back once the broker knows this instance needs the key.) A failed handshake
     /// unregisters and completes with its error. A refused client gets the handshake and then the
     /// close frame, so a browser sees the close code and reason.
     template <class Request, class OnMessage = void (*)(std::string_view)>
@@ -786,6 +790,7 @@ private:
     /// Registers `c` unless a limit or the shutdown forbids it. Never blocks on I/O.
     error_code try_register(const connection_ptr& c) {
         error_code refusal;
+        std::exception_ptr relay_failure;
         {
             std::unique_lock lock(registry_mutex_);
             if (closing_)
@@ -797,12 +802,13 @@ private:
                 refusal = error::key_connection_limit;
             else {
                 auto& peers = registry_[c->key];
-                if (peers.empty()) report_interest(c->key, true);
                 c->slot = peers.size();
                 peers.push_back(c);
                 ++total_;
+                if (peers.size() == 1) report_interest(c->key, true, relay_failure);
             }
         }
+        if (relay_failure) report({"relay", {}, relay_failure});
         (refusal ? refused_ : connections_).fetch_add(1, std::memory_order_relaxed);
         return refusal;
     }
@@ -812,7 +818,8 @@ private:
         net::co_spawn(c->socket.get_executor(), write_loop(c), [this](std::exception_ptr e) {
             if (e) report({"writer", {}, e});
         });
-        if (options_.idle_timeout > std::chrono::steady_clock::duration::zero()) watch(c, false);
+        if (options_.idle_timeout > std::chrono::steady_clock::duration::zero())
+            net::dispatch(c->socket.get_executor(), [this, c] { watch(c, false); });  // the timer lives on it
     }
 
     /// Liveness: every half idle period, a peer not heard from is pinged, and one still silent a
@@ -832,9 +839,11 @@ private:
             (void)pinged;  // read only for sockets that can ping
             if constexpr (requires { c->socket.async_ping({}, [](const error_code&) {}); }) {
                 if (!pinged) {
-                    auto& socket = c->socket;
-                    return socket.async_ping(
-                        {}, [this, c = std::move(c)](const error_code&) mutable { watch(std::move(c), true); });
+                    // Not awaited: a ping waits behind a write stuck on a peer that stopped reading,
+                    // and the clock must keep running for that peer too.
+                    if (!std::exchange(c->ping_in_flight, true))
+                        c->socket.async_ping({}, [c](const error_code&) { c->ping_in_flight = false; });
+                    return watch(std::move(c), true);
                 }
             }
             detail::abort_socket(c->socket);
@@ -910,7 +919,7 @@ private:
                 std::size_t limit = first_read;
                 do {
                     co_await socket.async_read_some(buffer, limit, net::redirect_error(net::use_awaitable, ec));
-                    limit = buffer.max_size();
+                    limit = buffer.max_size() - buffer.size();
                 } while (!ec && !socket.is_message_done());
             } else {
                 co_await socket.async_read(buffer, net::redirect_error(net::use_awaitable, ec));
@@ -939,10 +948,11 @@ private:
     /// The end of a shutdown: whatever did not leave in time is torn down and unregistered.
     void abort_all() {
         std::vector<connection_ptr> left;
+        std::exception_ptr relay_failure;
         {
             std::unique_lock lock(registry_mutex_);
             for (auto& [key, peers] : registry_) {
-                report_interest(key, false);
+                report_interest(key, false, relay_failure);
                 for (auto& c : peers) {
                     c->slot = connection::npos;
                     left.push_back(std::move(c));
@@ -951,6 +961,7 @@ private:
             registry_.clear();
             total_ = 0;
         }
+        if (relay_failure) report({"relay", {}, relay_failure});
         for (auto& c : left) {
             {
                 std::lock_guard lock(c->mutex);
@@ -1106,6 +1117,7 @@ private:
 
     /// Takes `c` out of the registry (idempotent) and stops its writer.
     void remove(const connection_ptr& c, detail::connection_state why) noexcept {
+        std::exception_ptr relay_failure;
         {
             std::unique_lock lock(registry_mutex_);
             if (c->slot != connection::npos) {
@@ -1118,11 +1130,12 @@ private:
                 c->slot = connection::npos;
                 --total_;
                 if (peers.empty()) {
-                    report_interest(c->key, false);
+                    report_interest(c->key, false, relay_failure);
                     registry_.erase(it);
                 }
             }
         }
+        if (relay_failure) report({"relay", {}, relay_failure});
         {
             std::lock_guard lock(c->mutex);
             if (why == detail::connection_state::detached || c->state == detail::connection_state::open)
@@ -1202,12 +1215,13 @@ private:
 
     /// Tells the relay, if any, that `key` got its first connection or lost its last. Called under
     /// the registry's unique lock, so the relay sees a key's changes in the order they happened.
-    void report_interest(const Key& key, bool needed) noexcept {
+    /// A failure is handed back, to be reported once the lock is released (on_error may query us).
+    void report_interest(const Key& key, bool needed, std::exception_ptr& failure) noexcept {
         if (!options_.relay) return;
         try {
             options_.relay->interest(key, needed);
         } catch (...) {
-            report({"relay", {}, std::current_exception()});
+            failure = std::current_exception();
         }
     }
 
