@@ -421,7 +421,7 @@ response push(State& state, const request& req, const std::string& id, std::stri
     if (result.error) {
         refuse(refusal::relay_unavailable, "push to " + id + ": " + result.error.message());
         auto res = make_error(req, http::status::service_unavailable,
-                              "not sent: " + result.error.message() + " (Redis at " + state.relay->where() + ")");
+                              "not sent: " + result.error.message() + ", try again later");
         res.set(http::field::retry_after, "1");
         return res;
     }
@@ -635,7 +635,14 @@ int run(const server_options& options, ssl::context* tls) {
     // Before the io_context: the manager must outlive every connection.
     state_type state{options, relay, typename state_type::manager_type(std::move(manager_options)), tls};
     net::io_context ioc(static_cast<int>(options.threads));
-    if (relay) relay->attach(ioc.get_executor(), state.manager);
+    // Whatever way run() leaves, the relay lets go of its Redis connections while the io_context
+    // they belong to still exists.
+    struct detach_relay {
+        typename state_type::relay_type* relay;
+        ~detach_relay() {
+            if (relay) relay->detach();
+        }
+    } relay_guard{relay.get()};
 
     tcp::acceptor acceptor(net::make_strand(ioc));  // a strand: the signal handler closes it
     try {
@@ -670,9 +677,11 @@ int run(const server_options& options, ssl::context* tls) {
     // Signals are handled from here on; tests read the port from this line (with --port 0).
     std::cout << "wsbroadcast-server listening on " << (tls ? "https://" : "http://") << host << ":" << bound.port()
               << " with " << options.threads << " thread(s)" << std::endl;
-    if (relay)
+    if (relay) {
+        relay->attach(ioc.get_executor(), state.manager);
         log(log_level::warn,
             "relaying pushes through Redis at " + relay->where() + ", channel prefix \"" + options.redis_prefix + "\"");
+    }
 
     net::co_spawn(acceptor.get_executor(), accept_loop(state, ioc, acceptor), log_exception("accept loop"));
 
@@ -680,7 +689,6 @@ int run(const server_options& options, ssl::context* tls) {
     for (unsigned i = 1; i < options.threads; ++i) threads.emplace_back([&] { ioc.run(); });
     ioc.run();
     for (auto& t : threads) t.join();
-    if (relay) relay->detach();  // while the io_context its connections belong to still exists
     log(log_level::warn, "stopped");
     return 0;
 }

@@ -143,6 +143,7 @@ public:
     /// Frees the Redis connections. Only once the io_context no longer runs (its threads joined).
     void detach() {
         stopping_ = true;
+        counters_.connected.store(false);
         free_contexts();
         resolver_.reset();
         retry_timer_.reset();
@@ -170,7 +171,7 @@ public:
     wsbroadcast::error_code publish(const std::string& key, const wsbroadcast::message& m) override {
         if (!counters_.connected.load(std::memory_order_acquire)) return wsbroadcast::error::relay_unavailable;
         std::string channel = prefix_ + key;
-        const std::size_t cost = channel.size() + m.size();
+        const std::size_t cost = channel.size() + m.size() + 64;  // + what a queued command costs besides
         if (counters_.unacknowledged_bytes.fetch_add(cost) + cost > max_unacknowledged_bytes) {
             counters_.unacknowledged_bytes.fetch_sub(cost);
             return wsbroadcast::error::relay_unavailable;
@@ -208,7 +209,7 @@ private:
         resolver_->async_resolve(
             address_.host, std::to_string(address_.port),
             [self = this->shared_from_this(), attempt = attempt_](const boost::system::error_code& ec, auto results) {
-                if (self->stopping_ || attempt != self->attempt_) return;
+                if (self->stopping_ || attempt != self->attempt_ || attempt == self->failed_attempt_) return;
                 if (ec || results.empty())
                     return self->fail("cannot resolve " + self->address_.host + ": " + ec.message());
                 // A name with several addresses ("localhost": ::1 and 127.0.0.1): each attempt takes the next.
@@ -266,10 +267,21 @@ private:
 
     // One connection is ready for commands; with both, the relay is.
     void up(redisAsyncContext* ac) {
+        redisEnableKeepAlive(&ac->c);  // a peer gone without a word is noticed by TCP, eventually
         const bool subscriber = ac == subscriber_;
         (subscriber ? subscriber_up_ : publisher_up_) = true;
         if (subscriber) sync_subscriptions();
-        if (subscriber_up_ && publisher_up_) ready();
+        ready_if_synced();
+    }
+
+    // Pushes are taken only once Redis has confirmed a subscription for every key needed when the
+    // connection came up: otherwise this instance's own subscribers would miss the first ones.
+    void ready_if_synced() {
+        if (counters_.connected.load(std::memory_order_relaxed) || !subscriber_up_ || !publisher_up_ || in_flight_ > 0)
+            return;
+        for (auto& key : wanted_)
+            if (!subscribed_.count(key)) return;
+        ready();
     }
 
     static void on_disconnected(const redisAsyncContext* ac, int status) {
@@ -293,6 +305,7 @@ private:
     void fail(const std::string& why) {
         if (failed_attempt_ == attempt_ || stopping_) return;
         failed_attempt_ = attempt_;
+        resolver_->cancel();
         const bool was_connected = counters_.connected.exchange(false, std::memory_order_acq_rel);
         // A warning when the relay goes down (or first fails to come up); the retries after it are information.
         const bool warning = was_connected || counters_.failures.fetch_add(1, std::memory_order_relaxed) == 0;
@@ -367,14 +380,18 @@ private:
             self->manager_->send(channel, std::string_view(r->element[2]->str, r->element[2]->len));
         } else if ((kind == "subscribe" || kind == "unsubscribe") && self->in_flight_ > 0 && --self->in_flight_ == 0) {
             self->sync_subscriptions();
+            self->ready_if_synced();
         }
     }
 
     static void on_published(redisAsyncContext* ac, void* reply, void* cost) {
-        auto& counters = of(ac)->counters_;
-        counters.unacknowledged_bytes.fetch_sub(reinterpret_cast<std::size_t>(cost));
+        auto* self = of(ac);
+        self->counters_.unacknowledged_bytes.fetch_sub(reinterpret_cast<std::size_t>(cost));
         auto* r = static_cast<redisReply*>(reply);
-        if (r && r->type == REDIS_REPLY_INTEGER) counters.messages_out.fetch_add(1, std::memory_order_relaxed);
+        if (r && r->type == REDIS_REPLY_INTEGER) self->counters_.messages_out.fetch_add(1, std::memory_order_relaxed);
+        // Refused (NOAUTH, an ACL without PUBLISH): pretending to relay would lose every push.
+        if (r && r->type == REDIS_REPLY_ERROR && ac == self->publisher_)
+            self->fail(std::string("PUBLISH refused: ") + r->str);
     }
 
     const redis_address address_;
