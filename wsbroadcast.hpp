@@ -85,6 +85,9 @@ with Asio 1.22 on clang also add -DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=
 #define WSBROADCAST_ABI_NAMESPACE standalone_asio
 #else
 #include <boost/asio.hpp>
+#if __has_include(<boost/beast/core/role.hpp>)
+#include <boost/beast/core/role.hpp>  // an enum, for batching_stream's teardown; not the rest of Beast
+#endif
 #if !defined(BOOST_ASIO_HAS_CO_AWAIT)
 #error "wsbroadcast: Boost.Asio did not enable C++20 coroutines. Compile with -std=c++20 \
 (Boost 1.81 or later; with clang also try -DBOOST_ASIO_HAS_CO_AWAIT=1 -DBOOST_ASIO_HAS_STD_COROUTINE=1)."
@@ -205,9 +208,8 @@ concept has_executor = requires(T& t) {
 
 /// Writes one whole message per call (Beast's websocket::stream::async_write is the model).
 template <class T>
-concept writes_messages = requires(T& t, net::const_buffer buffer, error_code& ec) {
-    t.async_write(buffer, net::redirect_error(net::use_awaitable, ec));
-};
+concept writes_messages =
+    requires(T& t, net::const_buffer buffer) { t.async_write(buffer, [](const error_code&, std::size_t) {}); };
 
 /// Reads one whole message per call into a dynamic buffer.
 template <class T>
@@ -250,7 +252,9 @@ struct default_hash<std::string> {
 
 // ==== MESSAGES, OPTIONS, RESULTS =============================================================
 
-/// An immutable message, allocated once and shared by every outbox it is queued in.
+/// An immutable message, allocated once and shared by every outbox it is queued in. The
+/// allocation also holds the message's WebSocket frame header, built once: a server's frames are
+/// not masked, so every recipient is sent the same bytes (see batching_stream).
 class message {
 public:
     message() = default;
@@ -258,21 +262,51 @@ public:
     static message text(std::string_view payload) { return message(payload, false); }
     static message binary(std::string_view payload) { return message(payload, true); }
 
-    std::string_view data() const noexcept { return {bytes_.get(), size_}; }
+    std::string_view data() const noexcept { return {bytes_ ? bytes_.get() + max_header : nullptr, size_}; }
     std::size_t size() const noexcept { return size_; }
     bool is_binary() const noexcept { return binary_; }
     bool empty() const noexcept { return size_ == 0; }
 
+    /// The whole frame, header and payload, as a server sends it (RFC 6455 section 5.2).
+    net::const_buffer frame() const noexcept {
+        if (!bytes_) return net::buffer(empty_text_frame, sizeof empty_text_frame);
+        return net::buffer(bytes_.get() + max_header - header_size_, header_size_ + size_);
+    }
+
 private:
+    static constexpr std::size_t max_header = 10;  // FIN/opcode, length 127, 64-bit length
+    static constexpr unsigned char empty_text_frame[2] = {0x81, 0x00};
+
     message(std::string_view payload, bool binary)
-        // One allocation holds the control block and the bytes.
-        : bytes_(std::make_shared<char[]>(payload.size())), size_(payload.size()), binary_(binary) {
-        if (!payload.empty()) std::memcpy(bytes_.get(), payload.data(), payload.size());
+        // One allocation holds the control block, the frame header and the bytes.
+        : bytes_(std::make_shared_for_overwrite<char[]>(max_header + payload.size())),
+          size_(payload.size()),
+          binary_(binary) {
+        if (!payload.empty()) std::memcpy(bytes_.get() + max_header, payload.data(), payload.size());
+        // The header is written right before the payload, so frame() is one contiguous buffer.
+        unsigned char header[max_header];
+        header[0] = static_cast<unsigned char>(0x80 | (binary ? 0x2 : 0x1));  // FIN, text or binary
+        std::size_t n = 2;
+        const auto length = static_cast<std::uint64_t>(payload.size());
+        if (length < 126) {
+            header[1] = static_cast<unsigned char>(length);
+        } else if (length <= 0xFFFF) {
+            header[1] = 126;
+            n = 4;
+        } else {
+            header[1] = 127;
+            n = 10;
+        }
+        for (std::size_t i = 2; i < n; ++i)  // the extended length, big-endian
+            header[i] = static_cast<unsigned char>(length >> (8 * (n - 1 - i)));
+        header_size_ = static_cast<std::uint8_t>(n);
+        std::memcpy(bytes_.get() + max_header - n, header, n);
     }
 
     std::shared_ptr<char[]> bytes_;
     std::size_t size_ = 0;
     bool binary_ = false;
+    std::uint8_t header_size_ = 0;
 };
 
 /// What a send does when a recipient's outbox is full.
@@ -421,6 +455,115 @@ struct statistics {
     std::uint64_t errors = 0;           ///< unexpected errors reported to on_error
 };
 
+// ==== BATCHING STREAM ========================================================================
+
+/// A stream layer for under a WebSocket stream (Beast: websocket::stream<batching_stream<tcp_stream>>)
+/// that lets the manager write every message queued for a connection in one system call. Each
+/// message's frame is built once (message::frame()), and the manager hands the layer a batch of
+/// them at a time; the WebSocket stream's own writes (pongs, pings, the close frame) go through
+/// the same layer. Writes are done whole and one at a time, in the order they were started, so
+/// frames never interleave.
+///
+/// Only for a server's stream without permessage-deflate: the frames are written as they were
+/// built, unmasked and uncompressed. Use it on one executor (a strand), like the stream above it.
+template <class NextLayer>
+class batching_stream {
+public:
+    using next_layer_type = NextLayer;
+    using executor_type = typename NextLayer::executor_type;
+
+    template <class... Args>
+        requires std::constructible_from<NextLayer, Args...>
+    explicit batching_stream(Args&&... args) : next_(std::forward<Args>(args)...) {}
+
+    batching_stream(batching_stream&&) = default;
+    batching_stream& operator=(batching_stream&&) = default;
+
+    NextLayer& next_layer() noexcept { return next_; }
+    const NextLayer& next_layer() const noexcept { return next_; }
+    executor_type get_executor() noexcept { return next_.get_executor(); }
+
+    template <class MutableBuffers, class Token>
+    auto async_read_some(const MutableBuffers& buffers, Token&& token) {
+        return next_.async_read_some(buffers, std::forward<Token>(token));
+    }
+
+    /// Writes all of `buffers` (not "some": a partial write would let another frame in between),
+    /// after every write started before it.
+    template <class ConstBuffers, class Token>
+    auto async_write_some(const ConstBuffers& buffers, Token&& token) {
+        return net::async_initiate<Token, void(error_code, std::size_t)>(
+            [this](auto handler, const ConstBuffers& b) {
+                using handler_type = decltype(handler);
+                if (!busy_) {
+                    busy_ = true;
+                    write(b, std::move(handler));
+                    return;
+                }
+                // Rare: the WebSocket stream writes a control frame while a batch is on its way.
+                auto w = std::make_unique<queued<handler_type>>(std::move(handler));
+                for (auto it = net::buffer_sequence_begin(b); it != net::buffer_sequence_end(b); ++it)
+                    w->buffers.emplace_back(*it);
+                waiting_.push_back(std::move(w));
+            },
+            token, buffers);
+    }
+
+private:
+    struct queued_write {
+        virtual ~queued_write() = default;
+        virtual void start(batching_stream& s) = 0;
+        std::vector<net::const_buffer> buffers;
+    };
+
+    template <class Handler>
+    struct queued final : queued_write {
+        explicit queued(Handler&& h) : handler(std::move(h)) {}
+        // async_write copies the buffer sequence: the vector may go once it has started.
+        void start(batching_stream& s) override { s.write(this->buffers, std::move(handler)); }
+        Handler handler;
+    };
+
+    template <class ConstBuffers, class Handler>
+    void write(const ConstBuffers& buffers, Handler&& handler) {
+        net::async_write(
+            next_, buffers, [this, handler = std::move(handler)](const error_code& ec, std::size_t n) mutable {
+                start_next();
+                // On the handler's own executor (normally this strand: then at once).
+                auto ex = net::get_associated_executor(handler, next_.get_executor());
+                net::dispatch(ex, [handler = std::move(handler), ec, n]() mutable { std::move(handler)(ec, n); });
+            });
+    }
+
+    void start_next() {
+        if (waiting_.empty()) {
+            busy_ = false;
+            return;
+        }
+        auto next = std::move(waiting_.front());
+        waiting_.erase(waiting_.begin());
+        next->start(*this);
+    }
+
+    NextLayer next_;
+    bool busy_ = false;
+    std::vector<std::unique_ptr<queued_write>> waiting_;  // a vector: empty, it allocates nothing
+};
+
+#if !defined(WSBROADCAST_STANDALONE_ASIO) && __has_include(<boost/beast/core/role.hpp>)
+/// Beast's WebSocket close ends with a teardown of the layer below it, found by ADL: ours is the
+/// next layer's. Only Beast's role_type enum is included for it, not Beast.
+template <class NextLayer>
+void teardown(::boost::beast::role_type role, batching_stream<NextLayer>& s, error_code& ec) {
+    teardown(role, s.next_layer(), ec);
+}
+
+template <class NextLayer, class Handler>
+void async_teardown(::boost::beast::role_type role, batching_stream<NextLayer>& s, Handler&& handler) {
+    async_teardown(role, s.next_layer(), std::forward<Handler>(handler));
+}
+#endif
+
 // ==== DETAIL =================================================================================
 
 namespace detail {
@@ -476,12 +619,28 @@ enum class connection_state {
     detached,  // unsubscribed: the writer stops, the socket is left to its owner
 };
 
+template <class T>
+inline constexpr bool is_batching_stream = false;
+template <class NextLayer>
+inline constexpr bool is_batching_stream<batching_stream<NextLayer>> = true;
+
+/// A WebSocket stream over a batching_stream: the manager writes its frames in batches, itself.
+template <class Socket>
+concept writes_frame_batches =
+    requires(Socket& s) { requires is_batching_stream<std::remove_cvref_t<decltype(s.next_layer())>>; };
+
+enum class writer_state {
+    unstarted,  // registered, handshake not done yet: pushes only queue (see start_writer)
+    idle,       // nothing to write; the next push schedules a flush
+    scheduled,  // a flush is on its way to the socket's executor
+    writing,    // a write (or the close frame) is in flight
+};
+
 /// One registered socket: its outbox and the state its writer needs. Shared by the registry,
-/// the writer coroutine and the subscription handle; it dies with the last of them.
+/// the writer's pending handler and the subscription handle; it dies with the last of them.
 template <class Socket, class Key>
 struct connection : std::enable_shared_from_this<connection<Socket, Key>> {
-    connection(Socket&& s, Key k, const outbox_options& o)
-        : socket(std::move(s)), key(std::move(k)), limits(o), wake(socket.get_executor()) {}
+    connection(Socket&& s, Key k, const outbox_options& o) : socket(std::move(s)), key(std::move(k)), limits(o) {}
 
     Socket socket;
     const Key key;
@@ -489,18 +648,20 @@ struct connection : std::enable_shared_from_this<connection<Socket, Key>> {
     std::size_t slot = npos;  // index in the registry's vector for `key`; guarded by the registry lock
     static constexpr std::size_t npos = static_cast<std::size_t>(-1);
 
-    // Touched only on the socket's executor. The timer is the writer's condition variable: it waits
-    // on a timer that never expires and is woken by cancel().
-    net::steady_timer wake;
+    // Touched only on the socket's executor.
     net::steady_timer watchdog{socket.get_executor()};  // liveness: see ConnectionManager::watch
     bool heard_from_peer = false;                       // a message or a control frame arrived since the last check
     bool ping_in_flight = false;                        // the watchdog's ping has not completed yet
+    std::vector<net::const_buffer> batch;               // the frames being written; empty when idle
 
     std::mutex mutex;  // guards everything below
+    // A registered connection keeps its io_context running, even with nothing in flight: sends
+    // may come at any time. Released when it leaves the manager.
+    net::executor_work_guard<typename Socket::executor_type> keep_running{socket.get_executor()};
     std::deque<message> outbox;
     std::size_t queued_bytes = 0;
-    bool writer_parked = false;    // the writer waits on `wake`; the next push must cancel it
-    bool front_in_flight = false;  // outbox.front() is being written and must not be dropped
+    std::size_t in_flight = 0;  // the first in_flight messages are being written and must not be dropped
+    writer_state writer = writer_state::unstarted;
     connection_state state = connection_state::open;
     std::uint16_t close_code = 0;
     std::string close_text;  // an owned copy: the caller's reason may not outlive the close
@@ -813,11 +974,16 @@ private:
         return refusal;
     }
 
-    /// Starts the connection's coroutines: its writer and, with an idle timeout, its watchdog.
+    /// Starts the connection's writer (it writes whatever was queued meanwhile) and, with an idle
+    /// timeout, its watchdog.
     void start_writer(const connection_ptr& c) {
-        net::co_spawn(c->socket.get_executor(), write_loop(c), [this](std::exception_ptr e) {
-            if (e) report({"writer", {}, e});
-        });
+        bool flush_now = false;
+        {
+            std::lock_guard lock(c->mutex);
+            c->writer = detail::writer_state::idle;
+            flush_now = schedule_flush(*c);
+        }
+        if (flush_now) post_flush(*c);
         if (options_.idle_timeout > std::chrono::steady_clock::duration::zero())
             net::dispatch(c->socket.get_executor(), [this, c] { watch(c, false); });  // the timer lives on it
     }
@@ -966,7 +1132,7 @@ private:
             {
                 std::lock_guard lock(c->mutex);
                 begin_close(*c, detail::connection_state::aborting, 1001, "shutdown deadline");
-                c->writer_parked = false;
+                c->keep_running.reset();
             }
             post_stop(*c, teardown::always);
         }
@@ -1025,7 +1191,7 @@ private:
                     abort = true;
                     begin_close(c, detail::connection_state::aborting, c.limits.close_code,
                                 "outbox full: the client is not reading");
-                    wake = std::exchange(c.writer_parked, false);
+                    wake = schedule_flush(c);
                     break;
                 }
             }
@@ -1033,24 +1199,23 @@ private:
                 c.outbox.push_back(m);
                 c.queued_bytes += m.size();
                 ++result.queued;
-                wake = std::exchange(c.writer_parked, false);
+                wake = schedule_flush(c);
             }
         }
-        if (abort)
-            post_stop(c, teardown::if_writing);
-        else if (wake)
-            post_wake(c);
+        if (wake) post_flush(c);
+        if (abort) post_stop(c, teardown::if_writing);
     }
 
     static bool fits(const connection& c, const message& m) noexcept {
         return c.outbox.size() < c.limits.max_messages && c.queued_bytes + m.size() <= c.limits.max_bytes;
     }
 
-    /// drop_oldest: discards the oldest queued messages (never the one being written) until `m`
+    /// drop_oldest: discards the oldest queued messages (never those being written) until `m`
     /// fits, and returns how many. Returns 0, discarding nothing, if `m` could never fit.
     static std::size_t make_room(connection& c, const message& m) {
-        const std::size_t keep = c.front_in_flight ? 1 : 0;
-        const std::size_t bytes_kept = keep ? c.outbox.front().size() : 0;
+        const std::size_t keep = c.in_flight;
+        std::size_t bytes_kept = 0;
+        for (std::size_t i = 0; i < keep; ++i) bytes_kept += c.outbox[i].size();
         if (keep + 1 > c.limits.max_messages || bytes_kept + m.size() > c.limits.max_bytes) return 0;
         std::size_t evicted = 0;
         while (!fits(c, m)) {
@@ -1068,8 +1233,8 @@ private:
         c.close_code = code;
         c.close_text = text.substr(0, 123);  // the most a close frame carries (RFC 6455 section 5.5)
         if (state != detail::connection_state::closing) {
-            // Nothing queued will be written: free it now, except the message being written.
-            const std::size_t keep = c.front_in_flight ? 1 : 0;
+            // Nothing queued will be written: free it now, except the messages being written.
+            const std::size_t keep = c.in_flight;
             while (c.outbox.size() > keep) {
                 c.queued_bytes -= c.outbox.back().size();
                 c.outbox.pop_back();
@@ -1083,14 +1248,53 @@ private:
             std::lock_guard lock(c.mutex);
             if (c.state != detail::connection_state::open) return;
             begin_close(c, detail::connection_state::closing, code, text);
-            wake = std::exchange(c.writer_parked, false);
+            wake = schedule_flush(c);
         }
-        if (wake) post_wake(c);
+        if (wake) post_flush(c);
     }
 
-    /// Wakes a parked writer. The timer may only be touched on the socket's executor.
-    void post_wake(connection& c) {
-        net::post(c.socket.get_executor(), [c = c.shared_from_this()] { c->wake.cancel(); });
+    /// An idle writer gets a flush scheduled; any other is either writing (it looks at the outbox
+    /// again when its write completes) or not started. `c.mutex` must be held.
+    static bool schedule_flush(connection& c) noexcept {
+        if (c.writer != detail::writer_state::idle) return false;
+        c.writer = detail::writer_state::scheduled;
+        return true;
+    }
+
+    /// Queues a flush of `c`. Flushes are handed out in small chunks, each chunk posted behind
+    /// whatever else is waiting (reads, new pushes): a send to many connections then does not hold
+    /// everything else back for a whole round of writes, and what is sent during the round leaves
+    /// in one write per connection.
+    void post_flush(connection& c) {
+        bool start = false;
+        {
+            std::lock_guard lock(due_mutex_);
+            due_.push_back(c.weak_from_this());  // weak: a connection that dies meanwhile is skipped
+            start = !std::exchange(flusher_running_, true);
+        }
+        if (start) {
+            auto executor = c.socket.get_executor();
+            net::post(executor, [this, executor] { hand_out_flushes(executor); });
+        }
+    }
+
+    static constexpr std::size_t flush_chunk = 16;
+
+    void hand_out_flushes(const typename Socket::executor_type& executor) {
+        std::weak_ptr<connection> chunk[flush_chunk];
+        std::size_t n = 0;
+        bool more = false;
+        {
+            std::lock_guard lock(due_mutex_);
+            for (; n < flush_chunk && !due_.empty(); ++n) {
+                chunk[n] = std::move(due_.front());
+                due_.pop_front();
+            }
+            more = flusher_running_ = !due_.empty();
+        }
+        for (std::size_t i = 0; i < n; ++i)
+            if (auto c = chunk[i].lock()) net::post(c->socket.get_executor(), [this, c] { flush(c); });
+        if (more) net::post(executor, [this, executor] { hand_out_flushes(executor); });
     }
 
     enum class teardown {
@@ -1099,18 +1303,16 @@ private:
         always,      // end of a shutdown: no more waiting
     };
 
-    /// The one way to stop a connection from outside: on its executor (its timers and socket may be
-    /// touched only there), tear the socket down as asked, wake the writer so it sees the state that
-    /// was set, and stop the watchdog. Idempotent.
+    /// The one way to stop a connection from outside: on its executor (its timer and socket may be
+    /// touched only there), tear the socket down as asked and stop the watchdog. Idempotent.
     void post_stop(connection& c, teardown how) {
         net::post(c.socket.get_executor(), [c = c.shared_from_this(), how] {
             bool tear_down = how == teardown::always;
             if (how == teardown::if_writing) {
                 std::lock_guard lock(c->mutex);
-                tear_down = c->front_in_flight;
+                tear_down = c->in_flight > 0;
             }
             if (tear_down) detail::abort_socket(c->socket);
-            c->wake.cancel();
             c->watchdog.cancel();
         });
     }
@@ -1140,7 +1342,7 @@ private:
             std::lock_guard lock(c->mutex);
             if (why == detail::connection_state::detached || c->state == detail::connection_state::open)
                 begin_close(*c, why, 0, {});
-            c->writer_parked = false;
+            c->keep_running.reset();
         }
         try {
             post_stop(*c, teardown::none);
@@ -1148,69 +1350,99 @@ private:
         }
     }
 
-    /// The connection's only writer: one write in flight at a time, in outbox order.
-    net::awaitable<void> write_loop(connection_ptr c) {
+    /// The most frames one write takes: what Asio hands the kernel in one writev.
+    static constexpr std::size_t max_batch = 64;
+
+    /// The connection's only writer, run on its executor: one write in flight at a time, in outbox
+    /// order. It writes every queued message (up to max_batch) in one write when the socket is
+    /// over a batching_stream, else the oldest one; then, once the outbox is empty and a close was
+    /// asked for, the close frame.
+    void flush(const connection_ptr& c) noexcept {
         using detail::connection_state;
-        error_code ec;
-        for (;;) {
-            message next;  // a copy: drop_oldest may erase around the front while it is written
-            bool park = false;
+        try {
+            bool close_now = false;
+            std::uint16_t code = 0;
+            std::string text;
+            bool overflowed = false;
+            bool binary = false;
             {
                 std::lock_guard lock(c->mutex);
                 const auto state = c->state;
-                if (state == connection_state::detached || state == connection_state::aborting) break;
-                if (!c->outbox.empty()) {
-                    next = c->outbox.front();  // stays queued (and counted) until written
-                    c->front_in_flight = true;
-                } else if (state == connection_state::closing) {
-                    break;
-                } else {
-                    park = c->writer_parked = true;
+                if (state == connection_state::detached) {  // the socket is its owner's again
+                    c->writer = detail::writer_state::idle;
+                    return;
+                }
+                if (state != connection_state::aborting && !c->outbox.empty()) {
+                    // Messages stay queued (and counted) until written; the buffers point into
+                    // their shared allocations, which drop_oldest never frees while in flight.
+                    c->writer = detail::writer_state::writing;
+                    c->batch.clear();
+                    if constexpr (detail::writes_frame_batches<Socket>) {
+                        c->in_flight = std::min(c->outbox.size(), max_batch);
+                        for (std::size_t i = 0; i < c->in_flight; ++i) c->batch.push_back(c->outbox[i].frame());
+                    } else {
+                        c->in_flight = 1;
+                        c->batch.push_back(net::buffer(c->outbox.front().data()));
+                        binary = c->outbox.front().is_binary();
+                    }
+                } else if (state == connection_state::open) {
+                    c->writer = detail::writer_state::idle;
+                    std::vector<net::const_buffer>().swap(c->batch);  // an idle connection holds no batch
+                    return;
+                } else {                                        // closing with nothing left to write, or aborting
+                    c->writer = detail::writer_state::writing;  // for good: nothing is written after the close
+                    close_now = true;
+                    code = c->close_code;
+                    text = c->close_text;
+                    overflowed = state == connection_state::aborting;
                 }
             }
-            if (park) {
-                // Nothing else runs on this executor before the wait starts, so a wake posted by
-                // a pusher cannot be lost.
-                c->wake.expires_at(net::steady_timer::time_point::max());
-                co_await c->wake.async_wait(net::redirect_error(net::use_awaitable, ec));
-                continue;
+            if (close_now) return send_close(c, code, text, overflowed);
+            auto done = [this, c](const error_code& ec, std::size_t) { written(c, ec); };
+            if constexpr (detail::writes_frame_batches<Socket>) {
+                c->socket.next_layer().async_write_some(c->batch, std::move(done));
+            } else {
+                if constexpr (requires { c->socket.binary(true); }) c->socket.binary(binary);
+                c->socket.async_write(c->batch.front(), std::move(done));
             }
-            if constexpr (requires { c->socket.binary(true); }) c->socket.binary(next.is_binary());
-            co_await c->socket.async_write(net::buffer(next.data()), net::redirect_error(net::use_awaitable, ec));
-            {
-                std::lock_guard lock(c->mutex);
-                c->queued_bytes -= c->outbox.front().size();  // every path keeps the in-flight front
-                c->outbox.pop_front();
-                c->front_in_flight = false;
-            }
-            if (ec) {
-                if (!detail::is_expected_ending(ec)) report({"write", ec, {}});
-                remove(c, connection_state::aborting);
-                co_return;
-            }
+        } catch (...) {
+            report({"writer", {}, std::current_exception()});
+            detail::abort_socket(c->socket);
+            remove(c, connection_state::aborting);
         }
+    }
 
-        std::uint16_t code;
-        std::string text;
-        bool overflowed;
+    void written(const connection_ptr& c, const error_code& ec) noexcept {
         {
             std::lock_guard lock(c->mutex);
-            if (c->state == connection_state::detached) co_return;
-            code = c->close_code;
-            text = c->close_text;
-            overflowed = c->state == connection_state::aborting;
+            for (; c->in_flight > 0; --c->in_flight) {  // every path keeps the in-flight messages
+                c->queued_bytes -= c->outbox.front().size();
+                c->outbox.pop_front();
+            }
+            if (ec) c->writer = detail::writer_state::writing;  // for good
         }
+        if (!ec) return flush(c);
+        if (!detail::is_expected_ending(ec)) report({"write", ec, {}});
+        remove(c, detail::connection_state::aborting);
+    }
+
+    /// The close frame, once everything queued is written (closing) or dropped (aborting).
+    void send_close(const connection_ptr& c, std::uint16_t code, std::string_view text, bool overflowed) {
         if constexpr (requires {
                           c->socket.async_close(detail::make_close_reason<Socket>(code, text),
-                                                net::redirect_error(net::use_awaitable, ec));
+                                                [](const error_code&) {});
                       }) {
-            co_await c->socket.async_close(detail::make_close_reason<Socket>(code, text),
-                                           net::redirect_error(net::use_awaitable, ec));
-            if (!detail::is_expected_ending(ec)) report({"close", ec, {}});
+            c->socket.async_close(detail::make_close_reason<Socket>(code, text),
+                                  [this, c, overflowed](const error_code& ec) {
+                                      if (!detail::is_expected_ending(ec)) report({"close", ec, {}});
+                                      // A connection closed by close_all() stays registered until its
+                                      // peer's answer ends the read loop; one closed on overflow
+                                      // leaves at once, whether or not anybody reads it.
+                                      if (overflowed) remove(c, detail::connection_state::aborting);
+                                  });
+        } else if (overflowed) {
+            remove(c, detail::connection_state::aborting);
         }
-        // A connection closed by close_all() stays registered until its peer's answer ends the read
-        // loop; one closed on overflow leaves at once, whether or not anybody reads it.
-        if (overflowed) remove(c, connection_state::aborting);
     }
 
     /// Tells the relay, if any, that `key` got its first connection or lost its last. Called under
@@ -1239,6 +1471,10 @@ private:
     std::size_t total_ = 0;
 
     bool closing_ = false;  // shutdown() has begun; guarded by registry_mutex_
+
+    std::mutex due_mutex_;                       // guards the two below
+    std::deque<std::weak_ptr<connection>> due_;  // connections waiting for a flush, oldest first
+    bool flusher_running_ = false;               // hand_out_flushes() is posted or running
 
     std::atomic<std::uint64_t> connections_{0}, refused_{0}, messages_{0}, deliveries_{0}, dropped_{0},
         overflow_closes_{0}, errors_{0};

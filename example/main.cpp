@@ -338,7 +338,8 @@ response make_error(const request& req, http::status status, std::string_view de
 // The server's state shared by every session: the options and the manager for this transport.
 template <class Stream>
 struct server_state {
-    using ws_stream = websocket::stream<Stream>;
+    // batching_stream: the manager writes every message queued for a client in one system call.
+    using ws_stream = websocket::stream<wsbroadcast::batching_stream<Stream>>;
     using manager_type = wsbroadcast::ConnectionManager<ws_stream>;
     using relay_type = redis_relay<manager_type>;
 
@@ -593,7 +594,7 @@ net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::accept
             continue;
         }
         auto executor = socket.get_executor();
-        if constexpr (std::is_same_v<typename State::ws_stream::next_layer_type, beast::tcp_stream>) {
+        if constexpr (std::is_same_v<typename State::ws_stream::next_layer_type::next_layer_type, beast::tcp_stream>) {
             net::co_spawn(executor, http_session(state, beast::tcp_stream(std::move(socket))),
                           log_exception("session"));
         } else {

@@ -733,6 +733,75 @@ TEST_CASE("TLS: wss:// and https:// with a verifying client; the same manager ov
     CHECK(server.stop(SIGTERM) == 0);
 }
 
+// ---- the library over Beast, in-process -------------------------------------------------------
+
+// A tcp_stream that counts the writes asked of it: each is one system call on this stream.
+struct counting_stream : beast::tcp_stream {
+    using beast::tcp_stream::tcp_stream;
+    std::shared_ptr<int> writes = std::make_shared<int>(0);
+
+    template <class Buffers, class Token>
+    auto async_write_some(const Buffers& buffers, Token&& token) {
+        ++*writes;
+        return beast::tcp_stream::async_write_some(buffers, std::forward<Token>(token));
+    }
+};
+
+template <class Handler>
+void async_teardown(beast::role_type role, counting_stream& s, Handler&& handler) {
+    beast::async_teardown(role, static_cast<beast::tcp_stream&>(s), std::forward<Handler>(handler));
+}
+
+void teardown(beast::role_type role, counting_stream& s, beast::error_code& ec) {
+    beast::teardown(role, static_cast<beast::tcp_stream&>(s), ec);
+}
+
+TEST_CASE("over a batching_stream, the messages queued for a client leave in one write, in order") {
+    using socket_type = websocket::stream<wsbroadcast::batching_stream<counting_stream>>;
+    wsbroadcast::ConnectionManager<socket_type> manager;  // outlives the io_contexts
+    net::io_context server_ioc, client_ioc;
+    tcp::acceptor acceptor(server_ioc, tcp::endpoint(net::ip::make_address("127.0.0.1"), 0));
+    websocket::stream<beast::tcp_stream> client(client_ioc);
+    beast::get_lowest_layer(client).expires_after(io_timeout);
+    REQUIRE_FALSE(run(client_ioc, [&](auto done) {
+        beast::get_lowest_layer(client).async_connect(acceptor.local_endpoint(), done);
+    }));
+    socket_type server(counting_stream(acceptor.accept()));
+    const auto writes = server.next_layer().next_layer().writes;
+
+    // The handshake, each side on its own thread.
+    beast::error_code accepted = net::error::would_block;
+    server.async_accept([&](beast::error_code ec) { accepted = ec; });
+    std::thread server_thread([&] { server_ioc.run_for(io_timeout); });
+    REQUIRE_FALSE(run(client_ioc, [&](auto done) { client.async_handshake("127.0.0.1", "/", done); }));
+    server_thread.join();
+    REQUIRE_FALSE(accepted);
+
+    // Ten messages are queued before the connection's writer gets to run.
+    const int writes_before = *writes;
+    auto subscription = manager.subscribe(std::move(server), "k");
+    std::vector<std::string> sent;
+    for (int i = 0; i < 10; ++i) {
+        sent.push_back("message " + std::to_string(i));
+        CHECK(manager.send("k", sent.back()).queued == 1);
+    }
+    server_ioc.restart();
+    server_thread = std::thread([&] { server_ioc.run_for(io_timeout); });  // stopped below, once read
+
+    std::vector<std::string> got;
+    beast::flat_buffer buffer;
+    beast::get_lowest_layer(client).expires_after(io_timeout);
+    for (int i = 0; i < 10; ++i) {
+        if (run(client_ioc, [&](auto done) { client.async_read(buffer, done); })) break;
+        got.push_back(beast::buffers_to_string(buffer.data()));
+        buffer.consume(buffer.size());
+    }
+    server_ioc.stop();
+    server_thread.join();
+    CHECK(got == sent);
+    CHECK(*writes - writes_before == 1);  // ten frames, one write
+}
+
 // ---- operator comfort: metrics, health, environment, logs ------------------------------------
 
 TEST_CASE("/metrics counts connections, deliveries and refusals; /healthz answers") {

@@ -154,6 +154,88 @@ TEST_CASE_FIXTURE(fixture, "one message is stored once and shared by every recip
     }
 }
 
+TEST_CASE("a message's frame is built once, as RFC 6455 lays a server's frame out") {
+    auto header = [](const wsbroadcast::message& m) {
+        const auto frame = m.frame();
+        const auto* bytes = static_cast<const unsigned char*>(frame.data());
+        const std::size_t header_size = frame.size() - m.size();
+        // The payload follows the header in the same bytes that data() shows.
+        CHECK(static_cast<const void*>(bytes + header_size) == static_cast<const void*>(m.data().data()));
+        return std::vector<int>(bytes, bytes + header_size);
+    };
+    CHECK(header(wsbroadcast::message::text("hi")) == std::vector<int>{0x81, 2});
+    CHECK(header(wsbroadcast::message::binary("hi")) == std::vector<int>{0x82, 2});
+    CHECK(header(wsbroadcast::message::text("")) == std::vector<int>{0x81, 0});
+    CHECK(header(wsbroadcast::message::text(std::string(125, 'x'))) == std::vector<int>{0x81, 125});
+    CHECK(header(wsbroadcast::message::text(std::string(126, 'x'))) == std::vector<int>{0x81, 126, 0, 126});
+    CHECK(header(wsbroadcast::message::text(std::string(65535, 'x'))) == std::vector<int>{0x81, 126, 0xFF, 0xFF});
+    CHECK(header(wsbroadcast::message::text(std::string(65536, 'x'))) ==
+          std::vector<int>{0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0});
+    const wsbroadcast::message none;
+    CHECK(none.frame().size() == 2);  // an empty text frame
+}
+
+namespace {
+// A next layer that takes at most 3 bytes per write, completing each later, and never has
+// anything to read: it shows whether writes through a batching_stream stay whole and in order.
+struct trickle_stream {
+    using executor_type = net::any_io_executor;
+    explicit trickle_stream(executor_type ex) : executor(std::move(ex)) {}
+
+    executor_type executor;
+    std::string written;
+    int write_calls = 0;
+
+    executor_type get_executor() const { return executor; }
+
+    template <class Buffers, class Token>
+    auto async_write_some(const Buffers& buffers, Token&& token) {
+        ++write_calls;
+        char chunk[3];
+        const auto n = net::buffer_copy(net::buffer(chunk), buffers);
+        written.append(chunk, n);
+        return net::async_compose<Token, void(error_code, std::size_t)>(
+            [n, started = false](auto& self) mutable {
+                if (!std::exchange(started, true)) return net::post(std::move(self));
+                self.complete({}, n);
+            },
+            token, executor);
+    }
+
+    template <class Buffers, class Token>
+    auto async_read_some(const Buffers&, Token&& token) {
+        return net::async_compose<Token, void(error_code, std::size_t)>(
+            [started = false](auto& self) mutable {
+                if (!std::exchange(started, true)) return net::post(std::move(self));
+                self.complete(net::error::eof, 0);
+            },
+            token, executor);
+    }
+};
+}  // namespace
+
+TEST_CASE_FIXTURE(fixture, "a batching_stream writes each write whole, one after another, in the order started") {
+    wsbroadcast::batching_stream<trickle_stream> stream(ioc.get_executor());
+    const std::string first(10, 'a'), second(7, 'b'), third = "c";
+    std::vector<std::pair<std::string, std::size_t>> completions;
+    auto record = [&](std::string name) {
+        return [&completions, name](const error_code& ec, std::size_t n) {
+            CHECK_FALSE(ec);
+            completions.emplace_back(name, n);
+        };
+    };
+    // Started together, as a batch of frames and a pong would be: the second and third wait.
+    stream.async_write_some(net::buffer(first), record("first"));
+    std::vector<net::const_buffer> gathered{net::buffer(second), net::buffer(third)};
+    stream.async_write_some(gathered, record("second and third"));
+    CHECK(stream.next_layer().written == "aaa");  // only the first write has begun
+    settle();
+    CHECK(stream.next_layer().written == first + second + third);
+    CHECK(stream.next_layer().write_calls == 4 + 3);  // 10 bytes, then 8, 3 at a time
+    using done = std::vector<std::pair<std::string, std::size_t>>;
+    CHECK(completions == done{{"first", 10}, {"second and third", 8}});
+}
+
 TEST_CASE_FIXTURE(fixture, "broadcast reaches every connection under every key") {
     manager_type manager;
     auto pa = peer(), pb = peer(), pc = peer();
