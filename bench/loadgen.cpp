@@ -1226,6 +1226,12 @@ int run(const config& cfg) {
     std::vector<net::executor_work_guard<net::io_context::executor_type>> guards;
     for (auto& w : workers) guards.push_back(net::make_work_guard(w->ioc));
     for (auto& w : workers) w->thread = std::thread([&ioc = w->ioc] { ioc.run(); });
+    // The publishers get a thread of their own, as an application pushing to the server is not
+    // the browsers receiving from it: on a subscriber's thread, each push would wait behind a round
+    // of subscriber reads, and the loadgen, not the server, would set the pace of publishing.
+    worker publishing;
+    auto publishing_guard = net::make_work_guard(publishing.ioc);
+    publishing.thread = std::thread([&ioc = publishing.ioc] { ioc.run(); });
 
     // Subscribers: the fast ones, then the slow one (scenario slow) on id 0.
     const unsigned total_subs = cfg.n_subscribers + (cfg.slow ? 1 : 0);
@@ -1315,12 +1321,12 @@ int run(const config& cfg) {
                 " s");
     }
 
-    // Publishers, all on worker 0.
+    // Publishers, all on the publishing thread.
     std::vector<publisher> pubs(cfg.publishers);
     for (unsigned p = 0; p < cfg.publishers; ++p) {
         pubs[p].index = p;
         pubs[p].sent.assign(pl.ids, 0);
-        net::co_spawn(workers[0]->ioc, run_publisher(pubs[p], rs), report_exception);
+        net::co_spawn(publishing.ioc, run_publisher(pubs[p], rs), report_exception);
     }
     wait_for(
         [&] {
@@ -1416,8 +1422,11 @@ int run(const config& cfg) {
     wait_for([&] { return sum(&worker::ended) >= connected; }, 5, 5ms);
     const int redis_status = cfg.relay ? redis.stop(10s) : -1;
     for (auto& g : guards) g.reset();
+    publishing_guard.reset();
     for (auto& w : workers) w->ioc.stop();
+    publishing.ioc.stop();
     for (auto& w : workers) w->thread.join();
+    publishing.thread.join();
 
     // ---- results (all threads joined: plain reads are safe) ----
     histogram latency;
