@@ -10,7 +10,9 @@
 //
 //   #include "wsbroadcast.hpp"
 //   namespace websocket = boost::beast::websocket;
-//   using socket_type = websocket::stream<boost::beast::tcp_stream>;
+//   // batching_stream: every message queued for a client leaves in one system call. (A plain
+//   // websocket::stream<tcp_stream> works too, one write per message.)
+//   using socket_type = websocket::stream<wsbroadcast::batching_stream<boost::asio::ip::tcp::socket>>;
 //   wsbroadcast::ConnectionManager<socket_type> manager;   // keys are std::string
 //
 //   // in your HTTP session, once you have read an upgrade request for /ws/{id}:
@@ -598,16 +600,22 @@ auto make_close_reason(std::uint16_t code, std::string_view text) {
 }
 
 /// Tears a socket down without a close handshake: for a peer that stopped reading, whose pending
-/// write would otherwise never complete. Uses Beast's get_lowest_layer (found by ADL) when present.
-template <class Socket>
-void abort_socket(Socket& s) {
-    if constexpr (requires { get_lowest_layer(s).close(); }) {
+/// write would otherwise never complete. Closes the lowest layer, found as Beast's get_lowest_layer
+/// finds it (next_layer() down to a layer without one), but without relying on ADL to find Beast.
+template <class Layer>
+void abort_socket(Layer& s) {
+    if constexpr (requires { s.next_layer(); }) {
+        abort_socket(s.next_layer());
+    } else if constexpr (requires { s.close(); }) {
         try {
-            get_lowest_layer(s).close();
+            s.close();
         } catch (...) {  // closing a socket that is already gone is not an error worth raising
         }
     }
 }
+
+/// What serve() reads a client's messages into.
+using read_buffer = net::dynamic_string_buffer<char, std::char_traits<char>, std::allocator<char>>;
 
 /// serve() has no upgrade request to answer.
 struct no_request {};
@@ -617,6 +625,55 @@ enum class connection_state {
     closing,   // write what is queued, then send a close frame
     aborting,  // outbox overflowed: drop what is queued, close now
     detached,  // unsubscribed: the writer stops, the socket is left to its owner
+};
+
+/// A connection's outbox: a ring of messages. It allocates nothing until the first message and
+/// gives its storage back once drained (std::deque allocates 576 bytes up front, and an idle
+/// connection has nothing queued most of its life).
+class message_ring {
+public:
+    bool empty() const noexcept { return count_ == 0; }
+    std::size_t size() const noexcept { return count_; }
+    message& operator[](std::size_t i) noexcept { return slots_[(head_ + i) & (capacity_ - 1)]; }
+    message& front() noexcept { return (*this)[0]; }
+    message& back() noexcept { return (*this)[count_ - 1]; }
+
+    void push_back(const message& m) {
+        if (count_ == capacity_) grow();
+        ++count_;
+        back() = m;
+    }
+    void pop_front() noexcept {
+        front() = message();
+        head_ = (head_ + 1) & (capacity_ - 1);
+        if (--count_ == 0) release();
+    }
+    void pop_back() noexcept {
+        back() = message();
+        if (--count_ == 0) release();
+    }
+    /// Removes the i-th message, keeping the order of the others.
+    void erase(std::size_t i) noexcept {
+        for (; i + 1 < count_; ++i) (*this)[i] = std::move((*this)[i + 1]);
+        pop_back();
+    }
+
+private:
+    void grow() {
+        const std::size_t capacity = capacity_ ? 2 * capacity_ : 4;  // a power of two, for the mask
+        auto slots = std::make_unique<message[]>(capacity);
+        for (std::size_t i = 0; i < count_; ++i) slots[i] = std::move((*this)[i]);
+        slots_ = std::move(slots);
+        capacity_ = capacity;
+        head_ = 0;
+    }
+    void release() noexcept {
+        slots_.reset();
+        capacity_ = head_ = 0;
+    }
+
+    std::unique_ptr<message[]> slots_;
+    std::size_t capacity_ = 0, head_ = 0, count_ = 0;
 };
 
 template <class T>
@@ -640,7 +697,8 @@ enum class writer_state {
 /// the writer's pending handler and the subscription handle; it dies with the last of them.
 template <class Socket, class Key>
 struct connection : std::enable_shared_from_this<connection<Socket, Key>> {
-    connection(Socket&& s, Key k, const outbox_options& o) : socket(std::move(s)), key(std::move(k)), limits(o) {}
+    connection(Socket&& s, Key k, const outbox_options& o, std::size_t max_message_bytes)
+        : socket(std::move(s)), key(std::move(k)), limits(o), read_buffer(read_storage, max_message_bytes) {}
 
     Socket socket;
     const Key key;
@@ -653,12 +711,14 @@ struct connection : std::enable_shared_from_this<connection<Socket, Key>> {
     bool heard_from_peer = false;                       // a message or a control frame arrived since the last check
     bool ping_in_flight = false;                        // the watchdog's ping has not completed yet
     std::vector<net::const_buffer> batch;               // the frames being written; empty when idle
+    std::string read_storage;                           // serve(): the message being read, here
+    detail::read_buffer read_buffer;                    // because the pending read refers to them
 
     std::mutex mutex;  // guards everything below
     // A registered connection keeps its io_context running, even with nothing in flight: sends
     // may come at any time. Released when it leaves the manager.
     net::executor_work_guard<typename Socket::executor_type> keep_running{socket.get_executor()};
-    std::deque<message> outbox;
+    message_ring outbox;
     std::size_t queued_bytes = 0;
     std::size_t in_flight = 0;  // the first in_flight messages are being written and must not be dropped
     writer_state writer = writer_state::unstarted;
@@ -884,59 +944,71 @@ public:
     /// they are read and discarded. It runs on the socket's executor; the view is valid only
     /// during the call. An exception it throws ends the connection and propagates to the caller.
     ///
-    /// Completes, on the awaiting coroutine's executor, with the error that ended the connection
-    /// (Beast's websocket::error::closed for a clean close). Unexpected errors are also reported
-    /// to options::on_error. Everything touching the socket runs on the socket's executor.
-    template <class OnMessage = void (*)(std::string_view)>
+    /// Completes with the error that ended the connection (Beast's websocket::error::closed for a
+    /// clean close). Unexpected errors are also reported to options::on_error. Everything touching
+    /// the socket runs on the socket's executor. By default the result is an awaitable; any Asio
+    /// completion token for void(std::exception_ptr, error_code) works instead (a callback,
+    /// net::detached), and then no frame of the caller's waits while the connection lives.
+    template <class OnMessage = void (*)(std::string_view), class CompletionToken = net::use_awaitable_t<>>
         requires readable_message_socket<Socket> && std::invocable<OnMessage&, std::string_view>
-    net::awaitable<error_code> serve(Socket ws, Key key, OnMessage on_message = [](std::string_view) {}) {
-        return serve(std::move(ws), std::move(key), options_.outbox, std::move(on_message));
+    auto serve(Socket ws, Key key, OnMessage on_message = [](std::string_view) {}, CompletionToken&& token = {}) {
+        return serve(std::move(ws), std::move(key), options_.outbox, std::move(on_message),
+                     std::forward<CompletionToken>(token));
     }
 
     /// The same, with this connection's own outbox limits and overflow policy.
-    template <class OnMessage = void (*)(std::string_view)>
+    template <class OnMessage = void (*)(std::string_view), class CompletionToken = net::use_awaitable_t<>>
         requires readable_message_socket<Socket> && std::invocable<OnMessage&, std::string_view>
-    net::awaitable<error_code> serve(
-        Socket ws, Key key, const outbox_options& outbox, OnMessage on_message = [](std::string_view) {}) {
+    auto serve(
+        Socket ws, Key key, const outbox_options& outbox, OnMessage on_message = [](std::string_view) {},
+        CompletionToken&& token = {}) {
         auto c = make_connection(std::move(ws), std::move(key), outbox);
         auto executor = c->socket.get_executor();
-        return net::co_spawn(executor, run_endpoint(std::move(c), detail::no_request{}, std::move(on_message)),
-                             net::use_awaitable);
+        return start_endpoint(std::move(c), detail::no_request{}, std::move(on_message),
+                              std::forward<CompletionToken>(token));
     }
 
     /// Like serve(), for a socket whose handshake is still to be done: admits and registers `ws`
     /// under `key` first, then answers the upgrade `request` (ws.async_accept(request)), then
     /// starts writing. A client that sees its handshake complete therefore gets every message sent
     /// from then on; messages sent during the handshake wait in its outbox. (Through a relay, what
-    /// it gets is what the relay brings back once the broker knows this instance needs the key.) A failed handshake
-    /// unregisters and completes with its error. A refused client gets the handshake and then the
-    /// close frame, so a browser sees the close code and reason.
-    template <class Request, class OnMessage = void (*)(std::string_view)>
+    /// it gets is what the relay brings back once the broker knows this instance needs the key.)
+    /// A failed handshake unregisters and completes with its error. A refused client gets the
+    /// handshake and then the close frame, so a browser sees the close code and reason.
+    template <class Request, class OnMessage = void (*)(std::string_view),
+              class CompletionToken = net::use_awaitable_t<>>
         requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> &&
                  std::invocable<OnMessage&, std::string_view>
-    net::awaitable<error_code> accept_and_serve(
-        Socket ws, Request request, Key key, OnMessage on_message = [](std::string_view) {}) {
+    auto accept_and_serve(
+        Socket ws, Request request, Key key, OnMessage on_message = [](std::string_view) {},
+        CompletionToken&& token = {}) {
         return accept_and_serve(std::move(ws), std::move(request), std::move(key), options_.outbox,
-                                std::move(on_message));
+                                std::move(on_message), std::forward<CompletionToken>(token));
     }
 
     /// The same, with this connection's own outbox limits and overflow policy.
-    template <class Request, class OnMessage = void (*)(std::string_view)>
+    template <class Request, class OnMessage = void (*)(std::string_view),
+              class CompletionToken = net::use_awaitable_t<>>
         requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> &&
                  std::invocable<OnMessage&, std::string_view>
-    net::awaitable<error_code> accept_and_serve(
+    auto accept_and_serve(
         Socket ws, Request request, Key key, const outbox_options& outbox,
-        OnMessage on_message = [](std::string_view) {}) {
+        OnMessage on_message = [](std::string_view) {}, CompletionToken&& token = {}) {
         auto c = make_connection(std::move(ws), std::move(key), outbox);
         auto executor = c->socket.get_executor();
-        return net::co_spawn(executor, run_endpoint(std::move(c), std::move(request), std::move(on_message)),
-                             net::use_awaitable);
+        return start_endpoint(std::move(c), std::move(request), std::move(on_message),
+                              std::forward<CompletionToken>(token));
     }
 
 private:
     /// Builds a connection and applies the manager's socket-level limits where the socket has them.
     connection_ptr make_connection(Socket ws, Key key, const outbox_options& outbox) {
-        auto c = std::make_shared<connection>(std::move(ws), std::move(key), outbox);
+        // A socket with its own limit on what it reads (Beast's read_message_max) enforces it, with
+        // close 1009; for any other the read buffer's limit does, and serve() closes.
+        constexpr bool socket_limits_size = requires(Socket& s) { s.read_message_max(std::size_t{}); };
+        auto c =
+            std::make_shared<connection>(std::move(ws), std::move(key), outbox,
+                                         socket_limits_size ? std::string().max_size() : options_.max_message_bytes);
         auto& socket = c->socket;
         if constexpr (requires { socket.read_message_max(std::size_t{}); })
             socket.read_message_max(options_.max_message_bytes);
@@ -1017,98 +1089,180 @@ private:
         });
     }
 
-    /// The endpoint: admission, registration, handshake (when there is a request), then the
-    /// writer and the read loop. Runs on the socket's executor.
+    /// The endpoint, as an Asio composed operation: admission, registration, the handshake (when
+    /// there is a request), then the writer and the read loop. A state machine rather than a
+    /// coroutine: while it waits for a peer (most peers of a fan-out server never speak) it is just
+    /// this state, held by the pending read, with no coroutine frames. Every step runs on the
+    /// socket's executor; the completion goes to the caller's.
     template <class Request, class OnMessage>
-    net::awaitable<error_code> run_endpoint(connection_ptr c, Request request, OnMessage on_message) {
+    struct endpoint_op {
+        enum class step { begin, start, admitted, handshaken, refusal_closed, reading, too_big_closed };
+
+        endpoint_op(ConnectionManager* m, connection_ptr conn, Request r, OnMessage f)
+            : manager(m), c(std::move(conn)), request(new upgrade{std::move(r), {}}), on_message(std::move(f)) {}
+
+        ConnectionManager* manager;
+        connection_ptr c;
+        // On the heap: the admission hook and the handshake see them at an address that stays put
+        // while this state moves from one pending operation to the next. Freed after the handshake.
+        struct upgrade {
+            Request request;
+            upgrade_request seen;  // what the admission hook is shown of `request`
+        };
+        std::unique_ptr<upgrade> request;
+        OnMessage on_message;
+        step at = step::begin;
         error_code refusal;
-        std::string reason;
-        if (options_.admit) {
-            upgrade_request seen;
-            if constexpr (std::is_constructible_v<upgrade_request, const Request&>) seen = upgrade_request(request);
-            auto verdict = co_await options_.admit(c->key, seen);
-            if (!verdict.admitted) {
-                refusal = error::not_admitted;
-                reason = std::move(verdict.reason);
-                refused_.fetch_add(1, std::memory_order_relaxed);
-            }
-        }
-        if (!refusal) refusal = try_register(c);
-        subscription sub = refusal ? subscription() : subscription(this, c);  // unregisters on every way out
+        std::string reason;     // a refusal's, for its close frame
+        subscription sub;       // unregisters on every way out
+        std::size_t limit = 0;  // of the read in flight
 
-        error_code ec;
-        if constexpr (!std::is_same_v<Request, detail::no_request>) {
-            // Moved into a scope of its own: the request (headers and all) is freed after the
-            // handshake instead of living, as a parameter, as long as the connection.
-            Request handshake_request = std::move(request);
-            co_await c->socket.async_accept(handshake_request, net::redirect_error(net::use_awaitable, ec));
-            if (ec) co_return ec;  // a failed handshake is the client's problem, not worth a log line
-        }
-        if (refusal) {
-            if (reason.empty()) reason = refusal.message();
-            if constexpr (requires {
-                              c->socket.async_close(detail::make_close_reason<Socket>(0, reason),
-                                                    net::redirect_error(net::use_awaitable, ec));
-                          }) {
-                const auto code = close_code_for(static_cast<error>(refusal.value()));
-                co_await c->socket.async_close(detail::make_close_reason<Socket>(code, reason.substr(0, 123)),
-                                               net::redirect_error(net::use_awaitable, ec));
-            }
-            co_return refusal;
-        }
-        start_writer(c);
-        co_return co_await read_loop(std::move(sub), std::move(on_message));
-    }
-
-    template <class OnMessage>
-    net::awaitable<error_code> read_loop(subscription sub, OnMessage on_message) {
-        auto& socket = sub.socket();
-        // A socket with its own limit (Beast's read_message_max, set in make_connection) closes
-        // with 1009 itself; for any other, the buffer's limit stops the read and we close.
-        constexpr bool socket_limits_size = requires { socket.read_message_max(std::size_t{}); };
-        std::string storage;
-        auto buffer =
-            net::dynamic_buffer(storage, socket_limits_size ? storage.max_size() : options_.max_message_bytes);
+        static constexpr bool socket_limits_size = requires(Socket& s) { s.read_message_max(std::size_t{}); };
         // Most peers of a fan-out server never speak, and a whole-message read reserves a full
         // frame's worth (1.5 KiB with Beast) before a byte arrives. Where the socket can read part
         // of a message (Beast's read_some with a limit), the first read of each message asks for a
         // few bytes only; the rest of the message is read at full size.
-        constexpr bool reads_parts = requires {
-            socket.async_read_some(buffer, std::size_t{},
-                                   net::redirect_error(net::use_awaitable, std::declval<error_code&>()));
-            { socket.is_message_done() } -> std::convertible_to<bool>;
+        static constexpr bool reads_parts = requires(Socket& s, detail::read_buffer& b) {
+            s.async_read_some(b, std::size_t{}, [](const error_code&, std::size_t) {});
+            { s.is_message_done() } -> std::convertible_to<bool>;
         };
-        constexpr std::size_t first_read = 64, large_buffer = 16 * 1024;
-        error_code ec;
-        for (;;) {
-            if constexpr (reads_parts) {
-                std::size_t limit = first_read;
-                do {
-                    co_await socket.async_read_some(buffer, limit, net::redirect_error(net::use_awaitable, ec));
-                    limit = buffer.max_size() - buffer.size();
-                } while (!ec && !socket.is_message_done());
-            } else {
-                co_await socket.async_read(buffer, net::redirect_error(net::use_awaitable, ec));
+        static constexpr std::size_t first_read = 64, large_buffer = 16 * 1024;
+
+        template <class Self>
+        void operator()(Self& self, std::exception_ptr failure, admission verdict) {
+            if (failure) return finish(self, failure, {});
+            if (!verdict.admitted) {
+                refusal = error::not_admitted;
+                reason = std::move(verdict.reason);
+                manager->refused_.fetch_add(1, std::memory_order_relaxed);
             }
-            if (ec) break;
-            sub.connection_->heard_from_peer = true;
-            on_message(std::string_view(storage.data(), buffer.size()));
-            buffer.consume(buffer.size());
-            if (storage.capacity() > large_buffer)
-                std::string().swap(storage);  // one big message is no reason to keep its buffer
+            at = step::admitted;
+            (*this)(self);
         }
-        if (!detail::is_expected_ending(ec)) report({"read", ec, {}});
-        if constexpr (!socket_limits_size && requires {
-                          socket.async_close(detail::make_close_reason<Socket>(0, {}),
-                                             net::redirect_error(net::use_awaitable, ec));
-                      }) {
-            if (ec == net::error::message_size) {
-                error_code ignored;
-                co_await socket.async_close(detail::make_close_reason<Socket>(1009, "message too big"),
-                                            net::redirect_error(net::use_awaitable, ignored));
+
+        template <class Self>
+        void operator()(Self& self, error_code ec = {}, std::size_t = 0) {
+            try {
+                step_on(self, ec);
+            } catch (...) {  // from on_message or an initiating function: ends the connection
+                finish(self, std::current_exception(), {});
             }
         }
-        co_return ec;
+
+    private:
+        // The next step, on the socket's executor. It moves this state, so every other argument of
+        // the call it is passed to must be read into a local first.
+        template <class Self>
+        auto on_socket(Self& self) {
+            return net::bind_executor(c->socket.get_executor(), std::move(self));
+        }
+
+        template <class Self>
+        void finish(Self& self, std::exception_ptr failure, error_code ec) {
+            request.reset();
+            sub = subscription();  // unregisters now rather than whenever the caller's handler is done
+            self.complete(failure, ec);
+        }
+
+        template <class Self>
+        void step_on(Self& self, error_code ec) {
+            auto& socket = c->socket;
+            switch (at) {
+            case step::begin:  // never run inline in the initiating function: posted to the socket's executor
+                at = step::start;
+                return net::post(on_socket(self));
+            case step::start:
+                if (manager->options_.admit) {
+                    if constexpr (std::is_constructible_v<upgrade_request, const Request&>)
+                        request->seen = upgrade_request(request->request);
+                    auto executor = socket.get_executor();
+                    auto verdict = manager->options_.admit(c->key, request->seen);
+                    return net::co_spawn(executor, std::move(verdict), on_socket(self));
+                }
+                at = step::admitted;
+                [[fallthrough]];
+            case step::admitted:
+                if (!refusal) refusal = manager->try_register(c);
+                if (!refusal) sub = subscription(manager, c);
+                at = step::handshaken;
+                if constexpr (!std::is_same_v<Request, detail::no_request>) {
+                    const Request& upgrade = request->request;  // on the heap: stays put
+                    return socket.async_accept(upgrade, on_socket(self));
+                }
+                [[fallthrough]];
+            case step::handshaken:
+                request.reset();
+                if (ec) return finish(self, {}, ec);  // a failed handshake is the client's problem: no log line
+                if (refusal) {
+                    if (reason.empty()) reason = refusal.message();
+                    at = step::refusal_closed;
+                    if constexpr (requires {
+                                      socket.async_close(detail::make_close_reason<Socket>(0, reason),
+                                                         [](const error_code&) {});
+                                  }) {
+                        const auto code = close_code_for(static_cast<error>(refusal.value()));
+                        auto close_reason =
+                            detail::make_close_reason<Socket>(code, std::string_view(reason).substr(0, 123));
+                        return socket.async_close(close_reason, on_socket(self));
+                    }
+                    return finish(self, {}, refusal);
+                }
+                manager->start_writer(c);
+                at = step::reading;
+                return read(self, first_read);
+            case step::refusal_closed: return finish(self, {}, refusal);
+            case step::reading: return on_read(self, ec);
+            case step::too_big_closed: return finish(self, {}, net::error::message_size);
+            }
+        }
+
+        template <class Self>
+        void read(Self& self, std::size_t next_limit) {
+            limit = next_limit;
+            auto& socket = c->socket;
+            auto& buffer = c->read_buffer;
+            if constexpr (reads_parts)
+                socket.async_read_some(buffer, next_limit, on_socket(self));
+            else
+                socket.async_read(buffer, on_socket(self));
+        }
+
+        template <class Self>
+        void on_read(Self& self, error_code ec) {
+            auto& buffer = c->read_buffer;
+            if (!ec) {
+                if constexpr (reads_parts) {
+                    if (!c->socket.is_message_done())
+                        return read(self, buffer.max_size() - buffer.size());  // the rest, at full size
+                }
+                c->heard_from_peer = true;
+                on_message(std::string_view(c->read_storage.data(), buffer.size()));
+                buffer.consume(buffer.size());
+                if (c->read_storage.capacity() > large_buffer)
+                    std::string().swap(c->read_storage);  // one big message is no reason to keep its buffer
+                return read(self, first_read);
+            }
+            if (!detail::is_expected_ending(ec)) manager->report({"read", ec, {}});
+            if constexpr (!socket_limits_size && requires {
+                              c->socket.async_close(detail::make_close_reason<Socket>(0, {}), [](const error_code&) {});
+                          }) {
+                if (ec == net::error::message_size) {
+                    at = step::too_big_closed;
+                    auto& socket = c->socket;
+                    return socket.async_close(detail::make_close_reason<Socket>(1009, "message too big"),
+                                              on_socket(self));
+                }
+            }
+            finish(self, {}, ec);
+        }
+    };
+
+    template <class Request, class OnMessage, class CompletionToken>
+    auto start_endpoint(connection_ptr c, Request request, OnMessage on_message, CompletionToken&& token) {
+        auto executor = c->socket.get_executor();
+        return net::async_compose<CompletionToken, void(std::exception_ptr, error_code)>(
+            endpoint_op<Request, OnMessage>{this, std::move(c), std::move(request), std::move(on_message)}, token,
+            executor);
     }
 
     /// The end of a shutdown: whatever did not leave in time is torn down and unregistered.
@@ -1219,9 +1373,8 @@ private:
         if (keep + 1 > c.limits.max_messages || bytes_kept + m.size() > c.limits.max_bytes) return 0;
         std::size_t evicted = 0;
         while (!fits(c, m)) {
-            auto victim = c.outbox.begin() + static_cast<std::ptrdiff_t>(keep);
-            c.queued_bytes -= victim->size();
-            c.outbox.erase(victim);
+            c.queued_bytes -= c.outbox[keep].size();
+            c.outbox.erase(keep);
             ++evicted;
         }
         return evicted;

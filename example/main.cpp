@@ -335,11 +335,24 @@ response make_error(const request& req, http::status status, std::string_view de
     return make_response(req, status, R"({"detail":)" + json_string(detail) + "}");
 }
 
+// What a WebSocket runs over once the HTTP session hands it off: the bare socket for plain TCP (the
+// timers of a tcp_stream serve the HTTP timeouts and would cost memory on every idle connection;
+// the manager's liveness rule takes over), the TLS stream as it is.
+template <class Stream>
+struct websocket_transport {
+    using type = Stream;
+};
+template <>
+struct websocket_transport<beast::tcp_stream> {
+    using type = beast::tcp_stream::socket_type;
+};
+
 // The server's state shared by every session: the options and the manager for this transport.
 template <class Stream>
 struct server_state {
+    using stream_type = Stream;
     // batching_stream: the manager writes every message queued for a client in one system call.
-    using ws_stream = websocket::stream<wsbroadcast::batching_stream<Stream>>;
+    using ws_stream = websocket::stream<wsbroadcast::batching_stream<typename websocket_transport<Stream>::type>>;
     using manager_type = wsbroadcast::ConnectionManager<ws_stream>;
     using relay_type = redis_relay<manager_type>;
 
@@ -499,22 +512,34 @@ auto& lowest(Stream& s) {
 // connection is what bench/run.sh idle measures). The completion handler logs how it ended.
 template <class State, class Stream>
 void subscribe(State& state, Stream stream, request req, std::string id) {
-    typename State::ws_stream ws(std::move(stream));
-    lowest(ws).expires_never();  // from here the WebSocket's handshake timeout and the manager's liveness rule
+    // From here on the WebSocket's handshake timeout and the manager's liveness rule apply.
+    auto ws = [&] {
+        if constexpr (std::is_same_v<Stream, beast::tcp_stream>) {
+            return typename State::ws_stream(stream.release_socket());
+        } else {
+            lowest(stream).expires_never();
+            return typename State::ws_stream(std::move(stream));
+        }
+    }();
     ws.set_option(websocket::stream_base::timeout{30s, websocket::stream_base::none(), false});
     ws.set_option(websocket::stream_base::decorator(
         [](websocket::response_type& res) { res.set(http::field::server, "wsbroadcast"); }));
     std::string who;  // built for the debug log only: it is kept as long as the connection
     if (current_log_level >= log_level::debug) {
         beast::error_code ignored;
-        const auto peer = lowest(ws).socket().remote_endpoint(ignored);
+        const auto& socket = [&]() -> auto& {
+            if constexpr (std::is_same_v<Stream, beast::tcp_stream>)
+                return lowest(ws);
+            else
+                return lowest(ws).socket();
+        }();
+        const auto peer = socket.remote_endpoint(ignored);
         who = "WebSocket " + id + " from " + peer.address().to_string() + ":" + std::to_string(peer.port());
         log(log_level::debug, who + " opening");
     }
-    auto executor = ws.get_executor();
     // Registered before the 101 goes out: a client that sees its handshake complete misses nothing.
-    net::co_spawn(
-        executor, state.manager.accept_and_serve(std::move(ws), std::move(req), id),
+    state.manager.accept_and_serve(
+        std::move(ws), std::move(req), id, [](std::string_view) {},
         [who = std::move(who), id](std::exception_ptr e, wsbroadcast::error_code ec) {
             if (e) return log_exception("websocket")(e);
             if (!who.empty()) log(log_level::debug, who + " closed: " + ec.message());
@@ -594,7 +619,7 @@ net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::accept
             continue;
         }
         auto executor = socket.get_executor();
-        if constexpr (std::is_same_v<typename State::ws_stream::next_layer_type::next_layer_type, beast::tcp_stream>) {
+        if constexpr (std::is_same_v<typename State::stream_type, beast::tcp_stream>) {
             net::co_spawn(executor, http_session(state, beast::tcp_stream(std::move(socket))),
                           log_exception("session"));
         } else {

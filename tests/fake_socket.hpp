@@ -153,8 +153,7 @@ public:
             token, peer_->executor);
     }
 
-    // The manager tears a socket down through get_lowest_layer(s).close(), as with Beast.
-    friend fake_socket& get_lowest_layer(fake_socket& s) { return s; }
+    // The manager tears a socket down by closing its lowest layer: this one has no next_layer().
     void close() {
         peer_->aborted = true;
         peer_->read_signal.cancel();

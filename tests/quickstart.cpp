@@ -5,7 +5,8 @@
 
 namespace beast = boost::beast;
 namespace net = boost::asio;
-using socket_type = beast::websocket::stream<beast::tcp_stream>;
+// batching_stream: every message queued for a client leaves in one system call.
+using socket_type = beast::websocket::stream<wsbroadcast::batching_stream<net::ip::tcp::socket>>;
 
 wsbroadcast::ConnectionManager<socket_type> manager;  // keys are std::string
 

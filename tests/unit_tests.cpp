@@ -445,6 +445,36 @@ TEST_CASE_FIXTURE(fixture, "serve registers, hands client messages over, and unr
     CHECK(manager.size() == 0);
 }
 
+TEST_CASE_FIXTURE(fixture, "serve and accept_and_serve take a completion token instead of being awaited") {
+    manager_type manager;
+    auto p1 = peer(), p2 = peer();
+    std::optional<error_code> ended1, ended2;
+    manager.serve(
+        fake_socket(p1), "k", [](std::string_view) {},
+        [&](std::exception_ptr e, error_code ec) {
+            CHECK_FALSE(e);
+            ended1 = ec;
+        });
+    manager.accept_and_serve(
+        fake_socket(p2), std::string("GET /k"), "k", [](std::string_view) {},
+        [&](std::exception_ptr e, error_code ec) {
+            CHECK_FALSE(e);
+            ended2 = ec;
+        });
+    settle();
+    CHECK(p2->accepted_request == "GET /k");
+    CHECK(manager.send("k", "both").queued == 2);
+    settle();
+    CHECK(p1->received == std::vector<std::string>{"both"});
+    CHECK(p2->received == std::vector<std::string>{"both"});
+    p1->client_close();
+    p2->client_close();
+    settle();
+    CHECK(ended1 == error_code(net::error::eof));
+    CHECK(ended2 == error_code(net::error::eof));
+    CHECK(manager.size() == 0);
+}
+
 TEST_CASE_FIXTURE(fixture, "serve unregisters when the message handler throws, and rethrows") {
     manager_type manager;
     auto p = peer();
