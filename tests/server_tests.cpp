@@ -417,10 +417,20 @@ TEST_CASE("a push body over 1 MiB gets 413 and is delivered to no one") {
 
 TEST_CASE("a client message over the limit is closed with 1009, others unaffected") {
     auto big = subscriber("limits"), other = subscriber("limits");
-    big->send(std::string(100 * 1024, 'x'));
-    // The server sends close 1009 and hangs up; the client's reply may find the socket gone.
-    CHECK_FALSE(big->read().has_value());
-    CHECK(big->ws.reason().code == websocket::close_code::too_big);
+    const std::string too_big(100 * 1024, 'x');
+    beast::get_lowest_layer(big->ws).expires_after(io_timeout);
+    const auto write_ec = run(big->ioc, [&](auto done) { big->ws.async_write(net::buffer(too_big), done); });
+    if (!write_ec) {
+        // The server sends close 1009 and hangs up; the client's reply may find the socket gone.
+        CHECK_FALSE(big->read().has_value());
+        CHECK(big->ws.reason().code == websocket::close_code::too_big);
+    } else {
+        // Beast's TCP teardown closes the socket after one read of what is left, so a write still
+        // in progress when the server hangs up fails, and the close frame goes with it. The rest
+        // of the test holds either way.
+        MESSAGE("the oversized write was cut off by the server's teardown: " << write_ec.message());
+        CHECK((write_ec == net::error::broken_pipe || write_ec == net::error::connection_reset));
+    }
     // The server unregisters it once its teardown ends; until then pushes may still count it.
     int pushes = 0;
     std::string answer;
