@@ -1,10 +1,23 @@
 // wsbroadcast.hpp - WebSocket fan-out for C++20 and Asio, in one header.
 //
-// A ConnectionManager keeps WebSocket connections registered under keys (an invoice id, a user, a
-// room) and delivers a message to every connection under a key, or to all of them, without ever
-// waiting on a peer. It is the "connection manager" pattern of the LNbits docs, done properly:
-// a message is stored once and shared by all its recipients, each connection has its own bounded,
-// ordered outbox and its own writer, and a slow or failing peer costs only itself.
+// A ConnectionManager keeps WebSocket connections subscribed to keys (an invoice id, a wallet, a
+// room) and delivers a message to every connection subscribed to a key, to several keys, or to
+// all of them, without ever waiting on a peer. It is the "connection manager" pattern of the
+// LNbits docs, done properly: a message is stored once and shared by all its recipients, each
+// connection has its own bounded, ordered outbox and its own writer, and a slow or failing peer
+// costs only itself.
+//
+// THE MODEL
+//
+//   - A connection is subscribed to a set of keys, possibly empty, given when it connects and
+//     changed at any time through its connection_handle (subscribe, unsubscribe, keys), up to
+//     options::max_keys_per_connection.
+//   - send(key, m) reaches every connection subscribed to `key`; send(keys, m) reaches each
+//     connection subscribed to any of `keys` exactly once; broadcast(m) reaches every connection
+//     once. However many recipients, `m` is one allocation.
+//   - A connection that asked for envelopes (connection_options::envelopes) gets, instead of `m`,
+//     options::envelope.wrap(key, m), built once per message and key; a multi-key send wraps it
+//     with the first of its keys that the connection is subscribed to.
 //
 // QUICK START (with Boost.Beast; any type that models wsbroadcast::message_socket works)
 //
@@ -36,15 +49,22 @@
 //
 // NOTES: the threading contract
 //
-//   - send(), broadcast(), close_all(), the queries and subscription::unsubscribe() may be called from
-//     any thread and any coroutine, concurrently. They never block on I/O and never await a peer:
-//     they take a short lock, push a shared pointer into each recipient's outbox and wake its writer.
+//   - Every member of ConnectionManager, connection_handle and subscription may be called from any
+//     thread and any coroutine, concurrently, except where its comment says otherwise. None blocks
+//     on I/O or awaits a peer: it takes a short lock, pushes a shared pointer into each
+//     recipient's outbox and wakes its writer.
 //   - Every operation on a socket (reads, writes, closes) runs on the socket's executor. Give each
 //     socket a strand (Beast: make_strand(ioc)) when the io_context runs on more than one thread.
-//   - Messages to one connection are written in the order send() was called for it. Messages sent
-//     concurrently from two threads are ordered by whichever call takes the registry lock first.
+//   - Order: if one send happens before another (the same thread made both, or the two threads
+//     synchronised in between), every connection that both reach gets the first one first. Two
+//     sends that overlap in time, from two threads, may reach two connections that both reach in
+//     different orders. A subscribe or unsubscribe is atomic with respect to sends: each send
+//     sees a connection's keys entirely before or entirely after the change.
+//   - The hooks in options (admit, envelope, relay, on_error) are called by the manager; they must
+//     not block. envelope and relay->interest run under the manager's registry lock: they must not
+//     call back into the manager.
 //   - The manager must outlive every connection it manages: declare it before the io_context, so
-//     the io_context (and the coroutines it owns) are destroyed first.
+//     the io_context (and the operations it owns) are destroyed first.
 //
 // LICENCE: MIT (see LICENSE).
 
@@ -98,6 +118,7 @@ with Asio 1.22 on clang also add -DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=
 #endif
 // clang-format on
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <concepts>
@@ -110,7 +131,10 @@ with Asio 1.22 on clang also add -DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=
 #include <iostream>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <ranges>
 #include <shared_mutex>
+#include <span>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -140,6 +164,8 @@ enum class error {
     key_connection_limit,  ///< close 1013: options::max_connections_per_key reached
     not_admitted,          ///< close 1008: options::admit said no
     relay_unavailable,     ///< publish(): the relay cannot take messages now (its broker is away)
+    key_limit,             ///< close 1008: options::max_keys_per_connection reached
+    not_registered,        ///< the connection has left the manager
 };
 
 namespace detail {
@@ -159,6 +185,8 @@ public:
         case error::key_connection_limit: return "too many connections for this key";
         case error::not_admitted: return "not admitted";
         case error::relay_unavailable: return "the message broker is unavailable";
+        case error::key_limit: return "too many keys for this connection";
+        case error::not_registered: return "the connection is no longer registered";
         }
         return "unknown wsbroadcast error";
     }
@@ -179,7 +207,9 @@ inline std::uint16_t close_code_for(error e) noexcept {
     case error::connection_limit:
     case error::key_connection_limit:
     case error::relay_unavailable: return 1013;  // try again later
-    case error::not_admitted: return 1008;       // policy violation
+    case error::not_admitted:
+    case error::key_limit: return 1008;  // policy violation
+    case error::not_registered: break;
     }
     return 1011;
 }
@@ -213,11 +243,15 @@ template <class T>
 concept writes_messages =
     requires(T& t, net::const_buffer buffer) { t.async_write(buffer, [](const error_code&, std::size_t) {}); };
 
+namespace detail {
+/// What serve() reads a client's messages into.
+using read_buffer = net::dynamic_string_buffer<char, std::char_traits<char>, std::allocator<char>>;
+}  // namespace detail
+
 /// Reads one whole message per call into a dynamic buffer.
 template <class T>
 concept reads_messages =
-    requires(T& t, net::dynamic_string_buffer<char, std::char_traits<char>, std::allocator<char>>& buffer,
-             error_code& ec) { t.async_read(buffer, net::redirect_error(net::use_awaitable, ec)); };
+    requires(T& t, detail::read_buffer& buffer) { t.async_read(buffer, [](const error_code&, std::size_t) {}); };
 
 /// What ConnectionManager needs of a socket: an executor and a message write.
 template <class T>
@@ -230,9 +264,7 @@ concept readable_message_socket = message_socket<T> && reads_messages<T>;
 /// Completes a server handshake from an upgrade request it was given (Beast's
 /// websocket::stream::async_accept(request, token) is the model).
 template <class T, class Request>
-concept accepts_upgrade = requires(T& t, const Request& request, error_code& ec) {
-    t.async_accept(request, net::redirect_error(net::use_awaitable, ec));
-};
+concept accepts_upgrade = requires(T& t, const Request& request) { t.async_accept(request, [](const error_code&) {}); };
 
 /// A key type and the hash and equality that index it.
 template <class Key, class Hash, class KeyEqual>
@@ -340,24 +372,29 @@ struct error_event {
 
 /// A broker between server instances (Redis pub/sub, NATS, ...), for running several instances
 /// over one keyspace. The manager tells it which keys this instance needs; publish() hands it a
-/// message; it brings back every message published on a needed key, by any instance including
-/// this one, and delivers it here with ConnectionManager::send(), once per instance. This header
-/// has no broker in it: implementations live with the application (example/redis_relay.hpp).
+/// message for one or more keys; it brings back every message published on a needed key, by any
+/// instance including this one, and delivers it here with ConnectionManager::send(keys, m), once
+/// per instance: a connection subscribed to several of the keys gets it once. This header has no
+/// broker in it: implementations live with the application (example/redis_relay.hpp).
 template <class Key>
 class relay {
 public:
     virtual ~relay() = default;
-    /// `key` got its first local connection (`needed`) or lost its last. Called in order, under
-    /// the manager's registry lock, on whichever thread registered or removed: queue the work and
-    /// return; never block, never call back into the manager.
+    /// `key` got its first local subscriber (`needed`) or lost its last. Called in order, under
+    /// the manager's registry lock, on whichever thread subscribed or unsubscribed: queue the work
+    /// and return; never block, never call back into the manager.
     virtual void interest(const Key& key, bool needed) = 0;
-    /// Takes `m` for every instance that needs `key`, or fails at once (error::relay_unavailable)
-    /// when the broker cannot take it now. Called from any thread.
-    virtual error_code publish(const Key& key, const message& m) = 0;
+    /// Takes `m` for every instance that needs any of `keys`, or fails at once
+    /// (error::relay_unavailable) when the broker cannot take it now. Called from any thread.
+    virtual error_code publish(std::span<const Key> keys, const message& m) = 0;
 };
 
-/// Limits of one connection's outbox and what happens when a send finds it full. A message counts
-/// its full size in every outbox that holds it, because each outbox keeps it alive.
+/// Limits of one connection's outbox and what happens when a send finds it full. The limits bound
+/// the messages waiting to be written; the batch being written was taken from within them, so a
+/// connection holds at most twice the limits. A message counts its full size in every outbox that
+/// holds it, because each outbox keeps it alive. One message larger than max_bytes is taken by an
+/// empty outbox (the limit then bounds what queues behind it): a large message costs a healthy
+/// connection nothing, and a connection that is not keeping up overflows as usual.
 struct outbox_options {
     std::size_t max_bytes = WSBROADCAST_DEFAULT_MAX_QUEUED_BYTES;
     std::size_t max_messages = WSBROADCAST_DEFAULT_MAX_QUEUED_MESSAGES;
@@ -366,10 +403,59 @@ struct outbox_options {
     std::uint16_t close_code = 1008;
 };
 
+/// How one connection is served: its outbox, and whether it gets envelopes (options::envelope)
+/// instead of bare messages. An outbox_options converts to it, for the connection's own limits.
+struct connection_options {
+    outbox_options outbox;
+    bool envelopes = false;
+
+    connection_options() = default;
+    connection_options(const outbox_options& o) : outbox(o) {}  // NOLINT: implicit on purpose
+};
+
+/// What a connection that asked for envelopes gets instead of the bare message. The application
+/// decides the format (the reference server's is JSON, docs/protocol.md).
+template <class Key>
+struct envelope_format {
+    /// Wraps `m` for a connection subscribed to `key`. Called at most once per message and key,
+    /// the first time an envelope connection of that key needs it, under the registry lock.
+    std::function<message(const Key& key, const message& m)> wrap;
+    /// Optional: queued first whenever an envelope connection gets a key (its initial keys, and
+    /// connection_handle::subscribe), in the same critical section as the subscription, so it
+    /// comes before every message of that key.
+    std::function<message(const Key& key)> subscribed;
+};
+
+/// The keys a connection starts with: one key (or anything a key is made from, like a string
+/// literal), a range of keys, or none ({}).
+template <class Key>
+class initial_keys {
+public:
+    initial_keys() = default;
+
+    template <class K>
+        requires std::constructible_from<Key, K&&>
+    initial_keys(K&& key) {  // NOLINT: implicit on purpose
+        keys_.emplace_back(std::forward<K>(key));
+    }
+
+    template <std::ranges::input_range Range>
+        requires(!std::constructible_from<Key, const Range&>) &&
+                std::constructible_from<Key, std::ranges::range_reference_t<const Range&>>
+    initial_keys(const Range& keys) {  // NOLINT: implicit on purpose
+        for (auto&& k : keys) keys_.emplace_back(k);
+    }
+
+    std::span<const Key> keys() const noexcept { return keys_; }
+
+private:
+    std::vector<Key> keys_;
+};
+
 /// What an admission hook decides about a connection, before it is registered.
 struct admission {
     bool admitted = true;
-    std::string reason;  ///< sent in the close frame (1008) of a refusal; at most 123 bytes are sent
+    std::string reason;  ///< sent in the close frame (1008) of a refusal; cut to 123 bytes, at a UTF-8 boundary
 
     static admission accept() { return {}; }
     static admission reject(std::string reason) { return {false, std::move(reason)}; }
@@ -409,20 +495,29 @@ template <class Key = std::string>
 struct options {
     /// The default for every connection; subscribe() and serve() can override it per connection.
     outbox_options outbox;
-    /// Limits on registered connections (0: no limit). A connection over a limit is refused with
-    /// close 1013 and error::connection_limit / error::key_connection_limit.
+    /// Limits (0: no limit). A connection over max_connections is refused with close 1013 and
+    /// error::connection_limit. max_connections_per_key counts a key's subscribers: over it a
+    /// subscription is refused with error::key_connection_limit (at connect: close 1013).
+    /// max_keys_per_connection bounds one connection's keys: error::key_limit (at connect: 1008).
     std::size_t max_connections = 0;
     std::size_t max_connections_per_key = 0;
+    std::size_t max_keys_per_connection = 64;
     /// The largest message a client may send; a larger one closes the connection with 1009.
     std::size_t max_message_bytes = WSBROADCAST_DEFAULT_MAX_MESSAGE_BYTES;
     /// Liveness (0: off): a peer heard nothing from for this long is torn down and unregistered.
-    /// After half of it in silence the peer is pinged (when the socket has async_ping, as Beast's
-    /// does); its pong counts as hearing from it (seen through the socket's control_callback).
+    /// Where the socket has async_ping (as Beast's does), a peer silent for half of it is pinged,
+    /// and its pong counts as hearing from it (seen through the socket's control_callback).
     std::chrono::steady_clock::duration idle_timeout{};
-    /// Decides, before registration, whether a connection under this key may join; it also sees
-    /// the upgrade request when accept_and_serve() has one. serve() and accept_and_serve() call it
-    /// on the socket's executor; a rejection closes with 1008 and the admission's reason.
+    /// A connection closed by the overflow policy leaves the manager at once; its close handshake
+    /// gets this long before its socket is torn down.
+    std::chrono::steady_clock::duration close_timeout = std::chrono::seconds(5);
+    /// Decides, before registration, whether a connection may join under each of its initial keys
+    /// (called once per key, in order; a connection with no initial key is not asked); it also
+    /// sees the upgrade request when accept_and_serve() has one. serve() and accept_and_serve()
+    /// call it on the socket's executor; a rejection closes with 1008 and the admission's reason.
     std::function<net::awaitable<admission>(const Key&, const upgrade_request&)> admit;
+    /// What connections that asked for envelopes get (connection_options::envelopes).
+    envelope_format<Key> envelope;
     /// Set for scale-out: publish() goes through it and interest in keys is reported to it.
     /// Null (the default): publish() is send(), and the registry pays nothing.
     std::shared_ptr<wsbroadcast::relay<Key>> relay;
@@ -431,7 +526,7 @@ struct options {
     std::function<void(const error_event&)> on_error;
 };
 
-/// What one send() or broadcast() did, counted in connections.
+/// What one send() or broadcast() did, counted in connections (each connection once).
 struct send_result {
     std::size_t queued = 0;   ///< the message is in this many outboxes
     std::size_t dropped = 0;  ///< outbox full: the new message (drop_newest) or older ones (drop_oldest) dropped
@@ -478,8 +573,20 @@ public:
         requires std::constructible_from<NextLayer, Args...>
     explicit batching_stream(Args&&... args) : next_(std::forward<Args>(args)...) {}
 
-    batching_stream(batching_stream&&) = default;
-    batching_stream& operator=(batching_stream&&) = default;
+    batching_stream(batching_stream&& other) noexcept
+        : next_(std::move(other.next_)), writes_(std::move(other.writes_)) {
+        if (writes_) writes_->owner = this;
+    }
+    batching_stream& operator=(batching_stream&& other) noexcept {
+        if (this != &other) {
+            orphan();
+            next_ = std::move(other.next_);
+            writes_ = std::move(other.writes_);
+            if (writes_) writes_->owner = this;
+        }
+        return *this;
+    }
+    ~batching_stream() { orphan(); }
 
     NextLayer& next_layer() noexcept { return next_; }
     const NextLayer& next_layer() const noexcept { return next_; }
@@ -497,8 +604,12 @@ public:
         return net::async_initiate<Token, void(error_code, std::size_t)>(
             [this](auto handler, const ConstBuffers& b) {
                 using handler_type = decltype(handler);
-                if (!busy_) {
-                    busy_ = true;
+                if (!writes_) {
+                    writes_ = std::make_shared<write_queue>();
+                    writes_->owner = this;
+                }
+                if (!writes_->busy) {
+                    writes_->busy = true;
                     write(b, std::move(handler));
                     return;
                 }
@@ -506,7 +617,7 @@ public:
                 auto w = std::make_unique<queued<handler_type>>(std::move(handler));
                 for (auto it = net::buffer_sequence_begin(b); it != net::buffer_sequence_end(b); ++it)
                     w->buffers.emplace_back(*it);
-                waiting_.push_back(std::move(w));
+                writes_->waiting.push_back(std::move(w));
             },
             token, buffers);
     }
@@ -526,30 +637,52 @@ private:
         Handler handler;
     };
 
+    // The writes in flight and waiting. Shared with the pending write's handler, because the
+    // stream may be destroyed before that write completes: Beast's own operations (a keep-alive
+    // ping, a pong) hold only a weak reference to the stream, so the last owner can let go while
+    // one of them is being written. The handler then finds `owner` null and starts nothing.
+    // Allocated by the first write after an idle spell, released when idle again: an idle
+    // connection keeps none.
+    struct write_queue {
+        batching_stream* owner = nullptr;
+        bool busy = false;
+        std::vector<std::unique_ptr<queued_write>> waiting;  // a vector: empty, it allocates nothing
+    };
+
     template <class ConstBuffers, class Handler>
     void write(const ConstBuffers& buffers, Handler&& handler) {
-        net::async_write(
-            next_, buffers, [this, handler = std::move(handler)](const error_code& ec, std::size_t n) mutable {
-                start_next();
-                // On the handler's own executor (normally this strand: then at once).
-                auto ex = net::get_associated_executor(handler, next_.get_executor());
-                net::dispatch(ex, [handler = std::move(handler), ec, n]() mutable { std::move(handler)(ec, n); });
-            });
+        net::async_write(next_, buffers,
+                         [writes = writes_, fallback = next_.get_executor(), handler = std::move(handler)](
+                             const error_code& ec, std::size_t n) mutable {
+                             if (writes->owner) writes->owner->start_next();
+                             // On the handler's own executor (normally this strand: then at once).
+                             auto ex = net::get_associated_executor(handler, fallback);
+                             net::dispatch(
+                                 ex, [handler = std::move(handler), ec, n]() mutable { std::move(handler)(ec, n); });
+                         });
     }
 
     void start_next() {
-        if (waiting_.empty()) {
-            busy_ = false;
+        if (writes_->waiting.empty()) {
+            writes_.reset();  // idle: the pending handler's copy is the last
             return;
         }
-        auto next = std::move(waiting_.front());
-        waiting_.erase(waiting_.begin());
+        auto next = std::move(writes_->waiting.front());
+        writes_->waiting.erase(writes_->waiting.begin());
         next->start(*this);
     }
 
+    // Stops a pending write's handler from reaching this stream once it is gone. Writes still
+    // waiting are dropped with it: their stream no longer exists.
+    void orphan() noexcept {
+        if (!writes_) return;
+        writes_->owner = nullptr;
+        writes_->waiting.clear();
+        writes_.reset();
+    }
+
     NextLayer next_;
-    bool busy_ = false;
-    std::vector<std::unique_ptr<queued_write>> waiting_;  // a vector: empty, it allocates nothing
+    std::shared_ptr<write_queue> writes_;
 };
 
 #if !defined(WSBROADCAST_STANDALONE_ASIO) && __has_include(<boost/beast/core/role.hpp>)
@@ -566,7 +699,7 @@ void async_teardown(::boost::beast::role_type role, batching_stream<NextLayer>& 
 }
 #endif
 
-// ==== DETAIL =================================================================================
+// ==== DETAIL: HELPERS ========================================================================
 
 namespace detail {
 
@@ -586,18 +719,34 @@ inline void log_to_stderr(const error_event& e) {
     std::cerr << "wsbroadcast: " << e.operation << ": " << e.message() << '\n';
 }
 
+/// At most `limit` bytes of `text`, never ending inside a UTF-8 sequence: a close reason must be
+/// valid UTF-8 (RFC 6455 section 5.5.1), or the peer fails the connection instead of reading it.
+inline std::string_view truncate_utf8(std::string_view text, std::size_t limit) noexcept {
+    if (text.size() <= limit) return text;
+    std::size_t end = limit;
+    while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;  // a continuation byte
+    return text.substr(0, end);
+}
+
+/// The most reason text a close frame carries (RFC 6455 section 5.5: 125 bytes less the code).
+inline constexpr std::size_t max_close_reason = 123;
+
 /// Fills a close frame: with a reason text where the socket's close type has one (Beast's
 /// close_reason), else the bare code.
 template <class Socket>
 auto make_close_reason(std::uint16_t code, std::string_view text) {
     if constexpr (requires(Socket& s) { s.reason(); }) {
         std::remove_cvref_t<decltype(std::declval<Socket&>().reason())> reason{code};
-        if constexpr (requires { reason.reason = text; }) reason.reason = text;
+        if constexpr (requires { reason.reason = text; }) reason.reason = truncate_utf8(text, max_close_reason);
         return reason;
     } else {
         return code;
     }
 }
+
+template <class Socket>
+concept closes_with_reason =
+    requires(Socket& s) { s.async_close(make_close_reason<Socket>(0, {}), [](const error_code&) {}); };
 
 /// Tears a socket down without a close handshake: for a peer that stopped reading, whose pending
 /// write would otherwise never complete. Closes the lowest layer, found as Beast's get_lowest_layer
@@ -614,28 +763,43 @@ void abort_socket(Layer& s) {
     }
 }
 
-/// What serve() reads a client's messages into.
-using read_buffer = net::dynamic_string_buffer<char, std::char_traits<char>, std::allocator<char>>;
+/// A function object for net::post that runs `run` once, or `dropped` if it is destroyed without
+/// having run (its io_context went away first): whatever waited for it must not wait forever.
+template <class Run, class Dropped>
+class run_or_drop {
+public:
+    run_or_drop(Run r, Dropped d) : run_(std::move(r)), dropped_(std::move(d)) {}
+    run_or_drop(run_or_drop&& other) noexcept
+        : run_(std::move(other.run_)), dropped_(std::move(other.dropped_)), done_(std::exchange(other.done_, true)) {}
+    run_or_drop& operator=(run_or_drop&&) = delete;
+    ~run_or_drop() {
+        if (!done_) dropped_();
+    }
+    void operator()() {
+        done_ = true;
+        run_();
+    }
+
+private:
+    Run run_;
+    Dropped dropped_;
+    bool done_ = false;
+};
 
 /// serve() has no upgrade request to answer.
 struct no_request {};
 
-enum class connection_state {
-    open,      // accepting messages
-    closing,   // write what is queued, then send a close frame
-    aborting,  // outbox overflowed: drop what is queued, close now
-    detached,  // unsubscribed: the writer stops, the socket is left to its owner
-};
+// ==== DETAIL: THE OUTBOX =====================================================================
 
-/// A connection's outbox: a ring of messages. It allocates nothing until the first message and
-/// gives its storage back once drained (std::deque allocates 576 bytes up front, and an idle
-/// connection has nothing queued most of its life).
+/// A ring of messages. It allocates nothing until the first message and gives its storage back
+/// once drained (std::deque allocates 576 bytes up front, and an idle connection has nothing
+/// queued most of its life).
 class message_ring {
 public:
     bool empty() const noexcept { return count_ == 0; }
     std::size_t size() const noexcept { return count_; }
     message& operator[](std::size_t i) noexcept { return slots_[(head_ + i) & (capacity_ - 1)]; }
-    message& front() noexcept { return (*this)[0]; }
+    const message& operator[](std::size_t i) const noexcept { return slots_[(head_ + i) & (capacity_ - 1)]; }
     message& back() noexcept { return (*this)[count_ - 1]; }
 
     void push_back(const message& m) {
@@ -644,7 +808,7 @@ public:
         back() = m;
     }
     void pop_front() noexcept {
-        front() = message();
+        (*this)[0] = message();
         head_ = (head_ + 1) & (capacity_ - 1);
         if (--count_ == 0) release();
     }
@@ -676,6 +840,357 @@ private:
     std::size_t capacity_ = 0, head_ = 0, count_ = 0;
 };
 
+/// One connection's outbox: the messages waiting to be written, in order, and the batch being
+/// written. It applies the limits and the overflow policy (see outbox_options) and knows nothing
+/// of sockets, locks or keys: the connection owns one and guards it.
+class outbox {
+public:
+    explicit outbox(const outbox_options& limits) : limits_(limits) {}
+
+    struct offer_result {
+        bool queued = false;      ///< the message is in the outbox
+        std::size_t evicted = 0;  ///< drop_oldest: waiting messages dropped to make room for it
+        bool overflowed = false;  ///< the close policy: the connection must close
+    };
+
+    /// Queues `m` if it fits, else does what the overflow policy says.
+    offer_result offer(const message& m) {
+        if (fits(m)) {
+            push(m);
+            return {true};
+        }
+        switch (limits_.on_overflow) {
+        case overflow_policy::drop_newest: return {};
+        case overflow_policy::drop_oldest: {
+            std::size_t evicted = 0;
+            for (; !fits(m); ++evicted) drop_oldest_waiting();  // ends: an empty outbox takes anything
+            push(m);
+            return {true, evicted};
+        }
+        case overflow_policy::close: return {false, 0, true};
+        }
+        return {};
+    }
+
+    bool has_waiting() const noexcept { return waiting() > 0; }
+    /// Every message held: waiting and being written.
+    std::size_t size() const noexcept { return ring_.size(); }
+    std::size_t bytes() const noexcept { return waiting_bytes_ + writing_bytes_; }
+    const outbox_options& limits() const noexcept { return limits_; }
+
+    /// Hands up to `max` waiting messages, the oldest, to the writer; they stay held (and their
+    /// buffers valid) until done_writing().
+    std::size_t start_writing(std::size_t max) noexcept {
+        writing_ = std::min(waiting(), max);
+        for (std::size_t i = 0; i < writing_; ++i) writing_bytes_ += ring_[i].size();
+        waiting_bytes_ -= writing_bytes_;
+        return writing_;
+    }
+    std::size_t writing() const noexcept { return writing_; }
+    const message& being_written(std::size_t i) const noexcept { return ring_[i]; }
+
+    void done_writing() noexcept {
+        for (; writing_ > 0; --writing_) ring_.pop_front();
+        writing_bytes_ = 0;
+    }
+
+    /// Drops every message not being written: the connection is closing without them.
+    void discard_waiting() noexcept {
+        while (ring_.size() > writing_) ring_.pop_back();
+        waiting_bytes_ = 0;
+    }
+
+private:
+    std::size_t waiting() const noexcept { return ring_.size() - writing_; }
+
+    bool fits(const message& m) const noexcept {
+        const std::size_t n = waiting();
+        return n == 0 || (n < limits_.max_messages && waiting_bytes_ + m.size() <= limits_.max_bytes);
+    }
+
+    void push(const message& m) {
+        ring_.push_back(m);
+        waiting_bytes_ += m.size();
+    }
+
+    void drop_oldest_waiting() noexcept {
+        waiting_bytes_ -= ring_[writing_].size();
+        ring_.erase(writing_);
+    }
+
+    outbox_options limits_;
+    message_ring ring_;  // the batch being written first, then the waiting messages
+    std::size_t writing_ = 0, waiting_bytes_ = 0, writing_bytes_ = 0;
+};
+
+// ==== DETAIL: THE REGISTRY ===================================================================
+
+template <class Key, class Connection>
+struct key_entry;
+
+/// One of a connection's keys: where the connection stands in that key's list of subscribers.
+template <class Key, class Connection>
+struct membership {
+    key_entry<Key, Connection>* entry = nullptr;
+    std::uint32_t slot = 0;  // index in entry->peers
+};
+
+/// One of a key's subscribers: the connection, and which of its memberships points back here.
+template <class Connection>
+struct peer {
+    Connection* connection;
+    std::uint32_t member;  // index in the connection's memberships
+};
+
+template <class Key, class Connection>
+struct key_entry {
+    const Key* key = nullptr;  // the registry's own copy (a map node's key does not move)
+    std::vector<peer<Connection>> peers;
+};
+
+/// What the registry keeps inside each connection: its place in the list of all connections and
+/// its keys (the reverse index: keys to connections, and connections to keys, both O(1) to change).
+/// The first membership is stored inline: most connections have one key.
+template <class Key, class Connection>
+class registry_node {
+public:
+    static constexpr std::size_t npos = static_cast<std::size_t>(-1);
+
+    bool registered() const noexcept { return index != npos; }
+    std::size_t key_count() const noexcept { return count_; }
+    membership<Key, Connection>& operator[](std::size_t i) noexcept { return i == 0 ? first_ : more_[i - 1]; }
+    const membership<Key, Connection>& operator[](std::size_t i) const noexcept {
+        return i == 0 ? first_ : more_[i - 1];
+    }
+    void push_back(membership<Key, Connection> m) {
+        if (count_++ == 0)
+            first_ = m;
+        else
+            more_.push_back(m);
+    }
+    void pop_back() noexcept {
+        if (--count_ > 0) more_.pop_back();
+        if (more_.empty()) std::vector<membership<Key, Connection>>().swap(more_);
+    }
+
+    std::size_t index = npos;  // in the registry's list of all connections
+
+private:
+    membership<Key, Connection> first_{};
+    std::vector<membership<Key, Connection>> more_;
+    std::uint32_t count_ = 0;
+};
+
+/// Keys to connections and connections to keys, and the list of all connections (so that
+/// broadcast and shutdown visit each connection once, however many keys it has). Not
+/// thread-safe: the manager's registry lock guards it. Connections are held by shared_ptr in the
+/// list of all, by plain pointer under their keys; a Connection has a public `node` member of type
+/// registry_node<Key, Connection>.
+template <class Key, class Hash, class KeyEqual, class Connection>
+class registry {
+public:
+    using connection_ptr = std::shared_ptr<Connection>;
+
+    enum class add_result { added, added_first, already, not_registered, key_limit, key_connection_limit };
+    enum class remove_result { not_subscribed, removed, removed_last };
+
+    struct limits {
+        std::size_t max_keys_per_connection = 0;  // 0: none
+        std::size_t max_connections_per_key = 0;
+    };
+
+    std::size_t size() const noexcept { return all_.size(); }
+    std::size_t key_count() const noexcept { return keys_.size(); }
+
+    void insert(connection_ptr c) {
+        c->node.index = all_.size();
+        all_.push_back(std::move(c));
+    }
+
+    /// Whether `c` (registered) may take `key`, and whether it has it already.
+    add_result check(const Connection& c, const Key& key, const limits& l) const {
+        if (!c.node.registered()) return add_result::not_registered;
+        auto it = keys_.find(key);
+        if (it != keys_.end()) {
+            if (find_member(c, &it->second) != npos) return add_result::already;
+            if (l.max_connections_per_key && it->second.peers.size() >= l.max_connections_per_key)
+                return add_result::key_connection_limit;
+        }
+        if (l.max_keys_per_connection && c.node.key_count() >= l.max_keys_per_connection) return add_result::key_limit;
+        return it == keys_.end() ? add_result::added_first : add_result::added;
+    }
+
+    add_result add(Connection& c, const Key& key, const limits& l) {
+        const auto verdict = check(c, key, l);
+        if (verdict != add_result::added && verdict != add_result::added_first) return verdict;
+        auto [it, inserted] = keys_.try_emplace(key);
+        auto& entry = it->second;
+        if (inserted) entry.key = &it->first;
+        c.node.push_back({&entry, static_cast<std::uint32_t>(entry.peers.size())});
+        entry.peers.push_back({&c, static_cast<std::uint32_t>(c.node.key_count() - 1)});
+        return verdict;
+    }
+
+    /// Takes `key` from `c`. `last(key)` runs before a key that lost its last subscriber goes.
+    template <class K, class Last>
+    remove_result remove(Connection& c, const K& key, Last&& last) {
+        auto it = find(key);
+        if (it == keys_.end()) return remove_result::not_subscribed;
+        const auto member = find_member(c, &it->second);
+        if (member == npos) return remove_result::not_subscribed;
+        return drop_membership(c, member, last);
+    }
+
+    /// Takes `c` out entirely: every key, then the list of all. Returns the registry's reference.
+    template <class Last>
+    connection_ptr erase(Connection& c, Last&& last) {
+        if (!c.node.registered()) return nullptr;
+        while (c.node.key_count() > 0) drop_membership(c, c.node.key_count() - 1, last);
+        const auto index = c.node.index;
+        connection_ptr mine = std::move(all_[index]);
+        if (index + 1 < all_.size()) {  // swap-and-pop: order does not matter
+            all_[index] = std::move(all_.back());
+            all_[index]->node.index = index;
+        }
+        all_.pop_back();
+        c.node.index = registry_node<Key, Connection>::npos;
+        return mine;
+    }
+
+    /// Every connection and key goes; `last(key)` for each key. Returns the connections.
+    template <class Last>
+    std::vector<connection_ptr> clear(Last&& last) {
+        for (auto& [key, entry] : keys_) last(key);
+        keys_.clear();
+        for (auto& c : all_) {
+            while (c->node.key_count() > 0) c->node.pop_back();
+            c->node.index = registry_node<Key, Connection>::npos;
+        }
+        return std::exchange(all_, {});
+    }
+
+    template <class K>
+    bool has(const K& key) const {
+        return find(key) != keys_.end();
+    }
+
+    template <class K>
+    std::size_t count(const K& key) const {
+        auto it = find(key);
+        return it == keys_.end() ? 0 : it->second.peers.size();
+    }
+
+    template <class K>
+    bool subscribed(const Connection& c, const K& key) const {
+        auto it = find(key);
+        return it != keys_.end() && find_member(c, &it->second) != npos;
+    }
+
+    std::vector<Key> keys_of(const Connection& c) const {
+        std::vector<Key> out;
+        out.reserve(c.node.key_count());
+        for (std::size_t i = 0; i < c.node.key_count(); ++i) out.push_back(*c.node[i].entry->key);
+        return out;
+    }
+
+    /// f(connection, stored key) for each subscriber of `key`.
+    template <class K, class F>
+    void for_each(const K& key, F&& f) const {
+        auto it = find(key);
+        if (it == keys_.end()) return;
+        for (const auto& p : it->second.peers) f(*p.connection, it->first);
+    }
+
+    /// f(connection, i, stored key) once for each connection subscribed to any of `keys`, with i
+    /// the index in `keys` of the first of them it is subscribed to.
+    template <class Keys, class F>
+    void for_each_once(const Keys& keys, F&& f) const {
+        const key_entry<Key, Connection>* only = nullptr;
+        std::size_t only_index = 0, found = 0, i = 0;
+        for (const auto& k : keys) {
+            if (auto it = find(k); it != keys_.end() && found++ == 0) only = &it->second, only_index = i;
+            ++i;
+        }
+        if (found == 0) return;
+        if (found == 1) {  // the common case needs no de-duplication
+            for (const auto& p : only->peers) f(*p.connection, only_index, *only->key);
+            return;
+        }
+        // Several keys: every (connection, key index) in key order, sorted by connection with the
+        // first key first, then one call per connection. O(R log R), no state in the connections,
+        // so concurrent multi-key sends need nothing of their own.
+        struct reach {
+            Connection* connection;
+            std::size_t index;
+            const Key* key;
+        };
+        std::vector<reach> reached;
+        i = 0;
+        for (const auto& k : keys) {
+            if (auto it = find(k); it != keys_.end())
+                for (const auto& p : it->second.peers) reached.push_back({p.connection, i, &it->first});
+            ++i;
+        }
+        std::sort(reached.begin(), reached.end(), [](const reach& a, const reach& b) {
+            return std::less<>{}(a.connection, b.connection) || (a.connection == b.connection && a.index < b.index);
+        });
+        for (std::size_t j = 0; j < reached.size(); ++j)
+            if (j == 0 || reached[j].connection != reached[j - 1].connection)
+                f(*reached[j].connection, reached[j].index, *reached[j].key);
+    }
+
+    /// f(connection) for every connection, each once.
+    template <class F>
+    void for_each_connection(F&& f) const {
+        for (const auto& c : all_) f(*c);
+    }
+
+private:
+    static constexpr std::size_t npos = static_cast<std::size_t>(-1);
+
+    template <class K>
+    auto find(const K& key) const {
+        if constexpr (requires { keys_.find(key); })
+            return keys_.find(key);  // heterogeneous lookup: no key object is built
+        else
+            return keys_.find(Key(key));
+    }
+
+    static std::size_t find_member(const Connection& c, const key_entry<Key, Connection>* entry) noexcept {
+        for (std::size_t i = 0; i < c.node.key_count(); ++i)
+            if (c.node[i].entry == entry) return i;
+        return npos;
+    }
+
+    /// Swap-and-pop on both sides, fixing the back-references of whatever moved.
+    template <class Last>
+    remove_result drop_membership(Connection& c, std::size_t member, Last& last) {
+        auto* entry = c.node[member].entry;
+        const auto slot = c.node[member].slot;
+        auto& peers = entry->peers;
+        peers[slot] = peers.back();
+        peers[slot].connection->node[peers[slot].member].slot = slot;
+        peers.pop_back();
+
+        const auto last_member = c.node.key_count() - 1;
+        if (member != last_member) {
+            c.node[member] = c.node[last_member];
+            c.node[member].entry->peers[c.node[member].slot].member = static_cast<std::uint32_t>(member);
+        }
+        c.node.pop_back();
+
+        if (!peers.empty()) return remove_result::removed;
+        last(*entry->key);
+        keys_.erase(keys_.find(*entry->key));
+        return remove_result::removed_last;
+    }
+
+    std::unordered_map<Key, key_entry<Key, Connection>, Hash, KeyEqual> keys_;
+    std::vector<connection_ptr> all_;
+};
+
+// ==== DETAIL: THE CONNECTION =================================================================
+
 template <class T>
 inline constexpr bool is_batching_stream = false;
 template <class NextLayer>
@@ -686,6 +1201,13 @@ template <class Socket>
 concept writes_frame_batches =
     requires(Socket& s) { requires is_batching_stream<std::remove_cvref_t<decltype(s.next_layer())>>; };
 
+enum class connection_state {
+    open,      // accepting messages
+    closing,   // write what is queued, then send a close frame
+    aborting,  // outbox overflowed or torn down: drop what is queued, close now
+    detached,  // unsubscribed: the writer stops, the socket is left to its owner
+};
+
 enum class writer_state {
     unstarted,  // registered, handshake not done yet: pushes only queue (see start_writer)
     idle,       // nothing to write; the next push schedules a flush
@@ -693,38 +1215,170 @@ enum class writer_state {
     writing,    // a write (or the close frame) is in flight
 };
 
-/// One registered socket: its outbox and the state its writer needs. Shared by the registry,
-/// the writer's pending handler and the subscription handle; it dies with the last of them.
+/// One registered socket, its outbox and the state its writer needs. Shared by the registry, the
+/// writer's pending handler and the endpoint or subscription; it dies with the last of them.
 template <class Socket, class Key>
-struct connection : std::enable_shared_from_this<connection<Socket, Key>> {
-    connection(Socket&& s, Key k, const outbox_options& o, std::size_t max_message_bytes)
-        : socket(std::move(s)), key(std::move(k)), limits(o), read_buffer(read_storage, max_message_bytes) {}
+class connection : public std::enable_shared_from_this<connection<Socket, Key>> {
+public:
+    connection(Socket&& s, const connection_options& o, std::size_t max_message_bytes)
+        : socket(std::move(s)),
+          envelopes(o.envelopes),
+          read_buffer(read_storage, max_message_bytes),
+          outbox_(o.outbox) {}
 
     Socket socket;
-    const Key key;
-    const outbox_options limits;
-    std::size_t slot = npos;  // index in the registry's vector for `key`; guarded by the registry lock
-    static constexpr std::size_t npos = static_cast<std::size_t>(-1);
+    const bool envelopes;
+    registry_node<Key, connection> node;  // guarded by the manager's registry lock
 
     // Touched only on the socket's executor.
-    net::steady_timer watchdog{socket.get_executor()};  // liveness: see ConnectionManager::watch
+    net::steady_timer watchdog{socket.get_executor()};  // liveness, then the close deadline
     bool heard_from_peer = false;                       // a message or a control frame arrived since the last check
     bool ping_in_flight = false;                        // the watchdog's ping has not completed yet
+    bool close_deadline = false;                        // the watchdog now guards a close handshake
     std::vector<net::const_buffer> batch;               // the frames being written; empty when idle
     std::string read_storage;                           // serve(): the message being read, here
     detail::read_buffer read_buffer;                    // because the pending read refers to them
 
-    std::mutex mutex;  // guards everything below
+    struct push_result {
+        bool open = false;  // it took messages: the outbox was offered this one
+        outbox::offer_result offer;
+        bool wake = false;  // the writer was idle: schedule a flush
+    };
+
+    /// Offers `m` to the outbox while the connection is open; an overflow under the close policy
+    /// starts the close.
+    push_result push(const message& m) {
+        std::lock_guard lock(mutex_);
+        if (state_ != connection_state::open) return {};
+        const auto offer = outbox_.offer(m);
+        if (offer.overflowed)
+            begin_close(connection_state::aborting, outbox_.limits().close_code,
+                        "outbox full: the client is not reading");
+        return {true, offer, schedule_flush()};
+    }
+
+    /// Asks for a close with `code` after what is queued (closing) or now (aborting), or leaves
+    /// the socket to its owner (detached). Returns true when the writer must be woken. An open
+    /// connection takes any request; a closing one may still be aborted; detaching always wins.
+    bool request_close(connection_state how, std::uint16_t code, std::string_view text) {
+        std::lock_guard lock(mutex_);
+        const bool takes = state_ == connection_state::open || how == connection_state::detached ||
+                           (how == connection_state::aborting && state_ == connection_state::closing);
+        if (!takes) return false;
+        begin_close(how, code, text);
+        return schedule_flush();
+    }
+
+    /// The handshake is done: the writer may write what was queued meanwhile (if anything).
+    bool start_writer() {
+        std::lock_guard lock(mutex_);
+        writer_ = writer_state::idle;
+        return (outbox_.has_waiting() || state_ != connection_state::open) && schedule_flush();
+    }
+
+    /// A scheduled flush was lost with its io_context: let the next push schedule one again.
+    void flush_dropped() {
+        std::lock_guard lock(mutex_);
+        if (writer_ == writer_state::scheduled) writer_ = writer_state::idle;
+    }
+
+    /// The connection left the manager: it no longer keeps its io_context running.
+    void release_work() {
+        std::lock_guard lock(mutex_);
+        keep_running_.reset();
+    }
+
+    connection_state state() const {
+        std::lock_guard lock(mutex_);
+        return state_;
+    }
+
+    bool writing() const {
+        std::lock_guard lock(mutex_);
+        return outbox_.writing() > 0;
+    }
+
+    std::size_t queued_bytes() const {
+        std::lock_guard lock(mutex_);
+        return outbox_.bytes();
+    }
+
+    /// What the writer does next, decided under the lock.
+    struct next_write {
+        enum { nothing, frames, close } what = nothing;
+        bool binary = false;  // frames, one message at a time: its type
+        std::uint16_t code = 0;
+        std::string reason;
+        bool overflowed = false;
+    };
+
+    /// The writer's next step: fills `batch` with up to `max` frames (whole frames when the socket
+    /// batches, else the payload of one message), or says to send the close frame, or to stop.
+    next_write take_next_write(std::size_t max, bool frames) {
+        std::lock_guard lock(mutex_);
+        next_write next;
+        if (state_ == connection_state::detached) {  // the socket is its owner's again
+            writer_ = writer_state::idle;
+            return next;
+        }
+        if (state_ != connection_state::aborting && outbox_.has_waiting()) {
+            // Messages stay held until written; the buffers point into their shared allocations.
+            writer_ = writer_state::writing;
+            batch.clear();
+            const auto n = outbox_.start_writing(frames ? max : 1);
+            for (std::size_t i = 0; i < n; ++i)
+                batch.push_back(frames ? outbox_.being_written(i).frame()
+                                       : net::buffer(outbox_.being_written(i).data()));
+            next.what = next_write::frames;
+            next.binary = outbox_.being_written(0).is_binary();
+            return next;
+        }
+        if (state_ == connection_state::open) {
+            writer_ = writer_state::idle;
+            std::vector<net::const_buffer>().swap(batch);  // an idle connection holds no batch
+            return next;
+        }
+        writer_ = writer_state::writing;  // for good: nothing is written after the close
+        next.what = next_write::close;
+        next.code = close_code_;
+        next.reason = close_text_;
+        next.overflowed = state_ == connection_state::aborting;
+        return next;
+    }
+
+    /// A write completed: its messages go. After an error the writer stops for good.
+    void written(bool failed) {
+        std::lock_guard lock(mutex_);
+        outbox_.done_writing();
+        if (failed) writer_ = writer_state::writing;
+    }
+
+private:
+    /// An idle writer gets a flush scheduled; any other is either writing (it looks at the outbox
+    /// again when its write completes) or not started. `mutex_` must be held.
+    bool schedule_flush() noexcept {
+        if (writer_ != writer_state::idle) return false;
+        writer_ = writer_state::scheduled;
+        return true;
+    }
+
+    /// `mutex_` must be held.
+    void begin_close(connection_state how, std::uint16_t code, std::string_view text) {
+        state_ = how;
+        close_code_ = code;
+        close_text_ = truncate_utf8(text, max_close_reason);
+        if (how != connection_state::closing) outbox_.discard_waiting();  // nothing queued will be written
+    }
+
+    mutable std::mutex mutex_;  // guards everything below
     // A registered connection keeps its io_context running, even with nothing in flight: sends
     // may come at any time. Released when it leaves the manager.
-    net::executor_work_guard<typename Socket::executor_type> keep_running{socket.get_executor()};
-    message_ring outbox;
-    std::size_t queued_bytes = 0;
-    std::size_t in_flight = 0;  // the first in_flight messages are being written and must not be dropped
-    writer_state writer = writer_state::unstarted;
-    connection_state state = connection_state::open;
-    std::uint16_t close_code = 0;
-    std::string close_text;  // an owned copy: the caller's reason may not outlive the close
+    net::executor_work_guard<typename Socket::executor_type> keep_running_{socket.get_executor()};
+    detail::outbox outbox_;
+    writer_state writer_ = writer_state::unstarted;
+    connection_state state_ = connection_state::open;
+    std::uint16_t close_code_ = 0;
+    std::string close_text_;  // an owned copy: the caller's reason may not outlive the close
 };
 
 }  // namespace detail
@@ -737,13 +1391,109 @@ template <message_socket Socket, class Key = std::string, class Hash = default_h
 class ConnectionManager {
     using connection = detail::connection<Socket, Key>;
     using connection_ptr = std::shared_ptr<connection>;
+    using registry_type = detail::registry<Key, Hash, KeyEqual, connection>;
+
+    /// Something a key can be made from or looked up by (a std::string_view for std::string keys).
+    template <class K>
+    static constexpr bool key_like = std::constructible_from<Key, const K&>;
+    /// A range of keys, as send(keys, m) and publish(keys, m) take.
+    template <class Keys>
+    static constexpr bool key_range = [] {
+        if constexpr (std::ranges::input_range<Keys>)
+            return !key_like<Keys> && key_like<std::ranges::range_value_t<Keys>>;
+        else
+            return false;
+    }();
 
 public:
     using socket_type = Socket;
     using key_type = Key;
+    using options_type = wsbroadcast::options<Key>;
 
-    /// RAII registration of one socket under one key. Destroying it, or calling unsubscribe(),
-    /// removes the connection from the manager; its socket stays open for its owner.
+    /// A reference to one connection, for changing its keys, writing to it alone or closing it.
+    /// Cheap to copy; it does not keep the connection alive. Every member may be called from any
+    /// thread; on a connection that has gone they do nothing (subscribe says error::not_registered).
+    class connection_handle {
+    public:
+        connection_handle() = default;
+
+        /// Subscribes the connection to `key` as well: it receives every message sent to `key`
+        /// from the moment this returns. Succeeds ({}) also when it is subscribed already. With
+        /// envelopes, options::envelope.subscribed(key) is queued first (not when already
+        /// subscribed). Refusals: error::key_limit, error::key_connection_limit,
+        /// error::shutting_down, error::not_registered.
+        error_code subscribe(const Key& key) const {
+            auto c = lock();
+            return c ? manager_->add_key(*c, key) : error_code(error::not_registered);
+        }
+
+        /// Stops delivery of `key` to this connection; messages already queued are still written.
+        /// Returns whether it was subscribed.
+        template <class K>
+        bool unsubscribe(const K& key) const {
+            auto c = lock();
+            return c && manager_->remove_key(*c, key);
+        }
+
+        template <class K>
+        bool subscribed_to(const K& key) const {
+            auto c = lock();
+            if (!c) return false;
+            std::shared_lock registry_lock(manager_->registry_mutex_);
+            return manager_->registry_.subscribed(*c, key);
+        }
+
+        /// Its keys, in no particular order; empty once it has gone.
+        std::vector<Key> keys() const {
+            auto c = lock();
+            if (!c) return {};
+            std::shared_lock registry_lock(manager_->registry_mutex_);
+            return manager_->registry_.keys_of(*c);
+        }
+
+        /// Queues `m` for this connection alone, as it is (no envelope), in order with what the
+        /// manager sends it.
+        send_result send(const message& m) const {
+            send_result result;
+            if (auto c = lock()) {
+                manager_->push(*c, m, result);
+                manager_->record(result);
+            }
+            return result;
+        }
+        send_result send(std::string_view text) const { return send(message::text(text)); }
+
+        /// Writes what is queued, then closes with `code` and `reason`.
+        void close(std::uint16_t code = 1000, std::string_view reason = {}) const {
+            if (auto c = lock()) manager_->request_close(*c, detail::connection_state::closing, code, reason);
+        }
+
+        /// Still registered with the manager.
+        bool connected() const {
+            auto c = lock();
+            if (!c) return false;
+            std::shared_lock registry_lock(manager_->registry_mutex_);
+            return c->node.registered();
+        }
+
+        bool envelopes() const {
+            auto c = lock();
+            return c && c->envelopes;
+        }
+
+        explicit operator bool() const noexcept { return manager_ != nullptr; }
+
+    private:
+        friend class ConnectionManager;
+        connection_handle(ConnectionManager* m, const connection_ptr& c) : manager_(m), connection_(c) {}
+        connection_ptr lock() const { return manager_ ? connection_.lock() : nullptr; }
+
+        ConnectionManager* manager_ = nullptr;
+        std::weak_ptr<connection> connection_;
+    };
+
+    /// RAII registration of one socket. Destroying it, or calling unsubscribe(), removes the
+    /// connection from the manager (from all its keys); its socket stays open for its owner.
     class subscription {
     public:
         subscription() = default;
@@ -759,15 +1509,20 @@ public:
         }
         ~subscription() { unsubscribe(); }
 
-        /// Safe to call from any thread, more than once.
+        /// Leaves the manager. Safe to call from any thread, more than once.
         void unsubscribe() noexcept {
             if (manager_ && connection_) manager_->remove(connection_, detail::connection_state::detached);
             manager_ = nullptr;
         }
 
+        /// For changing its keys, writing to it alone, closing it.
+        connection_handle handle() const {
+            return manager_ ? connection_handle(manager_, connection_) : connection_handle();
+        }
+        std::vector<Key> keys() const { return handle().keys(); }
+
         /// The registered socket. Use it only on its own executor.
         Socket& socket() const noexcept { return connection_->socket; }
-        const Key& key() const noexcept { return connection_->key; }
         explicit operator bool() const noexcept { return manager_ != nullptr; }
 
     private:
@@ -778,8 +1533,6 @@ public:
         connection_ptr connection_;
     };
 
-    using options_type = wsbroadcast::options<Key>;
-
     explicit ConnectionManager(options_type opts = {}) : options_(std::move(opts)) {
         if (!options_.on_error) options_.on_error = detail::log_to_stderr;
     }
@@ -788,65 +1541,111 @@ public:
 
     // ---- registration ------------------------------------------------------------------------
 
-    /// Registers `ws` under `key` and starts its writer on the socket's executor. The connection
-    /// receives every message sent to `key` until the subscription is dropped, the writer fails,
-    /// or the outbox overflows under the close policy. Reading from the socket stays the caller's
-    /// job (serve() does it for you). The connection limits apply, the admission hook does not
-    /// (it is asynchronous): a refusal throws system_error with a wsbroadcast::error and drops `ws`.
-    [[nodiscard]] subscription subscribe(Socket ws, Key key) {
-        return subscribe(std::move(ws), std::move(key), options_.outbox);
+    /// Registers `ws` with its initial `keys` (a key, a range of keys, or {}) and starts its
+    /// writer on the socket's executor. The connection receives every message sent to its keys
+    /// until the subscription is dropped, the writer fails, or the outbox overflows under the
+    /// close policy. Reading from the socket stays the caller's job (serve() does it for you). The
+    /// limits apply, the admission hook does not (it is asynchronous): a refusal throws
+    /// system_error with a wsbroadcast::error and drops `ws`.
+    [[nodiscard]] subscription subscribe(Socket ws, initial_keys<Key> keys) {
+        return subscribe(std::move(ws), std::move(keys), connection_options(options_.outbox));
     }
 
     /// The same, with this connection's own outbox limits and overflow policy.
-    [[nodiscard]] subscription subscribe(Socket ws, Key key, const outbox_options& outbox) {
-        auto c = make_connection(std::move(ws), std::move(key), outbox);
-        if (const auto refusal = try_register(c)) throw std::system_error(std::error_code(refusal), "subscribe");
+    [[nodiscard]] subscription subscribe(Socket ws, initial_keys<Key> keys, const outbox_options& outbox) {
+        return subscribe(std::move(ws), std::move(keys), connection_options(outbox));
+    }
+
+    /// The same, with this connection's own options (outbox, envelopes).
+    [[nodiscard]] subscription subscribe(Socket ws, initial_keys<Key> keys, const connection_options& o) {
+        auto c = make_connection(std::move(ws), o);
+        if (const auto refusal = try_register(c, keys.keys()))
+            throw std::system_error(std::error_code(refusal), "subscribe");
         start_writer(c);
         return subscription(this, std::move(c));
     }
 
     // ---- sending -----------------------------------------------------------------------------
 
-    /// Queues `m` to every connection under `key`. Never blocks, never waits on a peer.
+    /// Queues `m` to every connection subscribed to `key`. Never blocks, never waits on a peer.
     /// Sending to a key nobody listens on does nothing and returns {}.
     template <class K>
+        requires key_like<K>
     send_result send(const K& key, const message& m) {
-        return send_to(key, [&m]() -> const message& { return m; });
+        return send_to_key(key, [&m]() -> const message& { return m; });
     }
 
     /// Sends a text message. The payload is copied once, and only if somebody listens on `key`.
     template <class K>
+        requires key_like<K>
     send_result send(const K& key, std::string_view text) {
-        return send_to(key, [text] { return message::text(text); });
+        return send_to_key(key, [text] { return message::text(text); });
+    }
+
+    /// Queues `m` once to every connection subscribed to any of `keys` (a range), however many of
+    /// them it is subscribed to, in one allocation whatever the overlap.
+    template <class Keys>
+        requires key_range<Keys>
+    send_result send(const Keys& keys, const message& m) {
+        std::shared_lock lock(registry_mutex_);
+        send_result result;
+        std::vector<std::optional<message>> wrapped;  // envelopes, per key, built on first need
+        registry_.for_each_once(keys, [&](connection& c, std::size_t i, const Key& key) {
+            if (wrapped.empty() && c.envelopes) wrapped.resize(std::ranges::distance(keys));
+            push(c, framed(c, m, key, c.envelopes ? &wrapped[i] : nullptr), result);
+        });
+        record(result);
+        return result;
+    }
+
+    template <class Keys>
+        requires key_range<Keys>
+    send_result send(const Keys& keys, std::string_view text) {
+        return send(keys, message::text(text));
     }
 
     /// Sends `m` to `key` on every instance: through options::relay when one is set (this instance
     /// delivers it when the relay brings it back), else here, as send() does.
     template <class K>
+        requires key_like<K>
     publish_result publish(const K& key, const message& m) {
-        auto& relay = options_.relay;
-        if (!relay) return {{}, false, send(key, m)};
-        error_code refused;
+        if (!options_.relay) return {{}, false, send(key, m)};
         if constexpr (std::is_convertible_v<const K&, const Key&>) {
-            const Key& k = key;
-            refused = relay->publish(k, m);
+            return relayed(std::span<const Key>(&static_cast<const Key&>(key), 1), m);
         } else {
-            refused = relay->publish(Key(key), m);
+            const Key k(key);
+            return relayed(std::span<const Key>(&k, 1), m);
         }
-        return {refused, !refused, {}};
     }
 
     template <class K>
+        requires key_like<K>
     publish_result publish(const K& key, std::string_view text) {
         return publish(key, message::text(text));
     }
 
-    /// Queues `m` to every connection under every key.
+    /// Sends `m` to `keys` on every instance, each connection once (see send(keys, m)).
+    template <class Keys>
+        requires key_range<Keys>
+    publish_result publish(const Keys& keys, const message& m) {
+        if (!options_.relay) return {{}, false, send(keys, m)};
+        std::vector<Key> owned;
+        for (auto&& k : keys) owned.emplace_back(k);
+        return relayed(owned, m);
+    }
+
+    template <class Keys>
+        requires key_range<Keys>
+    publish_result publish(const Keys& keys, std::string_view text) {
+        return publish(keys, message::text(text));
+    }
+
+    /// Queues `m` to every connection once, as it is: a broadcast is no key's message, so
+    /// envelope connections get no envelope.
     send_result broadcast(const message& m) {
         std::shared_lock lock(registry_mutex_);
         send_result result;
-        for (auto& [key, peers] : registry_)
-            for (auto& c : peers) push(*c, m, result);
+        registry_.for_each_connection([&](connection& c) { push(c, m, result); });
         record(result);
         return result;
     }
@@ -858,35 +1657,64 @@ public:
     /// close; a server shutting down waits for size() to reach 0, with a deadline of its own.
     void close_all(std::uint16_t code = 1001, std::string_view reason = "server shutting down") {
         std::shared_lock lock(registry_mutex_);
-        for (auto& [key, peers] : registry_)
-            for (auto& c : peers) request_close(*c, code, reason);
+        registry_.for_each_connection(
+            [&](connection& c) { request_close(c, detail::connection_state::closing, code, reason); });
+    }
+
+    /// Closes every connection subscribed to `key`, as close_all() does, and returns how many.
+    template <class K>
+        requires key_like<K>
+    std::size_t close(const K& key, std::uint16_t code = 1000, std::string_view reason = {}) {
+        std::shared_lock lock(registry_mutex_);
+        std::size_t n = 0;
+        registry_.for_each(key, [&](connection& c, const Key&) {
+            request_close(c, detail::connection_state::closing, code, reason);
+            ++n;
+        });
+        return n;
     }
 
     // ---- queries -----------------------------------------------------------------------------
 
     template <class K>
+        requires key_like<K>
     bool has(const K& key) const {
         std::shared_lock lock(registry_mutex_);
-        return find(key) != registry_.end();
+        return registry_.has(key);
     }
 
+    /// Connections subscribed to `key`.
     template <class K>
+        requires key_like<K>
     std::size_t count(const K& key) const {
         std::shared_lock lock(registry_mutex_);
-        auto it = find(key);
-        return it == registry_.end() ? 0 : it->second.size();
+        return registry_.count(key);
     }
 
-    /// Connections registered under any key.
+    /// Calls f(connection_handle) for each connection subscribed to `key` (who is there, for
+    /// presence), outside the registry lock: f may call the manager. Returns how many.
+    template <class K, class F>
+        requires key_like<K> && std::invocable<F&, connection_handle>
+    std::size_t for_each(const K& key, F f) {
+        std::vector<connection_handle> handles;
+        {
+            std::shared_lock lock(registry_mutex_);
+            registry_.for_each(key, [&](connection& c, const Key&) { handles.push_back(handle_of(c)); });
+        }
+        for (auto& h : handles) f(h);
+        return handles.size();
+    }
+
+    /// Connections registered, each once whatever its keys.
     std::size_t size() const {
         std::shared_lock lock(registry_mutex_);
-        return total_;
+        return registry_.size();
     }
 
     /// Keys with at least one connection.
     std::size_t key_count() const {
         std::shared_lock lock(registry_mutex_);
-        return registry_.size();
+        return registry_.key_count();
     }
 
     /// Bytes held by all outboxes right now (a message queued to N connections counts N times,
@@ -894,11 +1722,7 @@ public:
     std::size_t queued_bytes() const {
         std::shared_lock lock(registry_mutex_);
         std::size_t total = 0;
-        for (auto& [key, peers] : registry_)
-            for (auto& c : peers) {
-                std::lock_guard outbox_lock(c->mutex);
-                total += c->queued_bytes;
-            }
+        registry_.for_each_connection([&](const connection& c) { total += c.queued_bytes(); });
         return total;
     }
 
@@ -912,10 +1736,11 @@ public:
 
     // ---- shutdown ----------------------------------------------------------------------------
 
-    /// Graceful shutdown: refuses new connections (close 1001, error::shutting_down), asks every
-    /// connection to write what is queued and close with `code`, waits up to `drain` for peers to
-    /// answer, then tears down whatever is left. Completes, on the awaiting coroutine's executor,
-    /// once no connection is registered. Call it once; the manager stays closed afterwards.
+    /// Graceful shutdown: refuses new connections and subscriptions (close 1001,
+    /// error::shutting_down), asks every connection to write what is queued and close with
+    /// `code`, waits up to `drain` for peers to answer, then tears down whatever is left.
+    /// Completes, on the awaiting coroutine's executor, once no connection is registered. Call it
+    /// once; the manager stays closed afterwards.
     net::awaitable<void> shutdown(std::chrono::steady_clock::duration drain = std::chrono::seconds(5),
                                   std::uint16_t code = 1001, std::string_view reason = "server shutting down") {
         {
@@ -934,42 +1759,62 @@ public:
 
     // ---- endpoint helpers --------------------------------------------------------------------
 
-    /// Registers `ws` under `key`, reads messages until the peer closes or the connection fails,
-    /// and unregisters on every way out (close, error, exception, cancellation).
+    /// What serve() and accept_and_serve() hand each message a client sends: either
+    /// void(std::string_view data), or void(connection_handle&, std::string_view data, bool binary)
+    /// for a handler that answers, changes the connection's keys or closes it.
+    template <class F>
+    static constexpr bool handles_messages =
+        std::invocable<F&, std::string_view> || std::invocable<F&, connection_handle&, std::string_view, bool>;
+
+    /// Registers `ws` with its initial `keys`, reads messages until the peer closes or the
+    /// connection fails, and unregisters on every way out (close, error, exception, cancellation).
     ///
-    /// Before registering it asks options::admit (if set) and checks the connection limits; a
-    /// refusal closes the socket with the code of its wsbroadcast::error and completes with it.
+    /// Before registering it asks options::admit (if set) about each initial key and checks the
+    /// limits; a refusal closes the socket with the code of its wsbroadcast::error and completes
+    /// with it.
     ///
-    /// `on_message(std::string_view)` is called with each message the client sends; by default
-    /// they are read and discarded. It runs on the socket's executor; the view is valid only
-    /// during the call. An exception it throws ends the connection and propagates to the caller.
+    /// `on_message` is called with each message the client sends (see handles_messages); by
+    /// default they are read and discarded. It runs on the socket's executor; the data is valid
+    /// only during the call. An exception it throws ends the connection and is the completion's.
     ///
     /// Completes with the error that ended the connection (Beast's websocket::error::closed for a
     /// clean close). Unexpected errors are also reported to options::on_error. Everything touching
-    /// the socket runs on the socket's executor. By default the result is an awaitable; any Asio
+    /// the socket runs on the socket's executor; the completion runs on the completion handler's
+    /// associated executor (for the default awaitable, the awaiting coroutine's), or, for a
+    /// handler with none, on the socket's. By default the result is an awaitable; any Asio
     /// completion token for void(std::exception_ptr, error_code) works instead (a callback,
     /// net::detached), and then no frame of the caller's waits while the connection lives.
     template <class OnMessage = void (*)(std::string_view), class CompletionToken = net::use_awaitable_t<>>
-        requires readable_message_socket<Socket> && std::invocable<OnMessage&, std::string_view>
-    auto serve(Socket ws, Key key, OnMessage on_message = [](std::string_view) {}, CompletionToken&& token = {}) {
-        return serve(std::move(ws), std::move(key), options_.outbox, std::move(on_message),
+        requires readable_message_socket<Socket> && handles_messages<OnMessage>
+    auto serve(
+        Socket ws, initial_keys<Key> keys, OnMessage on_message = [](std::string_view) {},
+        CompletionToken&& token = {}) {
+        return serve(std::move(ws), std::move(keys), connection_options(options_.outbox), std::move(on_message),
                      std::forward<CompletionToken>(token));
     }
 
     /// The same, with this connection's own outbox limits and overflow policy.
     template <class OnMessage = void (*)(std::string_view), class CompletionToken = net::use_awaitable_t<>>
-        requires readable_message_socket<Socket> && std::invocable<OnMessage&, std::string_view>
+        requires readable_message_socket<Socket> && handles_messages<OnMessage>
     auto serve(
-        Socket ws, Key key, const outbox_options& outbox, OnMessage on_message = [](std::string_view) {},
+        Socket ws, initial_keys<Key> keys, const outbox_options& outbox, OnMessage on_message = [](std::string_view) {},
         CompletionToken&& token = {}) {
-        auto c = make_connection(std::move(ws), std::move(key), outbox);
-        auto executor = c->socket.get_executor();
-        return start_endpoint(std::move(c), detail::no_request{}, std::move(on_message),
-                              std::forward<CompletionToken>(token));
+        return serve(std::move(ws), std::move(keys), connection_options(outbox), std::move(on_message),
+                     std::forward<CompletionToken>(token));
+    }
+
+    /// The same, with this connection's own options (outbox, envelopes).
+    template <class OnMessage = void (*)(std::string_view), class CompletionToken = net::use_awaitable_t<>>
+        requires readable_message_socket<Socket> && handles_messages<OnMessage>
+    auto serve(
+        Socket ws, initial_keys<Key> keys, const connection_options& o, OnMessage on_message = [](std::string_view) {},
+        CompletionToken&& token = {}) {
+        return start_endpoint(make_connection(std::move(ws), o), detail::no_request{}, std::move(keys),
+                              std::move(on_message), std::forward<CompletionToken>(token));
     }
 
     /// Like serve(), for a socket whose handshake is still to be done: admits and registers `ws`
-    /// under `key` first, then answers the upgrade `request` (ws.async_accept(request)), then
+    /// with its `keys` first, then answers the upgrade `request` (ws.async_accept(request)), then
     /// starts writing. A client that sees its handshake complete therefore gets every message sent
     /// from then on; messages sent during the handshake wait in its outbox. (Through a relay, what
     /// it gets is what the relay brings back once the broker knows this instance needs the key.)
@@ -977,41 +1822,49 @@ public:
     /// handshake and then the close frame, so a browser sees the close code and reason.
     template <class Request, class OnMessage = void (*)(std::string_view),
               class CompletionToken = net::use_awaitable_t<>>
-        requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> &&
-                 std::invocable<OnMessage&, std::string_view>
+        requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> && handles_messages<OnMessage>
     auto accept_and_serve(
-        Socket ws, Request request, Key key, OnMessage on_message = [](std::string_view) {},
+        Socket ws, Request request, initial_keys<Key> keys, OnMessage on_message = [](std::string_view) {},
         CompletionToken&& token = {}) {
-        return accept_and_serve(std::move(ws), std::move(request), std::move(key), options_.outbox,
+        return accept_and_serve(std::move(ws), std::move(request), std::move(keys), connection_options(options_.outbox),
                                 std::move(on_message), std::forward<CompletionToken>(token));
     }
 
     /// The same, with this connection's own outbox limits and overflow policy.
     template <class Request, class OnMessage = void (*)(std::string_view),
               class CompletionToken = net::use_awaitable_t<>>
-        requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> &&
-                 std::invocable<OnMessage&, std::string_view>
+        requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> && handles_messages<OnMessage>
     auto accept_and_serve(
-        Socket ws, Request request, Key key, const outbox_options& outbox,
+        Socket ws, Request request, initial_keys<Key> keys, const outbox_options& outbox,
         OnMessage on_message = [](std::string_view) {}, CompletionToken&& token = {}) {
-        auto c = make_connection(std::move(ws), std::move(key), outbox);
-        auto executor = c->socket.get_executor();
-        return start_endpoint(std::move(c), std::move(request), std::move(on_message),
-                              std::forward<CompletionToken>(token));
+        return accept_and_serve(std::move(ws), std::move(request), std::move(keys), connection_options(outbox),
+                                std::move(on_message), std::forward<CompletionToken>(token));
+    }
+
+    /// The same, with this connection's own options (outbox, envelopes).
+    template <class Request, class OnMessage = void (*)(std::string_view),
+              class CompletionToken = net::use_awaitable_t<>>
+        requires readable_message_socket<Socket> && accepts_upgrade<Socket, Request> && handles_messages<OnMessage>
+    auto accept_and_serve(
+        Socket ws, Request request, initial_keys<Key> keys, const connection_options& o,
+        OnMessage on_message = [](std::string_view) {}, CompletionToken&& token = {}) {
+        return start_endpoint(make_connection(std::move(ws), o), std::move(request), std::move(keys),
+                              std::move(on_message), std::forward<CompletionToken>(token));
     }
 
 private:
+    // ---- connections in and out ----------------------------------------------------------------
+
+    /// A socket with its own limit on what it reads (Beast's read_message_max) enforces it, with
+    /// close 1009; for any other, the read buffer's limit does, and the endpoint closes.
+    static constexpr bool socket_limits_size = requires(Socket& s) { s.read_message_max(std::size_t{}); };
+
     /// Builds a connection and applies the manager's socket-level limits where the socket has them.
-    connection_ptr make_connection(Socket ws, Key key, const outbox_options& outbox) {
-        // A socket with its own limit on what it reads (Beast's read_message_max) enforces it, with
-        // close 1009; for any other the read buffer's limit does, and serve() closes.
-        constexpr bool socket_limits_size = requires(Socket& s) { s.read_message_max(std::size_t{}); };
-        auto c =
-            std::make_shared<connection>(std::move(ws), std::move(key), outbox,
-                                         socket_limits_size ? std::string().max_size() : options_.max_message_bytes);
+    connection_ptr make_connection(Socket ws, const connection_options& o) {
+        auto c = std::make_shared<connection>(
+            std::move(ws), o, socket_limits_size ? std::string().max_size() : options_.max_message_bytes);
         auto& socket = c->socket;
-        if constexpr (requires { socket.read_message_max(std::size_t{}); })
-            socket.read_message_max(options_.max_message_bytes);
+        if constexpr (socket_limits_size) socket.read_message_max(options_.max_message_bytes);
         if constexpr (requires { socket.control_callback([](auto, auto) {}); }) {
             if (options_.idle_timeout > std::chrono::steady_clock::duration::zero())
                 // A raw pointer: the socket lives inside the connection, so a shared one would be a cycle.
@@ -1020,25 +1873,29 @@ private:
         return c;
     }
 
-    /// Registers `c` unless a limit or the shutdown forbids it. Never blocks on I/O.
-    error_code try_register(const connection_ptr& c) {
+    connection_handle handle_of(connection& c) { return connection_handle(this, c.shared_from_this()); }
+
+    typename registry_type::limits key_limits() const noexcept {
+        return {options_.max_keys_per_connection, options_.max_connections_per_key};
+    }
+
+    /// Registers `c` with its initial keys, all or none, unless a limit or the shutdown forbids it.
+    error_code try_register(const connection_ptr& c, std::span<const Key> keys) {
         error_code refusal;
         std::exception_ptr relay_failure;
         {
             std::unique_lock lock(registry_mutex_);
             if (closing_)
                 refusal = error::shutting_down;
-            else if (options_.max_connections && total_ >= options_.max_connections)
+            else if (options_.max_connections && registry_.size() >= options_.max_connections)
                 refusal = error::connection_limit;
-            else if (auto it = find(c->key); options_.max_connections_per_key && it != registry_.end() &&
-                                             it->second.size() >= options_.max_connections_per_key)
-                refusal = error::key_connection_limit;
             else {
-                auto& peers = registry_[c->key];
-                c->slot = peers.size();
-                peers.push_back(c);
-                ++total_;
-                if (peers.size() == 1) report_interest(c->key, true, relay_failure);
+                registry_.insert(c);
+                refusal = check_initial_keys(*c, keys);
+                if (refusal)
+                    registry_.erase(*c, [](const Key&) {});  // it has no key yet: nobody hears of it
+                else
+                    for (const auto& key : keys) add_key_locked(*c, key, relay_failure);
             }
         }
         if (relay_failure) report({"relay", {}, relay_failure});
@@ -1046,36 +1903,311 @@ private:
         return refusal;
     }
 
+    /// Whether `c`, registered with no key yet, may take all of `keys`. The registry lock is held.
+    error_code check_initial_keys(const connection& c, std::span<const Key> keys) const {
+        std::size_t distinct = 0;
+        for (std::size_t i = 0; i < keys.size(); ++i) {
+            if (registry_.check(c, keys[i], key_limits()) == registry_type::add_result::key_connection_limit)
+                return error::key_connection_limit;
+            const KeyEqual equal;
+            if (std::none_of(keys.begin(), keys.begin() + i, [&](const Key& k) { return equal(k, keys[i]); }))
+                ++distinct;
+        }
+        if (options_.max_keys_per_connection && distinct > options_.max_keys_per_connection) return error::key_limit;
+        return {};
+    }
+
+    /// Adds `key` to `c`; tells the relay of a key's first subscriber; queues the envelope's
+    /// subscribed frame. The registry's unique lock is held, so no send sees half of it.
+    error_code add_key_locked(connection& c, const Key& key, std::exception_ptr& relay_failure) {
+        using result = typename registry_type::add_result;
+        switch (registry_.add(c, key, key_limits())) {
+        case result::already: return {};
+        case result::not_registered: return error::not_registered;
+        case result::key_limit: return error::key_limit;
+        case result::key_connection_limit: return error::key_connection_limit;
+        case result::added_first: report_interest(key, true, relay_failure); break;
+        case result::added: break;
+        }
+        if (c.envelopes && options_.envelope.subscribed) {
+            send_result ignored;
+            push(c, options_.envelope.subscribed(key), ignored);
+        }
+        return {};
+    }
+
+    error_code add_key(connection& c, const Key& key) {
+        error_code refusal;
+        std::exception_ptr relay_failure;
+        {
+            std::unique_lock lock(registry_mutex_);
+            refusal = closing_ ? error_code(error::shutting_down) : add_key_locked(c, key, relay_failure);
+        }
+        if (relay_failure) report({"relay", {}, relay_failure});
+        return refusal;
+    }
+
+    template <class K>
+    bool remove_key(connection& c, const K& key) {
+        std::exception_ptr relay_failure;
+        bool removed = false;
+        {
+            std::unique_lock lock(registry_mutex_);
+            removed = registry_.remove(c, key, [&](const Key& k) { report_interest(k, false, relay_failure); }) !=
+                      registry_type::remove_result::not_subscribed;
+        }
+        if (relay_failure) report({"relay", {}, relay_failure});
+        return removed;
+    }
+
+    /// Takes `c` out of the registry (idempotent) and stops its writer: `detached` leaves the
+    /// socket to its owner, `aborting` drops what is queued.
+    void remove(const connection_ptr& c, detail::connection_state why) noexcept {
+        std::exception_ptr relay_failure;
+        connection_ptr registered;  // released after the lock: it may be the last reference
+        {
+            std::unique_lock lock(registry_mutex_);
+            registered = registry_.erase(*c, [&](const Key& k) { report_interest(k, false, relay_failure); });
+        }
+        if (relay_failure) report({"relay", {}, relay_failure});
+        c->request_close(why, 0, {});
+        c->release_work();
+        try {
+            post_stop(*c, teardown::none);
+        } catch (...) {  // the executor is shutting down: the operations die with it
+        }
+    }
+
+    /// The end of a shutdown: whatever did not leave in time is torn down and unregistered.
+    void abort_all() {
+        std::vector<connection_ptr> left;
+        std::exception_ptr relay_failure;
+        {
+            std::unique_lock lock(registry_mutex_);
+            left = registry_.clear([&](const Key& k) { report_interest(k, false, relay_failure); });
+        }
+        if (relay_failure) report({"relay", {}, relay_failure});
+        for (auto& c : left) {
+            c->request_close(detail::connection_state::aborting, 1001, "shutdown deadline");
+            c->release_work();
+            post_stop(*c, teardown::always);
+        }
+    }
+
+    // ---- the send path: registry, outbox, writer ------------------------------------------------
+
+    template <class K, class MakeMessage>
+    send_result send_to_key(const K& key, MakeMessage make_message) {
+        std::shared_lock lock(registry_mutex_);
+        if (!registry_.has(key)) return {};
+        const message& m = make_message();  // built only when somebody listens
+        send_result result;
+        std::optional<message> wrapped;
+        registry_.for_each(key, [&](connection& c, const Key& k) { push(c, framed(c, m, k, &wrapped), result); });
+        record(result);
+        return result;
+    }
+
+    /// What connection `c` gets of `m`, sent under `key`: `m`, or its envelope, built once per send
+    /// and key into `*wrapped`.
+    const message& framed(const connection& c, const message& m, const Key& key, std::optional<message>* wrapped) {
+        if (!c.envelopes || !options_.envelope.wrap) return m;
+        if (!*wrapped) *wrapped = options_.envelope.wrap(key, m);
+        return **wrapped;
+    }
+
+    publish_result relayed(std::span<const Key> keys, const message& m) {
+        const auto refused = options_.relay->publish(keys, m);
+        return {refused, !refused, {}};
+    }
+
+    void record(const send_result& r) noexcept {
+        if (r.queued) {
+            messages_.fetch_add(1, std::memory_order_relaxed);
+            deliveries_.fetch_add(r.queued, std::memory_order_relaxed);
+        }
+        if (r.closed) overflow_closes_.fetch_add(r.closed, std::memory_order_relaxed);
+    }
+
+    /// Puts `m` in one outbox and counts what happened.
+    void push(connection& c, const message& m, send_result& result) {
+        const auto r = c.push(m);
+        if (!r.open) return;
+        if (r.offer.overflowed) {
+            ++result.closed;
+        } else if (!r.offer.queued || r.offer.evicted) {
+            ++result.dropped;
+            dropped_.fetch_add(r.offer.queued ? r.offer.evicted : 1, std::memory_order_relaxed);
+        }
+        if (r.offer.queued) ++result.queued;
+        if (r.wake) post_flush(c);
+        if (r.offer.overflowed) post_overflow_close(c);
+    }
+
+    void request_close(connection& c, detail::connection_state how, std::uint16_t code, std::string_view text) {
+        if (c.request_close(how, code, text)) post_flush(c);
+    }
+
     /// Starts the connection's writer (it writes whatever was queued meanwhile) and, with an idle
     /// timeout, its watchdog.
     void start_writer(const connection_ptr& c) {
-        bool flush_now = false;
-        {
-            std::lock_guard lock(c->mutex);
-            c->writer = detail::writer_state::idle;
-            flush_now = schedule_flush(*c);
-        }
-        if (flush_now) post_flush(*c);
+        if (c->start_writer()) post_flush(*c);
         if (options_.idle_timeout > std::chrono::steady_clock::duration::zero())
             net::dispatch(c->socket.get_executor(), [this, c] { watch(c, false); });  // the timer lives on it
     }
 
-    /// Liveness: every half idle period, a peer not heard from is pinged, and one still silent a
-    /// half period later is torn down (its read loop then ends and unregisters it). A chain of
-    /// timer callbacks rather than a coroutine: it holds no frame while it waits, which matters
-    /// with many idle connections.
-    void watch(connection_ptr c, bool pinged) {
-        auto& timer = c->watchdog;
-        timer.expires_after(options_.idle_timeout / 2);
-        timer.async_wait([this, c = std::move(c), pinged](const error_code&) mutable {
-            {
-                std::lock_guard lock(c->mutex);
-                if (c->state == detail::connection_state::detached || c->state == detail::connection_state::aborting)
-                    return;
+    /// Queues a flush of `c`. Flushes are handed out in small chunks, each chunk posted behind
+    /// whatever else is waiting (reads, new pushes): a send to many connections then does not hold
+    /// everything else back for a whole round of writes, and what is sent during the round leaves
+    /// in one write per connection.
+    void post_flush(connection& c) {
+        bool start = false;
+        {
+            std::lock_guard lock(flushes_->mutex);
+            flushes_->due.push_back(c.weak_from_this());  // weak: a connection that dies meanwhile is skipped
+            start = !std::exchange(flushes_->running, true);
+        }
+        if (start) post_flusher(c.socket.get_executor());
+    }
+
+    static constexpr std::size_t flush_chunk = 16;
+
+    /// The hand-out goes on the executor of the connection that started it. If that executor's
+    /// io_context goes away with the hand-out still queued, the connections it would have flushed
+    /// are told, so their next push schedules a flush again. (Only the queue is touched then: the
+    /// io_context may be going away after the manager.)
+    void post_flusher(const typename Socket::executor_type& executor) {
+        net::post(executor, detail::run_or_drop([this, executor] { hand_out_flushes(executor); },
+                                                [queue = flushes_] { queue->dropped(); }));
+    }
+
+    void hand_out_flushes(const typename Socket::executor_type& executor) {
+        std::weak_ptr<connection> chunk[flush_chunk];
+        std::size_t n = 0;
+        bool more = false;
+        {
+            std::lock_guard lock(flushes_->mutex);
+            auto& due = flushes_->due;
+            for (; n < flush_chunk && !due.empty(); ++n) {
+                chunk[n] = std::move(due.front());
+                due.pop_front();
             }
+            more = flushes_->running = !due.empty();
+        }
+        for (std::size_t i = 0; i < n; ++i)
+            if (auto c = chunk[i].lock())
+                net::post(c->socket.get_executor(),
+                          detail::run_or_drop([this, c] { flush(c); }, [c] { c->flush_dropped(); }));
+        if (more) post_flusher(executor);
+    }
+
+    /// The most frames one write takes: what Asio hands the kernel in one writev.
+    static constexpr std::size_t max_batch = 64;
+
+    /// The connection's only writer, run on its executor: one write in flight at a time, in outbox
+    /// order. It writes every queued message (up to max_batch) in one write when the socket is
+    /// over a batching_stream, else the oldest one; then, once the outbox is empty and a close was
+    /// asked for, the close frame.
+    void flush(const connection_ptr& c) noexcept {
+        constexpr bool frames = detail::writes_frame_batches<Socket>;
+        try {
+            auto next = c->take_next_write(max_batch, frames);
+            if (next.what == next.nothing) return;
+            if (next.what == next.close) return send_close(c, next.code, next.reason, next.overflowed);
+            auto done = [this, c](const error_code& ec, std::size_t) { written(c, ec); };
+            if constexpr (frames) {
+                c->socket.next_layer().async_write_some(c->batch, std::move(done));
+            } else {
+                if constexpr (requires { c->socket.binary(true); }) c->socket.binary(next.binary);
+                c->socket.async_write(c->batch.front(), std::move(done));
+            }
+        } catch (...) {
+            report({"writer", {}, std::current_exception()});
+            detail::abort_socket(c->socket);
+            remove(c, detail::connection_state::aborting);
+        }
+    }
+
+    /// A write completed. After an error the socket is torn down: a connection whose write failed
+    /// cannot be closed politely, and its read loop must end too.
+    void written(const connection_ptr& c, const error_code& ec) noexcept {
+        c->written(static_cast<bool>(ec));
+        if (!ec) return flush(c);
+        if (!detail::is_expected_ending(ec)) report({"write", ec, {}});
+        detail::abort_socket(c->socket);
+        remove(c, detail::connection_state::aborting);
+    }
+
+    /// The close frame, once everything queued is written (closing) or dropped (aborting).
+    void send_close(const connection_ptr& c, std::uint16_t code, std::string_view text, bool overflowed) {
+        if constexpr (detail::closes_with_reason<Socket>) {
+            c->socket.async_close(detail::make_close_reason<Socket>(code, text),
+                                  [this, c, overflowed](const error_code& ec) {
+                                      if (!detail::is_expected_ending(ec)) report({"close", ec, {}});
+                                      // A connection closed by close_all() stays registered until its
+                                      // peer's answer ends the read loop; one closed on overflow has
+                                      // left already, and its close deadline is over.
+                                      if (overflowed) end_close_deadline(*c);
+                                  });
+        } else if (overflowed) {
+            remove(c, detail::connection_state::aborting);
+        }
+    }
+
+    enum class teardown {
+        none,        // the writer sees the new state and ends (unsubscribe, write error)
+        if_writing,  // a write still in flight belongs to a peer that is not reading
+        always,      // end of a shutdown: no more waiting
+    };
+
+    /// The one way to stop a connection from outside: on its executor (its timer and socket may be
+    /// touched only there), tear the socket down as asked and stop the watchdog, unless the
+    /// watchdog now guards a close handshake. Idempotent.
+    void post_stop(connection& c, teardown how) {
+        net::post(c.socket.get_executor(), [c = c.shared_from_this(), how] {
+            if (how == teardown::always || (how == teardown::if_writing && c->writing()))
+                detail::abort_socket(c->socket);
+            if (!c->close_deadline) c->watchdog.cancel();
+        });
+    }
+
+    /// The close policy closed `c`: on its executor, it leaves the manager at once (nothing more
+    /// is sent to it, and it no longer counts against any limit); a write stuck on the peer is
+    /// torn down, else the close handshake gets options::close_timeout.
+    void post_overflow_close(connection& c) {
+        net::post(c.socket.get_executor(), [this, c = c.shared_from_this()] {
+            remove(c, detail::connection_state::aborting);
+            if (c->writing() || options_.close_timeout <= std::chrono::steady_clock::duration::zero())
+                return detail::abort_socket(c->socket);
+            c->close_deadline = true;
+            c->watchdog.expires_after(options_.close_timeout);
+            c->watchdog.async_wait([c](const error_code& ec) {
+                if (!ec && c->close_deadline) detail::abort_socket(c->socket);
+            });
+        });
+    }
+
+    /// On the socket's executor: the connection is over, nothing waits for its close any more.
+    static void end_close_deadline(connection& c) {
+        c.close_deadline = false;
+        c.watchdog.cancel();
+    }
+
+    /// Liveness: a peer not heard from for the idle period is torn down (its read loop then ends
+    /// and unregisters it). Where the socket can ping, a peer silent for half the period is
+    /// pinged first, and its pong counts. A chain of timer callbacks rather than a coroutine: it
+    /// holds no frame while it waits, which matters with many idle connections.
+    void watch(connection_ptr c, bool pinged) {
+        constexpr bool can_ping = requires { c->socket.async_ping({}, [](const error_code&) {}); };
+        auto& timer = c->watchdog;
+        timer.expires_after(can_ping ? options_.idle_timeout / 2 : options_.idle_timeout);
+        timer.async_wait([this, c = std::move(c), pinged](const error_code&) mutable {
+            const auto state = c->state();
+            if (state == detail::connection_state::detached || state == detail::connection_state::aborting ||
+                c->close_deadline)
+                return;
             if (std::exchange(c->heard_from_peer, false)) return watch(std::move(c), false);
-            (void)pinged;  // read only for sockets that can ping
-            if constexpr (requires { c->socket.async_ping({}, [](const error_code&) {}); }) {
+            if constexpr (can_ping) {
                 if (!pinged) {
                     // Not awaited: a ping waits behind a write stuck on a peer that stopped reading,
                     // and the clock must keep running for that peer too.
@@ -1083,23 +2215,50 @@ private:
                         c->socket.async_ping({}, [c](const error_code&) { c->ping_in_flight = false; });
                     return watch(std::move(c), true);
                 }
+            } else {
+                (void)pinged;
             }
             detail::abort_socket(c->socket);
             remove(c, detail::connection_state::aborting);
         });
     }
 
+    /// Tells the relay, if any, that `key` got its first connection or lost its last. Called under
+    /// the registry's unique lock, so the relay sees a key's changes in the order they happened.
+    /// A failure is handed back, to be reported once the lock is released (on_error may query us).
+    void report_interest(const Key& key, bool needed, std::exception_ptr& failure) noexcept {
+        if (!options_.relay) return;
+        try {
+            options_.relay->interest(key, needed);
+        } catch (...) {
+            failure = std::current_exception();
+        }
+    }
+
+    void report(const error_event& e) noexcept {
+        errors_.fetch_add(1, std::memory_order_relaxed);
+        try {
+            options_.on_error(e);
+        } catch (...) {  // a throwing error hook must not take the writer down with it
+        }
+    }
+
+    // ---- the endpoint --------------------------------------------------------------------------
+
     /// The endpoint, as an Asio composed operation: admission, registration, the handshake (when
     /// there is a request), then the writer and the read loop. A state machine rather than a
     /// coroutine: while it waits for a peer (most peers of a fan-out server never speak) it is just
     /// this state, held by the pending read, with no coroutine frames. Every step runs on the
-    /// socket's executor; the completion goes to the caller's.
+    /// socket's executor; the completion on the handler's.
     template <class Request, class OnMessage>
     struct endpoint_op {
-        enum class step { begin, start, admitted, handshaken, refusal_closed, reading, too_big_closed };
+        enum class step { begin, start, admitted, handshaken, refusal_closed, reading, too_big_closed, done };
 
-        endpoint_op(ConnectionManager* m, connection_ptr conn, Request r, OnMessage f)
-            : manager(m), c(std::move(conn)), request(new upgrade{std::move(r), {}}), on_message(std::move(f)) {}
+        endpoint_op(ConnectionManager* m, connection_ptr conn, Request r, initial_keys<Key> k, OnMessage f)
+            : manager(m),
+              c(std::move(conn)),
+              setup(new upgrade{std::move(r), {}, std::move(k)}),
+              on_message(std::move(f)) {}
 
         ConnectionManager* manager;
         connection_ptr c;
@@ -1108,16 +2267,19 @@ private:
         struct upgrade {
             Request request;
             upgrade_request seen;  // what the admission hook is shown of `request`
+            initial_keys<Key> keys;
+            std::size_t admitted = 0;  // keys the admission hook has said yes to
         };
-        std::unique_ptr<upgrade> request;
+        std::unique_ptr<upgrade> setup;
         OnMessage on_message;
         step at = step::begin;
         error_code refusal;
-        std::string reason;     // a refusal's, for its close frame
-        subscription sub;       // unregisters on every way out
-        std::size_t limit = 0;  // of the read in flight
+        std::string reason;          // a refusal's, for its close frame
+        subscription sub;            // unregisters on every way out
+        std::size_t limit = 0;       // of the read in flight
+        std::exception_ptr failure;  // the completion's, once at step::done
+        error_code ended;
 
-        static constexpr bool socket_limits_size = requires(Socket& s) { s.read_message_max(std::size_t{}); };
         // Most peers of a fan-out server never speak, and a whole-message read reserves a full
         // frame's worth (1.5 KiB with Beast) before a byte arrives. Where the socket can read part
         // of a message (Beast's read_some with a limit), the first read of each message asks for a
@@ -1128,25 +2290,34 @@ private:
         };
         static constexpr std::size_t first_read = 64, large_buffer = 16 * 1024;
 
+        /// The admission hook's verdict on one initial key.
         template <class Self>
-        void operator()(Self& self, std::exception_ptr failure, admission verdict) {
-            if (failure) return finish(self, failure, {});
+        void operator()(Self& self, std::exception_ptr e, admission verdict) {
+            if (e) {
+                finish(self, e, {});
+                return complete_on_handler_executor(self);
+            }
             if (!verdict.admitted) {
                 refusal = error::not_admitted;
                 reason = std::move(verdict.reason);
                 manager->refused_.fetch_add(1, std::memory_order_relaxed);
+            } else {
+                ++setup->admitted;
             }
-            at = step::admitted;
+            at = step::start;
             (*this)(self);
         }
 
         template <class Self>
         void operator()(Self& self, error_code ec = {}, std::size_t = 0) {
+            if (at == step::done) return self.complete(failure, ended);
             try {
                 step_on(self, ec);
             } catch (...) {  // from on_message or an initiating function: ends the connection
                 finish(self, std::current_exception(), {});
             }
+            // Outside the try, so that a completion handler that throws is not completed again.
+            complete_on_handler_executor(self);
         }
 
     private:
@@ -1157,11 +2328,26 @@ private:
             return net::bind_executor(c->socket.get_executor(), std::move(self));
         }
 
+        /// Unregisters now (rather than whenever the caller's handler is done) and keeps the
+        /// result for the completion.
         template <class Self>
-        void finish(Self& self, std::exception_ptr failure, error_code ec) {
-            request.reset();
-            sub = subscription();  // unregisters now rather than whenever the caller's handler is done
-            self.complete(failure, ec);
+        void finish(Self&, std::exception_ptr e, error_code ec) {
+            setup.reset();
+            sub = subscription();
+            if (c->close_deadline) detail::abort_socket(c->socket);  // its reads are over: so is its close
+            end_close_deadline(*c);
+            failure = e;
+            ended = ec;
+            at = step::done;
+        }
+
+        /// Once finished (and `self` not handed to another operation), completes on the completion
+        /// handler's executor: dispatched there, since the steps run on the socket's.
+        template <class Self>
+        void complete_on_handler_executor(Self& self) {
+            if (at != step::done) return;
+            auto executor = self.get_executor();
+            net::dispatch(executor, std::move(self));
         }
 
         template <class Self>
@@ -1171,38 +2357,36 @@ private:
             case step::begin:  // never run inline in the initiating function: posted to the socket's executor
                 at = step::start;
                 return net::post(on_socket(self));
-            case step::start:
-                if (manager->options_.admit) {
+            case step::start: {
+                const auto keys = setup->keys.keys();
+                if (manager->options_.admit && !refusal && setup->admitted < keys.size()) {
                     if constexpr (std::is_constructible_v<upgrade_request, const Request&>)
-                        request->seen = upgrade_request(request->request);
+                        setup->seen = upgrade_request(setup->request);
                     auto executor = socket.get_executor();
-                    auto verdict = manager->options_.admit(c->key, request->seen);
+                    auto verdict = manager->options_.admit(keys[setup->admitted], setup->seen);
                     return net::co_spawn(executor, std::move(verdict), on_socket(self));
                 }
                 at = step::admitted;
                 [[fallthrough]];
+            }
             case step::admitted:
-                if (!refusal) refusal = manager->try_register(c);
+                if (!refusal) refusal = manager->try_register(c, setup->keys.keys());
                 if (!refusal) sub = subscription(manager, c);
                 at = step::handshaken;
                 if constexpr (!std::is_same_v<Request, detail::no_request>) {
-                    const Request& upgrade = request->request;  // on the heap: stays put
+                    const Request& upgrade = setup->request;  // on the heap: stays put
                     return socket.async_accept(upgrade, on_socket(self));
                 }
                 [[fallthrough]];
             case step::handshaken:
-                request.reset();
+                setup.reset();
                 if (ec) return finish(self, {}, ec);  // a failed handshake is the client's problem: no log line
                 if (refusal) {
                     if (reason.empty()) reason = refusal.message();
                     at = step::refusal_closed;
-                    if constexpr (requires {
-                                      socket.async_close(detail::make_close_reason<Socket>(0, reason),
-                                                         [](const error_code&) {});
-                                  }) {
-                        const auto code = close_code_for(static_cast<error>(refusal.value()));
-                        auto close_reason =
-                            detail::make_close_reason<Socket>(code, std::string_view(reason).substr(0, 123));
+                    if constexpr (detail::closes_with_reason<Socket>) {
+                        const auto close_reason = detail::make_close_reason<Socket>(
+                            close_code_for(static_cast<error>(refusal.value())), reason);
                         return socket.async_close(close_reason, on_socket(self));
                     }
                     return finish(self, {}, refusal);
@@ -1213,6 +2397,7 @@ private:
             case step::refusal_closed: return finish(self, {}, refusal);
             case step::reading: return on_read(self, ec);
             case step::too_big_closed: return finish(self, {}, net::error::message_size);
+            case step::done: return;  // handled by operator()
             }
         }
 
@@ -1236,16 +2421,14 @@ private:
                         return read(self, buffer.max_size() - buffer.size());  // the rest, at full size
                 }
                 c->heard_from_peer = true;
-                on_message(std::string_view(c->read_storage.data(), buffer.size()));
+                deliver(std::string_view(c->read_storage.data(), buffer.size()));
                 buffer.consume(buffer.size());
                 if (c->read_storage.capacity() > large_buffer)
                     std::string().swap(c->read_storage);  // one big message is no reason to keep its buffer
                 return read(self, first_read);
             }
             if (!detail::is_expected_ending(ec)) manager->report({"read", ec, {}});
-            if constexpr (!socket_limits_size && requires {
-                              c->socket.async_close(detail::make_close_reason<Socket>(0, {}), [](const error_code&) {});
-                          }) {
+            if constexpr (!socket_limits_size && detail::closes_with_reason<Socket>) {
                 if (ec == net::error::message_size) {
                     at = step::too_big_closed;
                     auto& socket = c->socket;
@@ -1255,379 +2438,53 @@ private:
             }
             finish(self, {}, ec);
         }
+
+        void deliver(std::string_view data) {
+            if constexpr (std::invocable<OnMessage&, connection_handle&, std::string_view, bool>) {
+                bool binary = false;
+                if constexpr (requires { c->socket.got_binary(); }) binary = c->socket.got_binary();
+                auto handle = manager->handle_of(*c);
+                on_message(handle, data, binary);
+            } else {
+                on_message(data);
+            }
+        }
     };
 
     template <class Request, class OnMessage, class CompletionToken>
-    auto start_endpoint(connection_ptr c, Request request, OnMessage on_message, CompletionToken&& token) {
+    auto start_endpoint(connection_ptr c, Request request, initial_keys<Key> keys, OnMessage on_message,
+                        CompletionToken&& token) {
         auto executor = c->socket.get_executor();
         return net::async_compose<CompletionToken, void(std::exception_ptr, error_code)>(
-            endpoint_op<Request, OnMessage>{this, std::move(c), std::move(request), std::move(on_message)}, token,
-            executor);
-    }
-
-    /// The end of a shutdown: whatever did not leave in time is torn down and unregistered.
-    void abort_all() {
-        std::vector<connection_ptr> left;
-        std::exception_ptr relay_failure;
-        {
-            std::unique_lock lock(registry_mutex_);
-            for (auto& [key, peers] : registry_) {
-                report_interest(key, false, relay_failure);
-                for (auto& c : peers) {
-                    c->slot = connection::npos;
-                    left.push_back(std::move(c));
-                }
-            }
-            registry_.clear();
-            total_ = 0;
-        }
-        if (relay_failure) report({"relay", {}, relay_failure});
-        for (auto& c : left) {
-            {
-                std::lock_guard lock(c->mutex);
-                begin_close(*c, detail::connection_state::aborting, 1001, "shutdown deadline");
-                c->keep_running.reset();
-            }
-            post_stop(*c, teardown::always);
-        }
-    }
-
-    template <class K, class MakeMessage>
-    send_result send_to(const K& key, MakeMessage make_message) {
-        std::shared_lock lock(registry_mutex_);
-        auto it = find(key);
-        if (it == registry_.end()) return {};
-        const message& m = make_message();  // built only when somebody listens
-        send_result result;
-        for (auto& c : it->second) push(*c, m, result);
-        record(result);
-        return result;
-    }
-
-    template <class K>
-    auto find(const K& key) const {
-        if constexpr (requires { registry_.find(key); })
-            return registry_.find(key);  // heterogeneous lookup: no key object is built
-        else
-            return registry_.find(Key(key));
-    }
-
-    void record(const send_result& r) noexcept {
-        if (r.queued) {
-            messages_.fetch_add(1, std::memory_order_relaxed);
-            deliveries_.fetch_add(r.queued, std::memory_order_relaxed);
-        }
-        if (r.closed) overflow_closes_.fetch_add(r.closed, std::memory_order_relaxed);
-    }
-
-    /// Puts `m` in one outbox, applying the overflow policy. Called under the registry's shared lock.
-    void push(connection& c, const message& m, send_result& result) {
-        bool wake = false;
-        bool abort = false;
-        {
-            std::lock_guard lock(c.mutex);
-            if (c.state != detail::connection_state::open) return;
-            if (!fits(c, m)) {
-                switch (c.limits.on_overflow) {
-                case overflow_policy::drop_newest:
-                    ++result.dropped;
-                    dropped_.fetch_add(1, std::memory_order_relaxed);
-                    return;
-                case overflow_policy::drop_oldest: {
-                    ++result.dropped;
-                    const auto evicted = make_room(c, m);
-                    dropped_.fetch_add(evicted ? evicted : 1, std::memory_order_relaxed);
-                    if (!evicted) return;  // m could never fit beside the message being written
-                    break;
-                }
-                case overflow_policy::close:
-                    ++result.closed;
-                    abort = true;
-                    begin_close(c, detail::connection_state::aborting, c.limits.close_code,
-                                "outbox full: the client is not reading");
-                    wake = schedule_flush(c);
-                    break;
-                }
-            }
-            if (!abort) {
-                c.outbox.push_back(m);
-                c.queued_bytes += m.size();
-                ++result.queued;
-                wake = schedule_flush(c);
-            }
-        }
-        if (wake) post_flush(c);
-        if (abort) post_stop(c, teardown::if_writing);
-    }
-
-    static bool fits(const connection& c, const message& m) noexcept {
-        return c.outbox.size() < c.limits.max_messages && c.queued_bytes + m.size() <= c.limits.max_bytes;
-    }
-
-    /// drop_oldest: discards the oldest queued messages (never those being written) until `m`
-    /// fits, and returns how many. Returns 0, discarding nothing, if `m` could never fit.
-    static std::size_t make_room(connection& c, const message& m) {
-        const std::size_t keep = c.in_flight;
-        std::size_t bytes_kept = 0;
-        for (std::size_t i = 0; i < keep; ++i) bytes_kept += c.outbox[i].size();
-        if (keep + 1 > c.limits.max_messages || bytes_kept + m.size() > c.limits.max_bytes) return 0;
-        std::size_t evicted = 0;
-        while (!fits(c, m)) {
-            c.queued_bytes -= c.outbox[keep].size();
-            c.outbox.erase(keep);
-            ++evicted;
-        }
-        return evicted;
-    }
-
-    /// Moves a connection towards closing. `c.mutex` must be held.
-    void begin_close(connection& c, detail::connection_state state, std::uint16_t code, std::string_view text) {
-        c.state = state;
-        c.close_code = code;
-        c.close_text = text.substr(0, 123);  // the most a close frame carries (RFC 6455 section 5.5)
-        if (state != detail::connection_state::closing) {
-            // Nothing queued will be written: free it now, except the messages being written.
-            const std::size_t keep = c.in_flight;
-            while (c.outbox.size() > keep) {
-                c.queued_bytes -= c.outbox.back().size();
-                c.outbox.pop_back();
-            }
-        }
-    }
-
-    void request_close(connection& c, std::uint16_t code, std::string_view text) {
-        bool wake = false;
-        {
-            std::lock_guard lock(c.mutex);
-            if (c.state != detail::connection_state::open) return;
-            begin_close(c, detail::connection_state::closing, code, text);
-            wake = schedule_flush(c);
-        }
-        if (wake) post_flush(c);
-    }
-
-    /// An idle writer gets a flush scheduled; any other is either writing (it looks at the outbox
-    /// again when its write completes) or not started. `c.mutex` must be held.
-    static bool schedule_flush(connection& c) noexcept {
-        if (c.writer != detail::writer_state::idle) return false;
-        c.writer = detail::writer_state::scheduled;
-        return true;
-    }
-
-    /// Queues a flush of `c`. Flushes are handed out in small chunks, each chunk posted behind
-    /// whatever else is waiting (reads, new pushes): a send to many connections then does not hold
-    /// everything else back for a whole round of writes, and what is sent during the round leaves
-    /// in one write per connection.
-    void post_flush(connection& c) {
-        bool start = false;
-        {
-            std::lock_guard lock(due_mutex_);
-            due_.push_back(c.weak_from_this());  // weak: a connection that dies meanwhile is skipped
-            start = !std::exchange(flusher_running_, true);
-        }
-        if (start) {
-            auto executor = c.socket.get_executor();
-            net::post(executor, [this, executor] { hand_out_flushes(executor); });
-        }
-    }
-
-    static constexpr std::size_t flush_chunk = 16;
-
-    void hand_out_flushes(const typename Socket::executor_type& executor) {
-        std::weak_ptr<connection> chunk[flush_chunk];
-        std::size_t n = 0;
-        bool more = false;
-        {
-            std::lock_guard lock(due_mutex_);
-            for (; n < flush_chunk && !due_.empty(); ++n) {
-                chunk[n] = std::move(due_.front());
-                due_.pop_front();
-            }
-            more = flusher_running_ = !due_.empty();
-        }
-        for (std::size_t i = 0; i < n; ++i)
-            if (auto c = chunk[i].lock()) net::post(c->socket.get_executor(), [this, c] { flush(c); });
-        if (more) net::post(executor, [this, executor] { hand_out_flushes(executor); });
-    }
-
-    enum class teardown {
-        none,        // the writer sees the new state and ends (unsubscribe, write error)
-        if_writing,  // close policy: a write still in flight belongs to a peer that is not reading
-        always,      // end of a shutdown: no more waiting
-    };
-
-    /// The one way to stop a connection from outside: on its executor (its timer and socket may be
-    /// touched only there), tear the socket down as asked and stop the watchdog. Idempotent.
-    void post_stop(connection& c, teardown how) {
-        net::post(c.socket.get_executor(), [c = c.shared_from_this(), how] {
-            bool tear_down = how == teardown::always;
-            if (how == teardown::if_writing) {
-                std::lock_guard lock(c->mutex);
-                tear_down = c->in_flight > 0;
-            }
-            if (tear_down) detail::abort_socket(c->socket);
-            c->watchdog.cancel();
-        });
-    }
-
-    /// Takes `c` out of the registry (idempotent) and stops its writer.
-    void remove(const connection_ptr& c, detail::connection_state why) noexcept {
-        std::exception_ptr relay_failure;
-        {
-            std::unique_lock lock(registry_mutex_);
-            if (c->slot != connection::npos) {
-                auto it = registry_.find(c->key);
-                auto& peers = it->second;
-                // Swap-and-pop keeps removal O(1); order among a key's connections does not matter.
-                peers[c->slot] = std::move(peers.back());
-                peers[c->slot]->slot = c->slot;
-                peers.pop_back();
-                c->slot = connection::npos;
-                --total_;
-                if (peers.empty()) {
-                    report_interest(c->key, false, relay_failure);
-                    registry_.erase(it);
-                }
-            }
-        }
-        if (relay_failure) report({"relay", {}, relay_failure});
-        {
-            std::lock_guard lock(c->mutex);
-            if (why == detail::connection_state::detached || c->state == detail::connection_state::open)
-                begin_close(*c, why, 0, {});
-            c->keep_running.reset();
-        }
-        try {
-            post_stop(*c, teardown::none);
-        } catch (...) {  // the executor is shutting down: the coroutines die with it
-        }
-    }
-
-    /// The most frames one write takes: what Asio hands the kernel in one writev.
-    static constexpr std::size_t max_batch = 64;
-
-    /// The connection's only writer, run on its executor: one write in flight at a time, in outbox
-    /// order. It writes every queued message (up to max_batch) in one write when the socket is
-    /// over a batching_stream, else the oldest one; then, once the outbox is empty and a close was
-    /// asked for, the close frame.
-    void flush(const connection_ptr& c) noexcept {
-        using detail::connection_state;
-        try {
-            bool close_now = false;
-            std::uint16_t code = 0;
-            std::string text;
-            bool overflowed = false;
-            bool binary = false;
-            {
-                std::lock_guard lock(c->mutex);
-                const auto state = c->state;
-                if (state == connection_state::detached) {  // the socket is its owner's again
-                    c->writer = detail::writer_state::idle;
-                    return;
-                }
-                if (state != connection_state::aborting && !c->outbox.empty()) {
-                    // Messages stay queued (and counted) until written; the buffers point into
-                    // their shared allocations, which drop_oldest never frees while in flight.
-                    c->writer = detail::writer_state::writing;
-                    c->batch.clear();
-                    if constexpr (detail::writes_frame_batches<Socket>) {
-                        c->in_flight = std::min(c->outbox.size(), max_batch);
-                        for (std::size_t i = 0; i < c->in_flight; ++i) c->batch.push_back(c->outbox[i].frame());
-                    } else {
-                        c->in_flight = 1;
-                        c->batch.push_back(net::buffer(c->outbox.front().data()));
-                        binary = c->outbox.front().is_binary();
-                    }
-                } else if (state == connection_state::open) {
-                    c->writer = detail::writer_state::idle;
-                    std::vector<net::const_buffer>().swap(c->batch);  // an idle connection holds no batch
-                    return;
-                } else {                                        // closing with nothing left to write, or aborting
-                    c->writer = detail::writer_state::writing;  // for good: nothing is written after the close
-                    close_now = true;
-                    code = c->close_code;
-                    text = c->close_text;
-                    overflowed = state == connection_state::aborting;
-                }
-            }
-            if (close_now) return send_close(c, code, text, overflowed);
-            auto done = [this, c](const error_code& ec, std::size_t) { written(c, ec); };
-            if constexpr (detail::writes_frame_batches<Socket>) {
-                c->socket.next_layer().async_write_some(c->batch, std::move(done));
-            } else {
-                if constexpr (requires { c->socket.binary(true); }) c->socket.binary(binary);
-                c->socket.async_write(c->batch.front(), std::move(done));
-            }
-        } catch (...) {
-            report({"writer", {}, std::current_exception()});
-            detail::abort_socket(c->socket);
-            remove(c, connection_state::aborting);
-        }
-    }
-
-    void written(const connection_ptr& c, const error_code& ec) noexcept {
-        {
-            std::lock_guard lock(c->mutex);
-            for (; c->in_flight > 0; --c->in_flight) {  // every path keeps the in-flight messages
-                c->queued_bytes -= c->outbox.front().size();
-                c->outbox.pop_front();
-            }
-            if (ec) c->writer = detail::writer_state::writing;  // for good
-        }
-        if (!ec) return flush(c);
-        if (!detail::is_expected_ending(ec)) report({"write", ec, {}});
-        remove(c, detail::connection_state::aborting);
-    }
-
-    /// The close frame, once everything queued is written (closing) or dropped (aborting).
-    void send_close(const connection_ptr& c, std::uint16_t code, std::string_view text, bool overflowed) {
-        if constexpr (requires {
-                          c->socket.async_close(detail::make_close_reason<Socket>(code, text),
-                                                [](const error_code&) {});
-                      }) {
-            c->socket.async_close(detail::make_close_reason<Socket>(code, text),
-                                  [this, c, overflowed](const error_code& ec) {
-                                      if (!detail::is_expected_ending(ec)) report({"close", ec, {}});
-                                      // A connection closed by close_all() stays registered until its
-                                      // peer's answer ends the read loop; one closed on overflow
-                                      // leaves at once, whether or not anybody reads it.
-                                      if (overflowed) remove(c, detail::connection_state::aborting);
-                                  });
-        } else if (overflowed) {
-            remove(c, detail::connection_state::aborting);
-        }
-    }
-
-    /// Tells the relay, if any, that `key` got its first connection or lost its last. Called under
-    /// the registry's unique lock, so the relay sees a key's changes in the order they happened.
-    /// A failure is handed back, to be reported once the lock is released (on_error may query us).
-    void report_interest(const Key& key, bool needed, std::exception_ptr& failure) noexcept {
-        if (!options_.relay) return;
-        try {
-            options_.relay->interest(key, needed);
-        } catch (...) {
-            failure = std::current_exception();
-        }
-    }
-
-    void report(const error_event& e) noexcept {
-        errors_.fetch_add(1, std::memory_order_relaxed);
-        try {
-            options_.on_error(e);
-        } catch (...) {  // a throwing error hook must not take the writer down with it
-        }
+            endpoint_op<Request, OnMessage>{this, std::move(c), std::move(request), std::move(keys),
+                                            std::move(on_message)},
+            token, executor);
     }
 
     options_type options_;
     mutable std::shared_mutex registry_mutex_;
-    std::unordered_map<Key, std::vector<connection_ptr>, Hash, KeyEqual> registry_;
-    std::size_t total_ = 0;
+    registry_type registry_;  // guarded by registry_mutex_
+    bool closing_ = false;    // shutdown() has begun; guarded by registry_mutex_
 
-    bool closing_ = false;  // shutdown() has begun; guarded by registry_mutex_
+    /// Connections waiting for a flush, oldest first, and whether hand_out_flushes() is posted or
+    /// running. Shared with the posted hand-out, which may be destroyed after the manager.
+    struct flush_queue {
+        std::mutex mutex;  // guards the two below
+        std::deque<std::weak_ptr<connection>> due;
+        bool running = false;
 
-    std::mutex due_mutex_;                       // guards the two below
-    std::deque<std::weak_ptr<connection>> due_;  // connections waiting for a flush, oldest first
-    bool flusher_running_ = false;               // hand_out_flushes() is posted or running
+        void dropped() noexcept {
+            std::deque<std::weak_ptr<connection>> lost;
+            {
+                std::lock_guard lock(mutex);
+                lost.swap(due);
+                running = false;
+            }
+            for (auto& w : lost)
+                if (auto c = w.lock()) c->flush_dropped();
+        }
+    };
+    std::shared_ptr<flush_queue> flushes_ = std::make_shared<flush_queue>();
 
     std::atomic<std::uint64_t> connections_{0}, refused_{0}, messages_{0}, deliveries_{0}, dropped_{0},
         overflow_closes_{0}, errors_{0};

@@ -30,6 +30,8 @@ struct fake_peer {
     std::vector<const void*> write_addresses;
 
     std::deque<std::string> inbox;  // what the "client" sent, waiting to be read by the server
+    std::deque<bool> inbox_binary;  // whether each of them is a binary message
+    bool last_read_binary = false;  // the type of the message the server read last
     // fake_socket_parts: how far into inbox.front() reads have got, and the limit of each read.
     std::size_t read_offset = 0;
     bool message_done = true;
@@ -40,6 +42,7 @@ struct fake_peer {
     bool aborted = false;             // the lowest layer was closed without a handshake
     bool stalled = false;             // writes do not complete until unstall()
     bool refuse_handshake = false;    // async_accept fails
+    bool close_hangs = false;         // async_close never completes (a peer that never answers)
     std::string accepted_request;     // what async_accept was given
     std::function<void()> on_accept;  // runs inside the handshake, before it completes
     std::string close_reason;         // the reason text of the server's close frame
@@ -50,8 +53,9 @@ struct fake_peer {
     net::steady_timer write_gate;   // a stalled write waits here
 
     // Client-side actions. Call them on the io_context's thread (or post them there).
-    void client_send(std::string text) {
+    void client_send(std::string text, bool binary = false) {
         inbox.push_back(std::move(text));
+        inbox_binary.push_back(binary);
         read_signal.cancel();
     }
     void client_close() {
@@ -73,6 +77,8 @@ public:
     executor_type get_executor() const { return peer_->executor; }
 
     void binary(bool b) { binary_ = b; }
+    // Like Beast's: the type of the message read last.
+    bool got_binary() const { return peer_->last_read_binary; }
 
     template <class Token>
     auto async_write(net::const_buffer buffer, Token&& token) {
@@ -103,12 +109,14 @@ public:
                 if (!p->inbox.empty()) {
                     auto text = std::move(p->inbox.front());
                     p->inbox.pop_front();
+                    p->last_read_binary = p->inbox_binary.front();
+                    p->inbox_binary.pop_front();
                     if (text.size() > buffer.max_size() - buffer.size())  // as Beast: too big, 1009
                         return self.complete(net::error::message_size, 0);
                     buffer.commit(net::buffer_copy(buffer.prepare(text.size()), net::buffer(text)));
                     return self.complete({}, text.size());
                 }
-                if (p->client_closed || p->server_closed) return self.complete(net::error::eof, 0);
+                if (p->client_closed || (p->server_closed && !p->close_hangs)) return self.complete(net::error::eof, 0);
                 p->read_signal.expires_at(net::steady_timer::time_point::max());
                 p->read_signal.async_wait(std::move(self));
             },
@@ -148,6 +156,10 @@ public:
                 p->close_code = cr.code;
                 p->close_reason = cr.reason;
                 p->read_signal.cancel();
+                if (p->close_hangs) {  // until the socket is torn down
+                    p->write_gate.expires_at(net::steady_timer::time_point::max());
+                    return p->write_gate.async_wait(std::move(self));  // then: aborted, or wait again
+                }
                 self.complete({});
             },
             token, peer_->executor);
@@ -190,11 +202,13 @@ public:
                     p->message_done = p->read_offset == text.size();
                     if (p->message_done) {
                         p->inbox.pop_front();
+                        p->last_read_binary = p->inbox_binary.front();
+                        p->inbox_binary.pop_front();
                         p->read_offset = 0;
                     }
                     return self.complete({}, n);
                 }
-                if (p->client_closed || p->server_closed) return self.complete(net::error::eof, 0);
+                if (p->client_closed || (p->server_closed && !p->close_hangs)) return self.complete(net::error::eof, 0);
                 p->read_signal.expires_at(net::steady_timer::time_point::max());
                 p->read_signal.async_wait(std::move(self));
             },

@@ -5,6 +5,7 @@
 #include "fake_socket.hpp"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <future>
 #include <map>
@@ -566,6 +567,7 @@ TEST_CASE_FIXTURE(fixture, "drop_newest keeps the queue and drops what does not 
     CHECK(manager.stats().dropped == 6);
 }
 
+// The limits bound what waits to be written; the message being written comes on top of them.
 TEST_CASE_FIXTURE(fixture, "drop_oldest keeps the newest messages and the one being written") {
     wsbroadcast::options opts;
     opts.outbox.max_messages = 4;
@@ -579,14 +581,15 @@ TEST_CASE_FIXTURE(fixture, "drop_oldest keeps the newest messages and the one be
     settle();  // m0 is now in flight
     std::size_t dropped = 0;
     for (int i = 1; i < 10; ++i) dropped += manager.send("k", "m" + std::to_string(i)).dropped;
-    CHECK(dropped == 6);
+    CHECK(dropped == 5);
     p->unstall();
     settle();
-    CHECK(p->received == std::vector<std::string>{"m0", "m7", "m8", "m9"});
-    CHECK(manager.stats().dropped == 6);  // m1 .. m6, each once
+    CHECK(p->received == std::vector<std::string>{"m0", "m6", "m7", "m8", "m9"});
+    CHECK(manager.stats().dropped == 5);  // m1 .. m5, each once
 }
 
-TEST_CASE_FIXTURE(fixture, "drop_oldest does not evict anything for a message that can never fit") {
+// An empty outbox takes one message of any size: under drop_oldest, what waits makes room for it.
+TEST_CASE_FIXTURE(fixture, "drop_oldest: a message over the byte limit evicts what waits and goes out alone") {
     wsbroadcast::options opts;
     opts.outbox.max_bytes = 8;
     opts.outbox.on_overflow = wsbroadcast::overflow_policy::drop_oldest;
@@ -595,10 +598,11 @@ TEST_CASE_FIXTURE(fixture, "drop_oldest does not evict anything for a message th
     auto s = manager.subscribe(fake_socket(p), "k");
     manager.send("k", "1234");
     const auto r = manager.send("k", "far too long for 8 bytes");
-    CHECK(r.queued == 0);
+    CHECK(r.queued == 1);
     CHECK(r.dropped == 1);
     settle();
-    CHECK(p->received == std::vector<std::string>{"1234"});
+    CHECK(p->received == std::vector<std::string>{"far too long for 8 bytes"});
+    CHECK(manager.stats().dropped == 1);
 }
 
 // ---- closing --------------------------------------------------------------------------------
@@ -992,9 +996,15 @@ struct memory_relay : wsbroadcast::relay<std::string> {
         else
             l.erase(std::find(l.begin(), l.end(), this));
     }
-    error_code publish(const std::string& key, const wsbroadcast::message& m) override {
+    // Like a broker with one channel per key: each instance that listens on any of the keys
+    // hears the message once, and delivers it to all of them (its manager de-duplicates).
+    error_code publish(std::span<const std::string> keys, const wsbroadcast::message& m) override {
         if (!available) return wsbroadcast::error::relay_unavailable;
-        for (auto* r : broker.listeners[key]) r->manager->send(key, m);
+        std::vector<memory_relay*> heard;
+        for (auto& key : keys)
+            for (auto* r : broker.listeners[key])
+                if (std::find(heard.begin(), heard.end(), r) == heard.end()) heard.push_back(r);
+        for (auto* r : heard) r->manager->send(keys, m);
         return {};
     }
 };
@@ -1114,5 +1124,659 @@ TEST_CASE_FIXTURE(fixture, "where a socket reads parts, an idle read asks for a 
     p->client_close();
     settle();
     CHECK(ended == net::error::eof);
+    CHECK(manager.size() == 0);
+}
+
+// ---- the outbox alone -----------------------------------------------------------------------
+
+namespace {
+wsbroadcast::message text(std::string_view s) { return wsbroadcast::message::text(s); }
+}  // namespace
+
+TEST_CASE("outbox: limits bound what waits; the batch being written comes on top") {
+    using wsbroadcast::detail::outbox;
+    outbox box({.max_bytes = 10, .max_messages = 2, .on_overflow = wsbroadcast::overflow_policy::drop_newest});
+    CHECK(box.offer(text("aaaa")).queued);
+    CHECK(box.offer(text("bbbb")).queued);
+    CHECK_FALSE(box.offer(text("c")).queued);  // 2 messages: full
+    CHECK(box.bytes() == 8);
+    CHECK(box.start_writing(64) == 2);
+    CHECK(box.being_written(1).data() == "bbbb");
+    CHECK(box.offer(text("cccc")).queued);  // room again: the batch is not waiting any more
+    CHECK(box.offer(text("dddd")).queued);
+    CHECK(box.bytes() == 16);
+    box.done_writing();
+    CHECK(box.size() == 2);
+    CHECK(box.bytes() == 8);
+    box.discard_waiting();
+    CHECK(box.size() == 0);
+    CHECK_FALSE(box.has_waiting());
+}
+
+TEST_CASE("outbox: an empty outbox takes one message of any size; a busy one applies its policy") {
+    using wsbroadcast::detail::outbox;
+    const std::string big(100, 'x');
+    outbox closer({.max_bytes = 10});
+    CHECK(closer.offer(text(big)).queued);  // alone: accepted
+    const auto r = closer.offer(text("y"));
+    CHECK_FALSE(r.queued);
+    CHECK(r.overflowed);  // behind it, the limit holds
+
+    outbox evicter({.max_bytes = 10, .on_overflow = wsbroadcast::overflow_policy::drop_oldest});
+    evicter.offer(text("12345"));
+    evicter.offer(text("678"));
+    const auto e = evicter.offer(text("abcdef"));
+    CHECK(e.queued);
+    CHECK(e.evicted == 1);  // "12345" went, "678" stays
+    CHECK(evicter.bytes() == 9);
+}
+
+TEST_CASE("outbox: drop_oldest never evicts the batch being written") {
+    using wsbroadcast::detail::outbox;
+    outbox box({.max_messages = 2, .on_overflow = wsbroadcast::overflow_policy::drop_oldest});
+    box.offer(text("w1"));
+    box.offer(text("w2"));
+    box.start_writing(64);
+    for (auto m : {"a", "b", "c", "d"}) CHECK(box.offer(text(m)).queued);
+    box.done_writing();
+    CHECK(box.start_writing(64) == 2);
+    CHECK(box.being_written(0).data() == "c");
+    CHECK(box.being_written(1).data() == "d");
+}
+
+// ---- the registry alone ---------------------------------------------------------------------
+
+namespace {
+struct registry_connection {
+    wsbroadcast::detail::registry_node<std::string, registry_connection> node;
+    int id = 0;
+};
+using test_registry = wsbroadcast::detail::registry<std::string, wsbroadcast::default_hash<std::string>,
+                                                    std::equal_to<>, registry_connection>;
+
+std::vector<std::pair<int, std::size_t>> reached_once(const test_registry& r, std::vector<std::string> keys) {
+    std::vector<std::pair<int, std::size_t>> out;
+    r.for_each_once(keys,
+                    [&](registry_connection& c, std::size_t i, const std::string&) { out.emplace_back(c.id, i); });
+    std::sort(out.begin(), out.end());
+    return out;
+}
+}  // namespace
+
+TEST_CASE("registry: keys to connections and back stay consistent through adds and removes") {
+    test_registry r;
+    std::vector<std::shared_ptr<registry_connection>> cs;
+    for (int i = 0; i < 4; ++i) {
+        cs.push_back(std::make_shared<registry_connection>());
+        cs.back()->id = i;
+        r.insert(cs.back());
+    }
+    using add = test_registry::add_result;
+    const test_registry::limits none{};
+    CHECK(r.add(*cs[0], "a", none) == add::added_first);
+    CHECK(r.add(*cs[0], "b", none) == add::added_first);
+    CHECK(r.add(*cs[0], "a", none) == add::already);
+    CHECK(r.add(*cs[1], "a", none) == add::added);
+    CHECK(r.add(*cs[2], "b", none) == add::added);
+    CHECK(r.add(*cs[2], "c", none) == add::added_first);
+    CHECK(r.count("a") == 2);
+    CHECK(r.key_count() == 3);
+
+    // each connection once, with the first of the keys (in the order asked) it holds
+    using reach = std::vector<std::pair<int, std::size_t>>;
+    CHECK(reached_once(r, {"b", "a"}) == reach{{0, 0}, {1, 1}, {2, 0}});
+    CHECK(reached_once(r, {"a", "a"}) == reach{{0, 0}, {1, 0}});
+    CHECK(reached_once(r, {"nobody", "c"}) == reach{{2, 1}});
+
+    // removing from the middle of both lists fixes the back-references of what moved
+    std::vector<std::string> emptied;
+    auto note = [&](const std::string& k) { emptied.push_back(k); };
+    CHECK(r.remove(*cs[0], "a", note) == test_registry::remove_result::removed);
+    CHECK(r.remove(*cs[0], "a", note) == test_registry::remove_result::not_subscribed);
+    CHECK(r.keys_of(*cs[0]) == std::vector<std::string>{"b"});
+    CHECK(r.subscribed(*cs[1], "a"));
+    r.erase(*cs[2], note);  // "c" loses its last subscriber
+    CHECK(emptied == std::vector<std::string>{"c"});
+    CHECK(r.count("b") == 1);
+    CHECK(r.size() == 3);
+    CHECK(reached_once(r, {"a", "b"}) == reach{{0, 1}, {1, 0}});
+    r.erase(*cs[0], note);
+    r.erase(*cs[1], note);
+    CHECK(emptied == std::vector<std::string>{"c", "b", "a"});
+    CHECK(r.key_count() == 0);
+    CHECK(r.size() == 1);
+}
+
+TEST_CASE("registry: limits on keys per connection and connections per key") {
+    test_registry r;
+    auto c1 = std::make_shared<registry_connection>(), c2 = std::make_shared<registry_connection>();
+    r.insert(c1);
+    r.insert(c2);
+    const test_registry::limits l{.max_keys_per_connection = 2, .max_connections_per_key = 1};
+    using add = test_registry::add_result;
+    CHECK(r.add(*c1, "a", l) == add::added_first);
+    CHECK(r.add(*c1, "b", l) == add::added_first);
+    CHECK(r.add(*c1, "c", l) == add::key_limit);
+    CHECK(r.add(*c2, "a", l) == add::key_connection_limit);
+    auto outsider = std::make_shared<registry_connection>();
+    CHECK(r.add(*outsider, "z", l) == add::not_registered);
+}
+
+// ---- many keys per connection ---------------------------------------------------------------
+
+TEST_CASE_FIXTURE(fixture, "a connection on several keys gets a multi-key send once, and a broadcast once") {
+    manager_type manager;
+    auto both = peer(), only_a = peer(), only_b = peer(), other = peer();
+    auto s1 = manager.subscribe(fake_socket(both), std::vector<std::string>{"a", "b"});
+    auto s2 = manager.subscribe(fake_socket(only_a), "a");
+    auto s3 = manager.subscribe(fake_socket(only_b), "b");
+    auto s4 = manager.subscribe(fake_socket(other), "c");
+    CHECK(manager.size() == 4);
+    CHECK(manager.count("a") == 2);
+
+    const std::array<std::string_view, 3> keys{"a", "b", "a"};
+    const auto r = manager.send(keys, "to a and b");
+    CHECK(r.queued == 3);
+    CHECK(manager.broadcast("everyone").queued == 4);
+    settle();
+    CHECK(both->received == std::vector<std::string>{"to a and b", "everyone"});
+    CHECK(only_a->received == std::vector<std::string>{"to a and b", "everyone"});
+    CHECK(only_b->received == std::vector<std::string>{"to a and b", "everyone"});
+    CHECK(other->received == std::vector<std::string>{"everyone"});
+    // one allocation, whoever got it
+    CHECK(both->write_addresses[0] == only_a->write_addresses[0]);
+    CHECK(both->write_addresses[0] == only_b->write_addresses[0]);
+}
+
+TEST_CASE_FIXTURE(fixture, "a connection's keys change at run time through its handle") {
+    wsbroadcast::options opts;
+    opts.max_keys_per_connection = 2;
+    opts.max_connections_per_key = 1;
+    manager_type manager(opts);
+    auto p = peer(), q = peer();
+    auto s = manager.subscribe(fake_socket(p), {});
+    auto t = manager.subscribe(fake_socket(q), "taken");
+    auto h = s.handle();
+    CHECK(h.keys().empty());
+    CHECK(manager.size() == 2);
+    CHECK_FALSE(h.subscribe("x"));
+    CHECK_FALSE(h.subscribe("x"));  // already: fine, once
+    CHECK(h.subscribe("taken") == wsbroadcast::error::key_connection_limit);
+    CHECK_FALSE(h.subscribe("y"));
+    CHECK(h.subscribe("z") == wsbroadcast::error::key_limit);
+    auto keys = h.keys();
+    std::sort(keys.begin(), keys.end());
+    CHECK(keys == std::vector<std::string>{"x", "y"});
+    CHECK(h.subscribed_to("x"));
+
+    manager.send("x", "1");
+    CHECK(h.unsubscribe("x"));
+    CHECK_FALSE(h.unsubscribe("x"));
+    manager.send("x", "2");  // no longer
+    manager.send("y", "3");
+    h.send("just you");
+    settle();
+    CHECK(p->received == std::vector<std::string>{"1", "3", "just you"});
+    CHECK_FALSE(manager.has("x"));
+
+    s.unsubscribe();
+    CHECK_FALSE(h.connected());
+    CHECK(h.subscribe("x") == wsbroadcast::error::not_registered);
+    CHECK(h.keys().empty());
+}
+
+TEST_CASE_FIXTURE(fixture, "initial keys over a limit refuse the connection, all or nothing") {
+    wsbroadcast::options opts;
+    opts.max_keys_per_connection = 2;
+    manager_type manager(opts);
+    CHECK_THROWS_AS((void)manager.subscribe(fake_socket(peer()), std::vector<std::string>{"a", "b", "c"}),
+                    std::system_error);
+    CHECK(manager.size() == 0);
+    CHECK(manager.key_count() == 0);
+    auto ok = manager.subscribe(fake_socket(peer()), std::vector<std::string>{"a", "b", "a"});  // 2 distinct
+    CHECK(manager.key_count() == 2);
+}
+
+TEST_CASE_FIXTURE(fixture, "per key: close every connection of a key, and visit them") {
+    manager_type manager;
+    auto p1 = peer(), p2 = peer(), p3 = peer();
+    net::co_spawn(ioc, manager.serve(fake_socket(p1), std::vector<std::string>{"room", "own-1"}),
+                  [](std::exception_ptr, error_code) {});
+    net::co_spawn(ioc, manager.serve(fake_socket(p2), "room"), [](std::exception_ptr, error_code) {});
+    net::co_spawn(ioc, manager.serve(fake_socket(p3), "elsewhere"), [](std::exception_ptr, error_code) {});
+    settle();
+    std::size_t visited = 0;
+    CHECK(manager.for_each("room", [&](manager_type::connection_handle h) { visited += h.subscribed_to("room"); }) ==
+          2);
+    CHECK(visited == 2);
+    CHECK(manager.close("room", 4000, "room closed") == 2);
+    settle();
+    CHECK(p1->close_code == 4000);
+    CHECK(p2->close_reason == "room closed");
+    CHECK_FALSE(p3->server_closed);
+    CHECK(manager.size() == 1);
+    CHECK_FALSE(manager.has("own-1"));  // p1 left with all its keys
+    p3->client_close();                 // the manager must outlive its connections
+    settle();
+}
+
+TEST_CASE_FIXTURE(fixture,
+                  "envelopes: wrapped once per message and key, subscribed frame first, plain peers unchanged") {
+    int wraps = 0;
+    wsbroadcast::options opts;
+    opts.envelope.wrap = [&](const std::string& key, const wsbroadcast::message& m) {
+        ++wraps;
+        return wsbroadcast::message::text(key + ":" + std::string(m.data()));
+    };
+    opts.envelope.subscribed = [](const std::string& key) { return wsbroadcast::message::text("subscribed " + key); };
+    manager_type manager(opts);
+    wsbroadcast::connection_options enveloped;
+    enveloped.envelopes = true;
+    auto e1 = peer(), e2 = peer(), plain = peer();
+    // A message sent during the handshake waits behind the subscribed frame.
+    e1->on_accept = [&] { manager.send("a", "during"); };
+    net::co_spawn(ioc,
+                  manager.accept_and_serve(fake_socket(e1), std::string("GET /ws"), std::vector<std::string>{"a", "b"},
+                                           enveloped),
+                  [](std::exception_ptr, error_code) {});
+    settle();
+    auto s2 = manager.subscribe(fake_socket(e2), "b", enveloped);
+    auto s3 = manager.subscribe(fake_socket(plain), std::vector<std::string>{"a", "b"});
+    wraps = 0;
+    manager.send(std::vector<std::string>{"b", "a"}, "both");
+    CHECK(wraps == 1);  // "b" for both envelope peers; nobody needed "a:both"
+    manager.send("a", "one");
+    CHECK(wraps == 2);
+    CHECK(s2.handle().subscribe("c") == error_code{});
+    settle();
+    CHECK(e1->received == std::vector<std::string>{"subscribed a", "subscribed b", "a:during", "b:both", "a:one"});
+    CHECK(e2->received == std::vector<std::string>{"subscribed b", "b:both", "subscribed c"});
+    CHECK(plain->received == std::vector<std::string>{"both", "one"});
+    e1->client_close();
+    settle();
+}
+
+TEST_CASE_FIXTURE(fixture, "serve hands a handler the connection, the data and its type; it can answer and subscribe") {
+    manager_type manager;
+    auto p = peer();
+    std::vector<std::pair<std::string, bool>> got;
+    net::co_spawn(ioc,
+                  manager.serve(fake_socket(p), {},
+                                [&](manager_type::connection_handle& h, std::string_view data, bool binary) {
+                                    got.emplace_back(data, binary);
+                                    if (!binary) CHECK_FALSE(h.subscribe(std::string(data)));
+                                    h.send("ok " + std::string(data));
+                                }),
+                  [](std::exception_ptr, error_code) {});
+    settle();
+    CHECK(manager.size() == 1);
+    p->client_send("news");
+    p->client_send("\x01\x02", true);
+    settle();
+    manager.send("news", "headline");
+    settle();
+    using seen = std::vector<std::pair<std::string, bool>>;
+    CHECK(got == seen{{"news", false}, {"\x01\x02", true}});
+    CHECK(p->received == std::vector<std::string>{"ok news", "ok \x01\x02", "headline"});
+    p->client_close();
+    settle();
+    CHECK(manager.size() == 0);
+}
+
+TEST_CASE_FIXTURE(fixture, "a relay hears of each key of a multi-key connection, and runtime changes") {
+    memory_broker broker;
+    auto relay = std::make_shared<memory_relay>(broker);
+    manager_type manager(with_relay(relay));
+    relay->manager = &manager;
+    auto s = manager.subscribe(fake_socket(peer()), std::vector<std::string>{"a", "b"});
+    auto h = s.handle();
+    CHECK_FALSE(h.subscribe("c"));
+    CHECK(h.unsubscribe("a"));
+    s.unsubscribe();
+    using log = std::vector<std::pair<std::string, bool>>;
+    auto events = relay->interest_log;
+    // b and c go when the connection leaves, in whatever order its keys were kept
+    REQUIRE(events.size() == 6);
+    CHECK(log(events.begin(), events.begin() + 4) == log{{"a", true}, {"b", true}, {"c", true}, {"a", false}});
+    std::sort(events.begin() + 4, events.end());
+    CHECK(log(events.begin() + 4, events.end()) == log{{"b", false}, {"c", false}});
+}
+
+TEST_CASE_FIXTURE(fixture, "a multi-key publish through a relay reaches each connection of every instance once") {
+    memory_broker broker;
+    auto r1 = std::make_shared<memory_relay>(broker), r2 = std::make_shared<memory_relay>(broker);
+    manager_type one(with_relay(r1)), two(with_relay(r2));
+    r1->manager = &one;
+    r2->manager = &two;
+    auto p1 = peer(), p2 = peer(), p3 = peer();
+    auto s1 = one.subscribe(fake_socket(p1), std::vector<std::string>{"x", "y"});
+    auto s2 = two.subscribe(fake_socket(p2), std::vector<std::string>{"y", "x"});
+    auto s3 = two.subscribe(fake_socket(p3), "y");
+    const auto r = one.publish(std::vector<std::string>{"x", "y"}, "paid");
+    CHECK_FALSE(r.error);
+    CHECK(r.relayed);
+    settle();
+    CHECK(p1->received == std::vector<std::string>{"paid"});
+    CHECK(p2->received == std::vector<std::string>{"paid"});
+    CHECK(p3->received == std::vector<std::string>{"paid"});
+}
+
+TEST_CASE("runtime subscribe and unsubscribe race with multi-key sends from other threads") {
+    // Stable connections hold "s0".."s3" for the whole test; churners subscribe and unsubscribe the
+    // same keys from other threads. Every multi-key send reaches each stable connection exactly once.
+    net::io_context ioc;
+    wsbroadcast::options opts;
+    opts.outbox.max_messages = 1'000'000;
+    opts.outbox.max_bytes = 1'000'000'000;
+    manager_type manager(opts);
+    const std::vector<std::string> all_keys{"s0", "s1", "s2", "s3"};
+    constexpr int stable = 3, churners = 4, sends_per_thread = 1500, senders = 2;
+    std::vector<std::shared_ptr<fake_peer>> peers;
+    std::vector<manager_type::subscription> subs;
+    for (int i = 0; i < stable + churners; ++i) {
+        peers.push_back(std::make_shared<fake_peer>(net::make_strand(ioc)));
+        subs.push_back(
+            manager.subscribe(fake_socket(peers.back()), i < stable ? wsbroadcast::initial_keys<std::string>(all_keys)
+                                                                    : wsbroadcast::initial_keys<std::string>()));
+    }
+    auto guard = net::make_work_guard(ioc);
+    std::thread io1([&] { ioc.run(); }), io2([&] { ioc.run(); });
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> threads;
+    for (int c = 0; c < churners; ++c)
+        threads.emplace_back([&, c] {
+            auto h = subs[static_cast<std::size_t>(stable + c)].handle();
+            std::mt19937 rng(static_cast<unsigned>(c));
+            while (!stop) {
+                const auto& key = all_keys[rng() % all_keys.size()];
+                if (rng() % 2)
+                    (void)h.subscribe(key);
+                else
+                    h.unsubscribe(key);
+            }
+        });
+    std::vector<std::thread> sending;
+    for (int t = 0; t < senders; ++t)
+        sending.emplace_back([&, t] {
+            std::mt19937 rng(static_cast<unsigned>(100 + t));
+            for (int i = 0; i < sends_per_thread; ++i) {
+                std::vector<std::string> keys{all_keys[rng() % 4], all_keys[rng() % 4], all_keys[rng() % 4]};
+                manager.send(keys, std::to_string(t) + ":" + std::to_string(i));
+            }
+        });
+    for (auto& t : sending) t.join();
+    stop = true;
+    for (auto& t : threads) t.join();
+    const std::size_t expected = std::size_t{senders} * sends_per_thread;
+    for (int spin = 0; spin < 500; ++spin) {
+        std::promise<bool> done;
+        net::post(ioc, [&] { done.set_value(peers[0]->received.size() >= expected); });
+        if (done.get_future().get()) break;
+        std::this_thread::sleep_for(10ms);
+    }
+    guard.reset();
+    subs.clear();
+    ioc.stop();
+    io1.join();
+    io2.join();
+    for (int i = 0; i < stable; ++i) {
+        const auto& got = peers[static_cast<std::size_t>(i)]->received;
+        REQUIRE(got.size() == expected);
+        std::vector<int> next(senders, 0);
+        bool in_order = true;
+        for (auto& m : got) {
+            const auto colon = m.find(':');
+            const int t = std::stoi(m.substr(0, colon)), n = std::stoi(m.substr(colon + 1));
+            in_order = in_order && n == next[static_cast<std::size_t>(t)];
+            next[static_cast<std::size_t>(t)] = n + 1;
+        }
+        CHECK(in_order);
+    }
+}
+
+// ---- defects found by review (each failed before its fix) ------------------------------------
+
+TEST_CASE_FIXTURE(fixture, "one message larger than max_bytes reaches every connection with an empty outbox") {
+    wsbroadcast::options opts;
+    opts.outbox.max_bytes = 1000;  // the close policy
+    manager_type manager(opts);
+    auto p1 = peer(), p2 = peer();
+    auto s1 = manager.subscribe(fake_socket(p1), "k");
+    auto s2 = manager.subscribe(fake_socket(p2), "k");
+    settle();
+    const std::string big(2000, 'x');
+    const auto r = manager.send("k", big);
+    CHECK(r.queued == 2);
+    CHECK(r.closed == 0);
+    settle();
+    CHECK(p1->received == std::vector<std::string>{big});
+    CHECK(p2->received == std::vector<std::string>{big});
+    CHECK(manager.size() == 2);
+}
+
+namespace {
+// The next layer of framed_socket: writes wait at a gate, and what is written is recorded whole.
+struct gated_stream {
+    using executor_type = net::any_io_executor;
+    explicit gated_stream(executor_type ex) : executor(ex), gate(std::make_shared<net::steady_timer>(ex)) {}
+    executor_type executor;
+    std::shared_ptr<net::steady_timer> gate;
+    std::shared_ptr<bool> closed = std::make_shared<bool>(true);  // the gate: writes wait while true
+    std::shared_ptr<std::string> written = std::make_shared<std::string>();
+    executor_type get_executor() const { return executor; }
+
+    template <class Buffers, class Token>
+    auto async_write_some(const Buffers& buffers, Token&& token) {
+        std::string bytes(net::buffer_size(buffers), '\0');
+        net::buffer_copy(net::buffer(bytes), buffers);
+        return net::async_compose<Token, void(error_code, std::size_t)>(
+            // Its state is shared, not `this`: like a real socket's, it outlives a destroyed layer.
+            [closed = closed, gate = gate, written = written, bytes = std::move(bytes)](auto& self,
+                                                                                        error_code = {}) mutable {
+                if (*closed) {
+                    gate->expires_at(net::steady_timer::time_point::max());
+                    return gate->async_wait(std::move(self));
+                }
+                *written += bytes;
+                self.complete({}, bytes.size());
+            },
+            token, executor);
+    }
+    void open() {
+        *closed = false;
+        gate->cancel();
+    }
+};
+
+// A WebSocket-like socket over a batching_stream: the manager writes whole frames in batches.
+struct framed_socket {
+    using executor_type = net::any_io_executor;
+    explicit framed_socket(executor_type ex) : next(ex) {}
+    wsbroadcast::batching_stream<gated_stream> next;
+    executor_type get_executor() { return next.get_executor(); }
+    wsbroadcast::batching_stream<gated_stream>& next_layer() { return next; }
+    template <class Token>
+    auto async_write(net::const_buffer, Token&& token) {  // the concept's; the manager writes frames itself
+        return next.async_write_some(net::const_buffer(), std::forward<Token>(token));
+    }
+};
+}  // namespace
+
+TEST_CASE_FIXTURE(fixture, "drop_oldest over a batching stream drops the oldest waiting message, not the newest") {
+    wsbroadcast::options<std::string> opts;
+    opts.outbox.max_messages = 2;
+    opts.outbox.on_overflow = wsbroadcast::overflow_policy::drop_oldest;
+    wsbroadcast::ConnectionManager<framed_socket> manager(opts);
+    framed_socket socket(ioc.get_executor());
+    auto gate = socket.next.next_layer();  // shares the gate and the record
+    auto s = manager.subscribe(std::move(socket), "k");
+    manager.send("k", "a");
+    manager.send("k", "b");
+    settle();  // "a" and "b" are in flight, as one batch
+    for (auto m : {"c", "d", "e"}) CHECK(manager.send("k", m).queued == 1);
+    gate.open();
+    settle();
+    const auto& out = *gate.written;
+    // the payloads in order: a, b (the batch), then the newest two
+    std::string payloads;
+    for (std::size_t i = 0; i + 1 < out.size();) {
+        const auto len = static_cast<unsigned char>(out[i + 1]);
+        payloads += out.substr(i + 2, len);
+        i += 2 + len;
+    }
+    CHECK(payloads == "abde");
+}
+
+TEST_CASE("the endpoint completes once even when its completion handler throws") {
+    net::io_context ioc;
+    manager_type manager;
+    auto p = std::make_shared<fake_peer>(net::make_strand(ioc));
+    int completions = 0;
+    manager.serve(
+        fake_socket(p), "k", [](std::string_view) {},
+        [&](std::exception_ptr, error_code) {
+            ++completions;
+            throw std::runtime_error("from the handler");
+        });
+    ioc.poll();
+    p->client_close();
+    int thrown = 0;
+    for (int i = 0; i < 100 && !ioc.stopped(); ++i) {
+        try {
+            ioc.poll();
+        } catch (const std::runtime_error&) {
+            ++thrown;
+        }
+    }
+    CHECK(completions == 1);
+    CHECK(thrown == 1);
+    CHECK(manager.size() == 0);
+}
+
+TEST_CASE("the endpoint completes on the awaiting coroutine's executor, not the socket's") {
+    net::io_context caller_context, socket_context;
+    manager_type manager;
+    auto p = std::make_shared<fake_peer>(socket_context.get_executor());
+    std::thread::id resumed_on, caller_thread;
+    net::co_spawn(
+        caller_context,
+        [&]() -> net::awaitable<void> {
+            co_await manager.serve(fake_socket(p), "k");
+            resumed_on = std::this_thread::get_id();
+        },
+        [](std::exception_ptr) {});
+    auto caller_work = net::make_work_guard(caller_context);
+    std::thread caller([&] {
+        caller_thread = std::this_thread::get_id();
+        caller_context.run();
+    });
+    auto socket_work = net::make_work_guard(socket_context);
+    std::thread sockets([&] { socket_context.run(); });
+    for (int i = 0; i < 200 && manager.size() == 0; ++i) std::this_thread::sleep_for(5ms);
+    net::post(socket_context, [&] { p->client_close(); });
+    for (int i = 0; i < 200 && resumed_on == std::thread::id(); ++i) std::this_thread::sleep_for(5ms);
+    caller_work.reset();
+    socket_work.reset();
+    caller.join();
+    sockets.join();
+    CHECK(resumed_on == caller_thread);
+}
+
+TEST_CASE_FIXTURE(fixture, "a batching_stream destroyed while a write is in flight is not touched by its completion") {
+    auto stream = std::make_unique<wsbroadcast::batching_stream<gated_stream>>(ioc.get_executor());
+    auto next = stream->next_layer();  // shares the gate and the record
+    int completed = 0, second_completed = 0;
+    stream->async_write_some(net::buffer("one", 3), [&](const error_code&, std::size_t) { ++completed; });
+    stream->async_write_some(net::buffer("two", 3), [&](const error_code&, std::size_t) { ++second_completed; });
+    settle();
+    stream.reset();  // as Beast's stream goes while its keep-alive ping is being written
+    next.open();
+    settle();  // ASan: the write's completion must not reach the destroyed stream
+    CHECK(completed == 1);
+    CHECK(second_completed == 0);  // its stream is gone: never started
+    CHECK(*next.written == "one");
+}
+
+TEST_CASE_FIXTURE(fixture, "a connection closed by the overflow policy leaves at once; a silent close is torn down") {
+    wsbroadcast::options opts;
+    opts.outbox.max_messages = 1;
+    opts.close_timeout = 50ms;
+    manager_type manager(opts);
+    auto deaf = peer(), fine = peer();
+    deaf->close_hangs = true;
+    net::co_spawn(ioc, manager.serve(fake_socket(deaf), "k"), [](std::exception_ptr, error_code) {});
+    net::co_spawn(ioc, manager.serve(fake_socket(fine), "k", wsbroadcast::outbox_options{.max_messages = 10}),
+                  [](std::exception_ptr, error_code) {});
+    settle();
+    manager.send("k", "1");
+    CHECK(manager.send("k", "2").closed == 1);  // "1" still waits for deaf's writer
+    settle();
+    CHECK(manager.count("k") == 1);  // gone from the registry though its close is unanswered
+    CHECK(deaf->server_closed);
+    CHECK_FALSE(deaf->aborted);
+    ioc.restart();
+    ioc.run_for(300ms);
+    CHECK(deaf->aborted);  // the close deadline tore it down
+    fine->client_close();
+    settle();
+}
+
+TEST_CASE("a flush lost with its io_context does not stop flushes for good") {
+    manager_type manager;
+    {
+        net::io_context doomed;
+        auto p = std::make_shared<fake_peer>(doomed.get_executor());
+        auto s = manager.subscribe(fake_socket(p), "k");
+        manager.send("k", "never written");  // posts the hand-out to `doomed`, which never runs it
+    }
+    net::io_context ioc;
+    auto p = std::make_shared<fake_peer>(ioc.get_executor());
+    auto s = manager.subscribe(fake_socket(p), "k");
+    manager.send("k", "written");
+    ioc.restart();
+    for (int idle = 0; idle < 3;) idle = ioc.poll() == 0 ? idle + 1 : 0;
+    CHECK(p->received == std::vector<std::string>{"written"});
+}
+
+TEST_CASE_FIXTURE(fixture, "a write error tears the socket down") {
+    wsbroadcast::options opts;
+    opts.on_error = [](const wsbroadcast::error_event&) {};
+    manager_type manager(opts);
+    auto p = peer();
+    p->writes_before_failure = 0;
+    p->failure = net::error::timed_out;
+    net::co_spawn(ioc, manager.serve(fake_socket(p), "k"), [](std::exception_ptr, error_code) {});
+    settle();
+    manager.send("k", "x");
+    settle();
+    CHECK(p->aborted);
+    CHECK(manager.size() == 0);
+}
+
+TEST_CASE("a close reason is cut to 123 bytes at a UTF-8 boundary") {
+    using wsbroadcast::detail::truncate_utf8;
+    const std::string euro = "\xE2\x82\xAC";  // three bytes
+    std::string reason;
+    for (int i = 0; i < 41; ++i) reason += euro;  // 123 bytes: fits
+    CHECK(truncate_utf8(reason, 123) == reason);
+    reason = "a" + reason;  // 124 bytes: the last euro would be cut in half
+    CHECK(truncate_utf8(reason, 123).size() == 121);
+    CHECK(truncate_utf8("plain", 3) == "pla");
+}
+
+TEST_CASE_FIXTURE(fixture, "liveness without ping waits the whole idle period before tearing down") {
+    wsbroadcast::options opts;
+    opts.idle_timeout = 400ms;  // the fake socket cannot ping
+    manager_type manager(opts);
+    auto p = peer();
+    net::co_spawn(ioc, manager.serve(fake_socket(p), "k"), [](std::exception_ptr, error_code) {});
+    const auto start = std::chrono::steady_clock::now();
+    ioc.run_for(300ms);
+    CHECK_FALSE(p->aborted);  // torn down at half the period before the fix
+    ioc.restart();
+    ioc.run_for(700ms);
+    CHECK(p->aborted);
+    CHECK(std::chrono::steady_clock::now() - start >= 400ms);
+    settle();
     CHECK(manager.size() == 0);
 }
