@@ -1508,11 +1508,14 @@ TEST_CASE("runtime subscribe and unsubscribe race with multi-key sends from othe
     stop = true;
     for (auto& t : threads) t.join();
     const std::size_t expected = std::size_t{senders} * sends_per_thread;
-    for (int spin = 0; spin < 500; ++spin) {
-        std::promise<bool> done;
-        net::post(ioc, [&] { done.set_value(peers[0]->received.size() >= expected); });
-        if (done.get_future().get()) break;
-        std::this_thread::sleep_for(10ms);
+    for (int i = 0; i < stable; ++i) {  // each peer's record is read on its own strand
+        auto& peer = peers[static_cast<std::size_t>(i)];
+        for (int spin = 0; spin < 500; ++spin) {
+            std::promise<bool> done;
+            net::post(peer->executor, [&] { done.set_value(peer->received.size() >= expected); });
+            if (done.get_future().get()) break;
+            std::this_thread::sleep_for(10ms);
+        }
     }
     guard.reset();
     subs.clear();
@@ -1657,29 +1660,29 @@ TEST_CASE("the endpoint completes on the awaiting coroutine's executor, not the 
     net::io_context caller_context, socket_context;
     manager_type manager;
     auto p = std::make_shared<fake_peer>(socket_context.get_executor());
-    std::thread::id resumed_on, caller_thread;
+    std::promise<std::thread::id> resumed;
     net::co_spawn(
         caller_context,
         [&]() -> net::awaitable<void> {
             co_await manager.serve(fake_socket(p), "k");
-            resumed_on = std::this_thread::get_id();
+            resumed.set_value(std::this_thread::get_id());
         },
         [](std::exception_ptr) {});
     auto caller_work = net::make_work_guard(caller_context);
-    std::thread caller([&] {
-        caller_thread = std::this_thread::get_id();
-        caller_context.run();
-    });
+    std::thread caller([&] { caller_context.run(); });
     auto socket_work = net::make_work_guard(socket_context);
     std::thread sockets([&] { socket_context.run(); });
     for (int i = 0; i < 200 && manager.size() == 0; ++i) std::this_thread::sleep_for(5ms);
     net::post(socket_context, [&] { p->client_close(); });
-    for (int i = 0; i < 200 && resumed_on == std::thread::id(); ++i) std::this_thread::sleep_for(5ms);
+    auto done = resumed.get_future();
+    const bool completed = done.wait_for(2s) == std::future_status::ready;
+    const auto caller_id = caller.get_id();
     caller_work.reset();
     socket_work.reset();
     caller.join();
     sockets.join();
-    CHECK(resumed_on == caller_thread);
+    REQUIRE(completed);
+    CHECK(done.get() == caller_id);
 }
 
 TEST_CASE_FIXTURE(fixture, "a batching_stream destroyed while a write is in flight is not touched by its completion") {

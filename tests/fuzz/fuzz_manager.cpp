@@ -1,6 +1,7 @@
 // libFuzzer target: the library's public operations in random order against the fake socket:
 // subscribe, unsubscribe, send, broadcast, close_all, client messages and closes, stalled and
-// failing writes, serve() endpoints, and running the event loop in between. Built with ASan and
+// failing writes, serve() endpoints, runtime key changes through handles, multi-key sends,
+// envelopes, closing a key, and running the event loop in between. Built with ASan and
 // UBSan, it looks for crashes, leaks and undefined behaviour; it also checks the bookkeeping.
 #include "fake_socket.hpp"
 
@@ -39,6 +40,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     opts.max_connections = in.next() % 12;
     opts.max_connections_per_key = in.next() % 5;
     opts.max_message_bytes = 1 + in.next() % 32;
+    opts.max_keys_per_connection = in.next() % 4;
+    opts.envelope.wrap = [](const std::string& k, const wsbroadcast::message& m) {
+        return wsbroadcast::message::text(k + std::string(m.data()));
+    };
+    opts.envelope.subscribed = [](const std::string& k) { return wsbroadcast::message::text("+" + k); };
     opts.on_error = [](const wsbroadcast::error_event&) {};
     manager_type manager(opts);  // before the io_context: it outlives the connections
     {
@@ -51,11 +57,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         };
 
         for (int step = 0; step < 200 && in.size > 0; ++step) {
-            switch (in.next() % 12) {
+            switch (in.next() % 16) {
             case 0: {
                 peers.push_back(std::make_shared<fake_peer>(ioc.get_executor()));
+                wsbroadcast::connection_options o(opts.outbox);
+                o.envelopes = in.next() % 2;
                 try {
-                    subs.push_back(manager.subscribe(fake_socket(peers.back()), key()));
+                    subs.push_back(manager.subscribe(fake_socket(peers.back()), std::vector{key(), key()}, o));
                 } catch (const std::system_error&) {  // over a limit: refused, as documented
                 }
                 break;
@@ -96,6 +104,18 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             case 10:
                 if (in.next() % 8 == 0) manager.close_all();
                 break;
+            case 11:
+                if (!subs.empty()) (void)subs[in.next() % subs.size()].handle().subscribe(key());
+                break;
+            case 12:
+                if (!subs.empty()) subs[in.next() % subs.size()].handle().unsubscribe(key());
+                break;
+            case 13: {
+                const auto r = manager.send(std::vector{key(), key(), key()}, std::string(in.next() % 40, 'y'));
+                require(r.queued + r.closed <= manager.size() && r.dropped <= manager.size());  // once each
+                break;
+            }
+            case 14: require(manager.close(key(), 4000) <= manager.size()); break;
             default:
                 ioc.restart();
                 ioc.poll();
