@@ -37,6 +37,17 @@ struct fixture {
     }
 };
 
+// Messages "T:I" from `senders` threads: each thread's I must arrive as 0, 1, 2, ...
+bool in_sender_order(const std::vector<std::string>& received, int senders) {
+    std::vector<int> next(static_cast<std::size_t>(senders), 0);
+    for (auto& m : received) {
+        const auto colon = m.find(':');
+        const auto t = static_cast<std::size_t>(std::stoi(m.substr(0, colon)));
+        if (std::stoi(m.substr(colon + 1)) != next[t]++) return false;
+    }
+    return true;
+}
+
 std::vector<std::string> numbered(int n, const std::string& prefix = "m") {
     std::vector<std::string> out;
     for (int i = 0; i < n; ++i) out.push_back(prefix + std::to_string(i));
@@ -349,15 +360,7 @@ TEST_CASE("sends from several threads at once keep each sender's order and lose 
 
     for (auto& p : peers) {
         REQUIRE(p->received.size() == senders * per_sender);
-        std::vector<int> next(senders, 0);
-        bool in_order = true;
-        for (auto& m : p->received) {
-            const auto colon = m.find(':');
-            const int t = std::stoi(m.substr(0, colon)), i = std::stoi(m.substr(colon + 1));
-            in_order = in_order && i == next[static_cast<std::size_t>(t)];
-            next[static_cast<std::size_t>(t)] = i + 1;
-        }
-        CHECK(in_order);
+        CHECK(in_sender_order(p->received, senders));
     }
     CHECK(manager.stats().deliveries == std::uint64_t{senders} * per_sender * receivers);
 }
@@ -1525,15 +1528,7 @@ TEST_CASE("runtime subscribe and unsubscribe race with multi-key sends from othe
     for (int i = 0; i < stable; ++i) {
         const auto& got = peers[static_cast<std::size_t>(i)]->received;
         REQUIRE(got.size() == expected);
-        std::vector<int> next(senders, 0);
-        bool in_order = true;
-        for (auto& m : got) {
-            const auto colon = m.find(':');
-            const int t = std::stoi(m.substr(0, colon)), n = std::stoi(m.substr(colon + 1));
-            in_order = in_order && n == next[static_cast<std::size_t>(t)];
-            next[static_cast<std::size_t>(t)] = n + 1;
-        }
-        CHECK(in_order);
+        CHECK(in_sender_order(got, senders));
     }
 }
 
