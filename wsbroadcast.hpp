@@ -404,13 +404,10 @@ struct outbox_options {
 };
 
 /// How one connection is served: its outbox, and whether it gets envelopes (options::envelope)
-/// instead of bare messages. An outbox_options converts to it, for the connection's own limits.
+/// instead of bare messages. Where a connection_options is taken, an outbox_options is too.
 struct connection_options {
-    outbox_options outbox;
+    outbox_options outbox{};  // an initializer, so {.envelopes = true} draws no warning
     bool envelopes = false;
-
-    connection_options() = default;
-    connection_options(const outbox_options& o) : outbox(o) {}  // NOLINT: implicit on purpose
 };
 
 /// What a connection that asked for envelopes gets instead of the bare message. The application
@@ -1418,7 +1415,9 @@ public:
         connection_handle() = default;
 
         /// Subscribes the connection to `key` as well: it receives every message sent to `key`
-        /// from the moment this returns. Succeeds ({}) also when it is subscribed already. With
+        /// from the moment this returns. The limits apply; options::admit does not (it is
+        /// asynchronous, and a runtime subscription is the application's own decision: ask it
+        /// first if it should). Succeeds ({}) also when it is subscribed already. With
         /// envelopes, options::envelope.subscribed(key) is queued first (not when already
         /// subscribed). Refusals: error::key_limit, error::key_connection_limit,
         /// error::shutting_down, error::not_registered.
@@ -1548,12 +1547,12 @@ public:
     /// limits apply, the admission hook does not (it is asynchronous): a refusal throws
     /// system_error with a wsbroadcast::error and drops `ws`.
     [[nodiscard]] subscription subscribe(Socket ws, initial_keys<Key> keys) {
-        return subscribe(std::move(ws), std::move(keys), connection_options(options_.outbox));
+        return subscribe(std::move(ws), std::move(keys), connection_options{options_.outbox});
     }
 
     /// The same, with this connection's own outbox limits and overflow policy.
     [[nodiscard]] subscription subscribe(Socket ws, initial_keys<Key> keys, const outbox_options& outbox) {
-        return subscribe(std::move(ws), std::move(keys), connection_options(outbox));
+        return subscribe(std::move(ws), std::move(keys), connection_options{outbox});
     }
 
     /// The same, with this connection's own options (outbox, envelopes).
@@ -1789,7 +1788,7 @@ public:
     auto serve(
         Socket ws, initial_keys<Key> keys, OnMessage on_message = [](std::string_view) {},
         CompletionToken&& token = {}) {
-        return serve(std::move(ws), std::move(keys), connection_options(options_.outbox), std::move(on_message),
+        return serve(std::move(ws), std::move(keys), connection_options{options_.outbox}, std::move(on_message),
                      std::forward<CompletionToken>(token));
     }
 
@@ -1799,7 +1798,7 @@ public:
     auto serve(
         Socket ws, initial_keys<Key> keys, const outbox_options& outbox, OnMessage on_message = [](std::string_view) {},
         CompletionToken&& token = {}) {
-        return serve(std::move(ws), std::move(keys), connection_options(outbox), std::move(on_message),
+        return serve(std::move(ws), std::move(keys), connection_options{outbox}, std::move(on_message),
                      std::forward<CompletionToken>(token));
     }
 
@@ -1826,7 +1825,7 @@ public:
     auto accept_and_serve(
         Socket ws, Request request, initial_keys<Key> keys, OnMessage on_message = [](std::string_view) {},
         CompletionToken&& token = {}) {
-        return accept_and_serve(std::move(ws), std::move(request), std::move(keys), connection_options(options_.outbox),
+        return accept_and_serve(std::move(ws), std::move(request), std::move(keys), connection_options{options_.outbox},
                                 std::move(on_message), std::forward<CompletionToken>(token));
     }
 
@@ -1837,7 +1836,7 @@ public:
     auto accept_and_serve(
         Socket ws, Request request, initial_keys<Key> keys, const outbox_options& outbox,
         OnMessage on_message = [](std::string_view) {}, CompletionToken&& token = {}) {
-        return accept_and_serve(std::move(ws), std::move(request), std::move(keys), connection_options(outbox),
+        return accept_and_serve(std::move(ws), std::move(request), std::move(keys), connection_options{outbox},
                                 std::move(on_message), std::forward<CompletionToken>(token));
     }
 

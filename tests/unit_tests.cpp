@@ -1373,8 +1373,7 @@ TEST_CASE_FIXTURE(fixture,
     };
     opts.envelope.subscribed = [](const std::string& key) { return wsbroadcast::message::text("subscribed " + key); };
     manager_type manager(opts);
-    wsbroadcast::connection_options enveloped;
-    enveloped.envelopes = true;
+    const wsbroadcast::connection_options enveloped{.envelopes = true};
     auto e1 = peer(), e2 = peer(), plain = peer();
     // A message sent during the handshake waits behind the subscribed frame.
     e1->on_accept = [&] { manager.send("a", "during"); };

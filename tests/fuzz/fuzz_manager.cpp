@@ -60,7 +60,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             switch (in.next() % 16) {
             case 0: {
                 peers.push_back(std::make_shared<fake_peer>(ioc.get_executor()));
-                wsbroadcast::connection_options o(opts.outbox);
+                wsbroadcast::connection_options o{opts.outbox};
                 o.envelopes = in.next() % 2;
                 try {
                     subs.push_back(manager.subscribe(fake_socket(peers.back()), std::vector{key(), key()}, o));
