@@ -6,6 +6,10 @@
 //   GET  /api/v1/ws/{id}/{data}   push the URL-decoded {data}
 //   GET  /                        a page to try it in a browser
 //
+// Beyond LNbits, a push may name several ids ("a,b"), and a client offering the wsbroadcast.v1
+// subprotocol gets one connection for many ids, subscribed and unsubscribed by commands
+// (docs/protocol.md; the frames are in protocol.hpp).
+//
 // Read it top to bottom: register on accept (subscribe), push on publish (push), unregister on
 // close (inside manager.accept_and_serve). The session code is written once for both transports:
 // Stream is beast::tcp_stream or beast::ssl_stream<beast::tcp_stream>.
@@ -13,8 +17,11 @@
 #include "wsbroadcast.hpp"
 
 #include "page.hpp"
+#include "protocol.hpp"
 #include "redis_relay.hpp"
 #include "routes.hpp"
+
+#include <boost/json/src.hpp>  // Boost.JSON, compiled here (header-only use): protocol.hpp reads commands
 
 #include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
@@ -60,6 +67,7 @@ struct server_options {
     std::size_t max_message_bytes = 64 * 1024;
     std::size_t max_connections = 0;
     std::size_t max_connections_per_key = 0;
+    std::size_t max_keys_per_connection = 64;  // wsbroadcast.v1 connections
     unsigned idle_timeout_seconds = 60;
     std::string tls_cert, tls_key;
     wsbroadcast::outbox_options outbox;
@@ -90,6 +98,9 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
   --max-message-bytes N          largest push body (413) and client message (close 1009) (default 65536)
   --max-connections N            WebSocket connections in all, 0 for no limit (default 0); over it: 503
   --max-connections-per-key N    WebSocket connections per id, 0 for no limit (default 0); over it: 503
+                                 (for a wsbroadcast.v1 subscribe command: an error frame)
+  --max-keys-per-connection N    ids one wsbroadcast.v1 connection may subscribe to, 0 for no limit
+                                 (default 64); over it: an error frame
   --idle-timeout SECONDS         drop a client that answers no ping for this long (default 60)
   --tls-cert FILE --tls-key FILE serve https:// and wss:// with this PEM certificate chain and key
   --max-queued-bytes N           per-connection outbox limit in bytes (default 1048576)
@@ -114,13 +125,20 @@ WSBROADCAST_ALLOWED_ORIGIN takes a comma-separated list. The command line wins.
 
 Routes:
   GET  /api/v1/ws/{id}          WebSocket: receive every message pushed to {id}
-  POST /api/v1/ws/{id}          push the request body (or ?data=...) to {id}
-  GET  /api/v1/ws/{id}/{data}   push the URL-decoded {data} to {id}
+  POST /api/v1/ws/{ids}         push the request body (or ?data=...) to {ids}
+  GET  /api/v1/ws/{ids}/{data}  push the URL-decoded {data} to {ids}
+  GET  /api/v1/ws               WebSocket with the wsbroadcast.v1 subprotocol only
   GET  /                        a page to try it in a browser
   GET  /metrics                 counters and gauges, Prometheus text format
   GET  /healthz                 {"status":"ok",...} while the server runs
 
-An id is 1 to 128 characters of [A-Za-z0-9:_-].
+An id is 1 to 128 characters of [A-Za-z0-9:_-]. {ids} is one id, or up to 64 separated by
+commas: the push reaches each connection once, however many of them it is subscribed to.
+
+A client offering the WebSocket subprotocol wsbroadcast.v1 (on /api/v1/ws/{id} or on /api/v1/ws)
+gets every message as {"type":"message","key":...,"data":...} and may send
+{"type":"subscribe","key":"..."} and {"type":"unsubscribe","key":"..."}; see docs/protocol.md.
+Other clients see exactly the LNbits API.
 
 Example:
   wsbroadcast-server --port 8080 &
@@ -169,6 +187,7 @@ constexpr std::string_view value_options[] = {"address",
                                               "max-message-bytes",
                                               "max-connections",
                                               "max-connections-per-key",
+                                              "max-keys-per-connection",
                                               "idle-timeout",
                                               "tls-cert",
                                               "tls-key",
@@ -244,6 +263,8 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             ok = parse_number(value, o.max_connections);
         else if (arg == "--max-connections-per-key")
             ok = parse_number(value, o.max_connections_per_key);
+        else if (arg == "--max-keys-per-connection")
+            ok = parse_number(value, o.max_keys_per_connection);
         else if (arg == "--idle-timeout")
             ok = parse_number(value, o.idle_timeout_seconds) && o.idle_timeout_seconds > 0;
         else if (arg == "--tls-cert")
@@ -267,6 +288,12 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
         if (!ok) return fail("invalid value for " + std::string(arg) + ": " + std::string(value));
     }
     if (o.tls_cert.empty() != o.tls_key.empty()) return fail("--tls-cert and --tls-key go together");
+    // A push the outbox could never hold behind anything else would make every busy subscriber
+    // overflow on it: say so at start rather than at the first large push.
+    if (o.max_message_bytes > o.outbox.max_bytes)
+        return fail("--max-message-bytes (" + std::to_string(o.max_message_bytes) +
+                    ") is larger than --max-queued-bytes (" + std::to_string(o.outbox.max_bytes) +
+                    "): a push that size could never queue");
     return o;
 }
 
@@ -301,17 +328,34 @@ enum class refusal {
     bad_request,
     shutting_down,
     relay_unavailable,
+    key_limit,    // a wsbroadcast.v1 subscribe over --max-keys-per-connection
+    bad_command,  // a wsbroadcast.v1 command that cannot be carried out
     count
 };
-constexpr std::string_view refusal_labels[] = {"unauthorized",     "forbidden_origin", "too_large",
-                                               "connection_limit", "bad_request",      "shutting_down",
-                                               "relay_unavailable"};
+constexpr std::string_view refusal_labels[] = {"unauthorized",      "forbidden_origin", "too_large",
+                                               "connection_limit",  "bad_request",      "shutting_down",
+                                               "relay_unavailable", "key_limit",        "bad_command"};
+static_assert(std::size(refusal_labels) == static_cast<std::size_t>(refusal::count));
 std::atomic<std::uint64_t> refusals[static_cast<int>(refusal::count)];
 std::atomic<std::uint64_t> pushes_accepted{0};
 
 void refuse(refusal kind, std::string_view what) {
     refusals[static_cast<int>(kind)].fetch_add(1, std::memory_order_relaxed);
     log(log_level::info, "refused (" + std::string(refusal_labels[static_cast<int>(kind)]) + "): " + std::string(what));
+}
+
+// How a refusal of the manager's (at connect, or of a subscribe command) counts.
+refusal refusal_of(wsbroadcast::error_code ec) {
+    if (ec == wsbroadcast::error::shutting_down) return refusal::shutting_down;
+    if (ec == wsbroadcast::error::key_limit) return refusal::key_limit;
+    return refusal::connection_limit;
+}
+
+// "a,b" for the log.
+std::string joined(const std::vector<std::string>& ids) {
+    std::string out;
+    for (const auto& id : ids) out += (out.empty() ? "" : ",") + id;
+    return out;
 }
 
 // ---- HTTP answers ----------------------------------------------------------------------------
@@ -412,8 +456,14 @@ std::string metrics_text(const State& state) {
         metric("wsbroadcast_relay_channels", "gauge", "Redis channels subscribed now.", {{"", r.channels.load()}});
         metric("wsbroadcast_relay_messages_in_total", "counter", "Messages received from Redis for local delivery.",
                {{"", r.messages_in.load()}});
-        metric("wsbroadcast_relay_messages_out_total", "counter", "Pushes published to Redis and acknowledged.",
-               {{"", r.messages_out.load()}});
+        metric("wsbroadcast_relay_duplicates_total", "counter",
+               "Copies of a push to several ids received on another of its channels, and dropped.",
+               {{"", r.duplicates.load()}});
+        metric("wsbroadcast_relay_malformed_total", "counter",
+               "Messages from Redis in no known format (another version on this prefix?), dropped.",
+               {{"", r.malformed.load()}});
+        metric("wsbroadcast_relay_messages_out_total", "counter",
+               "PUBLISH commands Redis acknowledged (one per id of a push).", {{"", r.messages_out.load()}});
         metric("wsbroadcast_relay_unacknowledged_bytes", "gauge",
                "Bytes of pushes Redis has not answered yet (over 8 MiB, pushes get 503).",
                {{"", r.unacknowledged_bytes.load()}});
@@ -421,19 +471,20 @@ std::string metrics_text(const State& state) {
     return out;
 }
 
-// LNbits answers {"sent": true, "data": ...}; we add how many connections the message reached here,
-// or, through Redis, that it was relayed (every instance delivers it to its own subscribers).
+// LNbits answers {"sent": true, "data": ...}; we add how many connections the message reached here
+// (each once, however many of the ids it is on), or, through Redis, that it was relayed (every
+// instance delivers it to its own subscribers).
 template <class State>
-response push(State& state, const request& req, const std::string& id, std::string_view data) {
+response push(State& state, const request& req, const std::vector<std::string>& ids, std::string_view data) {
     if (!authorized(state.options, req)) {
-        refuse(refusal::unauthorized, "push to " + id + " without a valid token");
+        refuse(refusal::unauthorized, "push to " + joined(ids) + " without a valid token");
         auto res = make_error(req, http::status::unauthorized, "a valid publish token is required");
         res.set(http::field::www_authenticate, "Bearer");
         return res;
     }
-    const auto result = state.manager.publish(id, data);
+    const auto result = state.manager.publish(ids, data);  // one send for every id: once per connection
     if (result.error) {
-        refuse(refusal::relay_unavailable, "push to " + id + ": " + result.error.message());
+        refuse(refusal::relay_unavailable, "push to " + joined(ids) + ": " + result.error.message());
         auto res = make_error(req, http::status::service_unavailable,
                               "not sent: " + result.error.message() + ", try again later");
         res.set(http::field::retry_after, "1");
@@ -460,8 +511,8 @@ response handle(State& state, const request& req, const route& r) {
                              R"({"status":"ok","connections":)" + std::to_string(state.manager.size()) + relay + "}");
     }
     case route_kind::push_body:
-        return push(state, req, r.id, r.data ? std::string_view(*r.data) : std::string_view(req.body()));
-    case route_kind::push_path: return push(state, req, r.id, *r.data);
+        return push(state, req, r.ids, r.data ? std::string_view(*r.data) : std::string_view(req.body()));
+    case route_kind::push_path: return push(state, req, r.ids, *r.data);
     case route_kind::subscribe: {
         auto res = make_error(req, http::status::upgrade_required, "this route is a WebSocket: send an upgrade");
         res.set(http::field::upgrade, "websocket");
@@ -481,9 +532,21 @@ response handle(State& state, const request& req, const route& r) {
     return make_error(req, http::status::not_found, "not found");
 }
 
+// Whether the client asked for wsbroadcast.v1; it may list protocols in several headers.
+bool offers_v1(const request& req) {
+    const auto [first, last] = req.equal_range(http::field::sec_websocket_protocol);
+    return std::any_of(first, last, [](const auto& f) { return offers_subprotocol(f.value(), v1::subprotocol); });
+}
+
 // Checks an upgrade before it happens; a refusal is an HTTP answer, so browsers see the status.
 template <class State>
-std::optional<response> refuse_upgrade(State& state, const request& req, const std::string& id) {
+std::optional<response> refuse_upgrade(State& state, const request& req, const route& r, bool multiplexed) {
+    if (r.ids.empty() && !multiplexed) {
+        constexpr std::string_view why =
+            "a WebSocket on /api/v1/ws needs an id (/api/v1/ws/{id}) or the wsbroadcast.v1 subprotocol";
+        refuse(refusal::bad_request, why);
+        return make_error(req, http::status::bad_request, why);
+    }
     const auto& allowed = state.options.allowed_origins;
     const auto origin = req[http::field::origin];
     if (!allowed.empty() && !origin.empty() && std::find(allowed.begin(), allowed.end(), origin) == allowed.end()) {
@@ -491,14 +554,62 @@ std::optional<response> refuse_upgrade(State& state, const request& req, const s
         return make_error(req, http::status::forbidden, "origin not allowed");
     }
     const auto& o = state.options;
-    if ((o.max_connections && state.manager.size() >= o.max_connections) ||
-        (o.max_connections_per_key && state.manager.count(id) >= o.max_connections_per_key)) {
-        refuse(refusal::connection_limit, "WebSocket for " + id + ": connection limit reached");
+    const bool key_full = std::any_of(r.ids.begin(), r.ids.end(), [&](const std::string& id) {
+        return o.max_connections_per_key && state.manager.count(id) >= o.max_connections_per_key;
+    });
+    if ((o.max_connections && state.manager.size() >= o.max_connections) || key_full) {
+        refuse(refusal::connection_limit, "WebSocket for " + joined(r.ids) + ": connection limit reached");
         auto res = make_error(req, http::status::service_unavailable, "too many connections, try again later");
         res.set(http::field::retry_after, "5");
         return res;
     }
     return std::nullopt;
+}
+
+// ---- wsbroadcast.v1 commands -----------------------------------------------------------------
+
+// Why the manager refused a subscribe command, for the person reading the error frame.
+std::string subscribe_problem(wsbroadcast::error_code ec, const server_options& o) {
+    if (ec == wsbroadcast::error::key_limit)
+        return "too many keys on this connection: at most " + std::to_string(o.max_keys_per_connection);
+    if (ec == wsbroadcast::error::key_connection_limit) return "too many connections on this key, try again later";
+    if (ec == wsbroadcast::error::shutting_down) return "the server is shutting down";
+    return ec.message();
+}
+
+// One command of a wsbroadcast.v1 client, answered with one frame (docs/protocol.md). The origin
+// was checked at the upgrade; the per-key and per-connection limits are the manager's. A subscribe
+// that succeeds is answered by the manager itself: it queues the subscribed frame as it registers
+// the key, so the frame comes before any message of that key.
+template <class Handle>
+void answer_command(const server_options& o, Handle& h, std::string_view frame, bool binary) {
+    const auto c = v1::parse_command(frame, binary);
+    auto refuse_with = [&](refusal kind, std::string_view reason) {
+        // Only a valid key is logged: the others could hold anything, line breaks included.
+        const bool loggable = c.key && valid_id(*c.key);
+        refuse(kind,
+               "wsbroadcast.v1 command" + (loggable ? " for " + *c.key : std::string()) + ": " + std::string(reason));
+        h.send(v1::error_frame(c.key, reason));
+    };
+    switch (c.kind) {
+    case v1::command::invalid: return refuse_with(refusal::bad_command, c.problem);
+    case v1::command::subscribe:
+        // Only this connection's reader changes its keys, so nothing comes between the check and
+        // the subscribe. Subscribing again is answered again, and changes nothing.
+        if (h.subscribed_to(*c.key)) {
+            h.send(v1::subscribed_frame(*c.key));
+        } else if (const auto ec = h.subscribe(*c.key);
+                   ec && ec != wsbroadcast::error::not_registered) {  // gone: nobody to answer
+            refuse_with(refusal_of(ec), subscribe_problem(ec, o));
+        }
+        return;
+    case v1::command::unsubscribe:
+        if (h.unsubscribe(*c.key))
+            h.send(v1::unsubscribed_frame(*c.key));
+        else
+            refuse_with(refusal::bad_command, "not subscribed to this key");
+        return;
+    }
 }
 
 // ---- sessions --------------------------------------------------------------------------------
@@ -510,8 +621,9 @@ auto& lowest(Stream& s) {
 
 // Starts the WebSocket and returns: no frame of ours waits while it lives (memory per idle
 // connection is what bench/run.sh idle measures). The completion handler logs how it ended.
+// `ids`: the URL's id, or none on the bare route; `multiplexed`: the client offered wsbroadcast.v1.
 template <class State, class Stream>
-void subscribe(State& state, Stream stream, request req, std::string id) {
+void subscribe(State& state, Stream stream, request req, std::vector<std::string> ids, bool multiplexed) {
     // From here on the WebSocket's handshake timeout and the manager's liveness rule apply.
     auto ws = [&] {
         if constexpr (std::is_same_v<Stream, beast::tcp_stream>) {
@@ -522,8 +634,11 @@ void subscribe(State& state, Stream stream, request req, std::string id) {
         }
     }();
     ws.set_option(websocket::stream_base::timeout{30s, websocket::stream_base::none(), false});
-    ws.set_option(websocket::stream_base::decorator(
-        [](websocket::response_type& res) { res.set(http::field::server, "wsbroadcast"); }));
+    ws.set_option(websocket::stream_base::decorator([multiplexed](websocket::response_type& res) {
+        res.set(http::field::server, "wsbroadcast");
+        if (multiplexed) res.set(http::field::sec_websocket_protocol, v1::subprotocol);  // selected in the 101
+    }));
+    const std::string what = ids.empty() ? std::string(ws_prefix) : ids.front();
     std::string who;  // built for the debug log only: it is kept as long as the connection
     if (current_log_level >= log_level::debug) {
         beast::error_code ignored;
@@ -534,19 +649,27 @@ void subscribe(State& state, Stream stream, request req, std::string id) {
                 return lowest(ws).socket();
         }();
         const auto peer = socket.remote_endpoint(ignored);
-        who = "WebSocket " + id + " from " + peer.address().to_string() + ":" + std::to_string(peer.port());
+        who = "WebSocket " + what + (multiplexed ? " (wsbroadcast.v1)" : "") + " from " + peer.address().to_string() +
+              ":" + std::to_string(peer.port());
         log(log_level::debug, who + " opening");
     }
+    // wsbroadcast.v1 connections get envelopes (options.envelope, set in run()) and their commands
+    // answered; the others get the bare messages, and what they send is read and ignored (the ESP32
+    // sends "Connected", lnbits-rs "subscribe").
+    wsbroadcast::connection_options connection{state.options.outbox};
+    connection.envelopes = multiplexed;
+    auto on_message = [&options = state.options, multiplexed](typename State::manager_type::connection_handle& h,
+                                                              std::string_view frame, bool binary) {
+        if (multiplexed) answer_command(options, h, frame, binary);
+    };
     // Registered before the 101 goes out: a client that sees its handshake complete misses nothing.
-    state.manager.accept_and_serve(
-        std::move(ws), std::move(req), id, [](std::string_view) {},
-        [who = std::move(who), id](std::exception_ptr e, wsbroadcast::error_code ec) {
-            if (e) return log_exception("websocket")(e);
-            if (!who.empty()) log(log_level::debug, who + " closed: " + ec.message());
-            if (ec.category() == wsbroadcast::category())
-                refuse(ec == wsbroadcast::error::shutting_down ? refusal::shutting_down : refusal::connection_limit,
-                       "WebSocket for " + id + ": " + ec.message());
-        });
+    state.manager.accept_and_serve(std::move(ws), std::move(req), std::move(ids), connection, on_message,
+                                   [who = std::move(who), what](std::exception_ptr e, wsbroadcast::error_code ec) {
+                                       if (e) return log_exception("websocket")(e);
+                                       if (!who.empty()) log(log_level::debug, who + " closed: " + ec.message());
+                                       if (ec.category() == wsbroadcast::category())
+                                           refuse(refusal_of(ec), "WebSocket for " + what + ": " + ec.message());
+                                   });
 }
 
 // One HTTP connection: requests until the peer leaves, or until one of them upgrades.
@@ -583,14 +706,15 @@ net::awaitable<void> http_session(State& state, Stream stream) {
         request req = parser.release();
         const auto r = route_request(req.method_string(), req.target());
         if (r.kind == route_kind::subscribe && websocket::is_upgrade(req)) {
-            if (auto res = refuse_upgrade(state, req, r.id)) {
+            const bool multiplexed = offers_v1(req);
+            if (auto res = refuse_upgrade(state, req, r, multiplexed)) {
                 res->keep_alive(false);
                 co_await http::async_write(stream, *res, net::redirect_error(net::use_awaitable, ec));
                 break;
             }
             // Handed off rather than awaited: this frame (parser, buffers) would otherwise live as
             // long as the WebSocket does.
-            subscribe(state, std::move(stream), std::move(req), r.id);
+            subscribe(state, std::move(stream), std::move(req), r.ids, multiplexed);
             co_return;
         }
         auto res = handle(state, req, r);
@@ -645,6 +769,14 @@ int run(const server_options& options, ssl::context* tls) {
     manager_options.outbox = options.outbox;
     manager_options.max_connections = options.max_connections;
     manager_options.max_connections_per_key = options.max_connections_per_key;
+    manager_options.max_keys_per_connection = options.max_keys_per_connection;
+    // What wsbroadcast.v1 connections get (docs/protocol.md); the others get the bare message.
+    manager_options.envelope.wrap = [](const std::string& key, const wsbroadcast::message& m) {
+        return wsbroadcast::message::text(v1::message_frame(key, m.data()));
+    };
+    manager_options.envelope.subscribed = [](const std::string& key) {
+        return wsbroadcast::message::text(v1::subscribed_frame(key));
+    };
     manager_options.max_message_bytes = options.max_message_bytes;
     manager_options.idle_timeout = std::chrono::seconds(options.idle_timeout_seconds);
     manager_options.on_error = [](const wsbroadcast::error_event& e) {

@@ -7,12 +7,15 @@
 // connection, UNSUBSCRIBE on its last, so Redis sends a key's traffic only to the instances that
 // need it. A connection lost is retried with backoff; on success every key still needed is
 // subscribed again. While Redis is away publish() fails at once, and the server answers 503.
+// A push is one PUBLISH on each of its keys' channels; relay_wire.hpp has the payload's format, and
+// how an instance subscribed to several of those channels delivers such a push only once.
 // Delivery across instances is at most once: a message published while an instance's subscriber
 // is down never reaches that instance.
 #pragma once
 
 #include "wsbroadcast.hpp"
 
+#include "relay_wire.hpp"
 #include "routes.hpp"
 
 #include <boost/asio/ip/tcp.hpp>
@@ -31,7 +34,9 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <random>
 #include <set>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -123,6 +128,8 @@ public:
         std::atomic<std::uint64_t> connects{0};            // successful connections, the first one included
         std::atomic<std::uint64_t> failures{0};            // connections lost or attempts failed
         std::atomic<std::uint64_t> messages_in{0};         // messages Redis brought for local delivery
+        std::atomic<std::uint64_t> duplicates{0};          // of those, copies of a multi-key push already delivered
+        std::atomic<std::uint64_t> malformed{0};           // of those, payloads in no known format (dropped)
         std::atomic<std::uint64_t> messages_out{0};        // PUBLISH commands Redis acknowledged
         std::atomic<std::uint64_t> channels{0};            // keys subscribed now
         std::atomic<std::size_t> unacknowledged_bytes{0};  // pushes handed to Redis, not answered yet
@@ -130,7 +137,7 @@ public:
 
     /// `log(warning, text)`: warning for trouble, otherwise information.
     redis_relay(redis_address address, std::string prefix, std::function<void(bool, const std::string&)> log)
-        : address_(std::move(address)), prefix_(std::move(prefix)), log_(std::move(log)) {}
+        : address_(std::move(address)), prefix_(std::move(prefix)), log_(std::move(log)), instance_id_(random_id()) {}
 
     void attach(boost::asio::any_io_executor executor, Manager& manager) {
         manager_ = &manager;
@@ -166,24 +173,42 @@ public:
         });
     }
 
-    /// Refused while Redis is away, and while more than max_unacknowledged_bytes of pushes wait for
-    /// its answer (a Redis that stalls must not make this process grow without bound).
-    wsbroadcast::error_code publish(const std::string& key, const wsbroadcast::message& m) override {
+    /// One PUBLISH per key's channel. Refused while Redis is away, and while more than
+    /// max_unacknowledged_bytes of PUBLISHes wait for its answer (a Redis that stalls must not make
+    /// this process grow without bound): then no key gets it.
+    wsbroadcast::error_code publish(std::span<const std::string> keys, const wsbroadcast::message& m) override {
         if (!counters_.connected.load(std::memory_order_acquire)) return wsbroadcast::error::relay_unavailable;
-        std::string channel = prefix_ + key;
-        const std::size_t cost = channel.size() + m.size() + 64;  // + what a queued command costs besides
+        if (keys.empty()) return {};
+        // Several keys: a payload naming them all, so that whoever receives it on several channels
+        // can tell the copies apart from new pushes.
+        std::string payload =
+            keys.size() == 1 ? single_key_payload(m.data())
+                             : multi_key_payload({instance_id_, next_counter_.fetch_add(1, std::memory_order_relaxed)},
+                                                 keys, m.data());
+        std::vector<std::string> channels;
+        channels.reserve(keys.size());
+        std::size_t cost = 0;
+        for (const auto& key : keys) {
+            channels.push_back(prefix_ + key);
+            cost += publish_cost(channels.back(), payload);
+        }
         if (counters_.unacknowledged_bytes.fetch_add(cost) + cost > max_unacknowledged_bytes) {
             counters_.unacknowledged_bytes.fetch_sub(cost);
             return wsbroadcast::error::relay_unavailable;
         }
-        boost::asio::post(*strand_, [self = this->shared_from_this(), channel = std::move(channel), m, cost] {
-            // Lost if the connection went meanwhile: at most once. The reply (or its absence, when
-            // the connection goes) comes back to on_published with the cost in privdata.
-            if (!self->publisher_ || redisAsyncCommand(self->publisher_, &redis_relay::on_published,
-                                                       reinterpret_cast<void*>(cost), "PUBLISH %b %b", channel.data(),
-                                                       channel.size(), m.data().data(), m.size()) != REDIS_OK)
-                self->counters_.unacknowledged_bytes.fetch_sub(cost);
-        });
+        boost::asio::post(
+            *strand_, [self = this->shared_from_this(), channels = std::move(channels), payload = std::move(payload)] {
+                for (const auto& channel : channels) {
+                    // Lost if the connection went meanwhile: at most once. The reply (or its absence,
+                    // when the connection goes) comes back to on_published with the cost in privdata.
+                    const auto cost = publish_cost(channel, payload);
+                    if (!self->publisher_ ||
+                        redisAsyncCommand(self->publisher_, &redis_relay::on_published, reinterpret_cast<void*>(cost),
+                                          "PUBLISH %b %b", channel.data(), channel.size(), payload.data(),
+                                          payload.size()) != REDIS_OK)
+                        self->counters_.unacknowledged_bytes.fetch_sub(cost);
+                }
+            });
         return {};
     }
 
@@ -193,6 +218,20 @@ private:
     static constexpr auto last_retry = std::chrono::seconds(5);
     static constexpr std::size_t channels_per_command = 1000;
     static constexpr std::size_t max_unacknowledged_bytes = 8 * 1024 * 1024;
+    // The copies of one multi-key push reach an instance right after each other: 4096 pushes of
+    // other publishers in between is far more than Redis interleaves, in 128 KiB or so of ids.
+    static constexpr std::size_t remembered_pushes = 4096;
+
+    // What one PUBLISH costs until Redis answers it: its bytes, plus what a queued command costs besides.
+    static std::size_t publish_cost(const std::string& channel, const std::string& payload) {
+        return channel.size() + payload.size() + 64;
+    }
+
+    // Tells this instance's multi-key pushes from every other instance's (for as long as it runs).
+    static std::uint64_t random_id() {
+        std::random_device device;
+        return (std::uint64_t{device()} << 32) ^ device();
+    }
 
     static redis_relay* of(const redisAsyncContext* ac) { return static_cast<redis_relay*>(ac->data); }
 
@@ -377,10 +416,29 @@ private:
             if (!channel.starts_with(self->prefix_)) return;
             channel.remove_prefix(self->prefix_.size());
             self->counters_.messages_in.fetch_add(1, std::memory_order_relaxed);
-            self->manager_->send(channel, std::string_view(r->element[2]->str, r->element[2]->len));
+            self->deliver(channel, std::string_view(r->element[2]->str, r->element[2]->len));
         } else if ((kind == "subscribe" || kind == "unsubscribe") && self->in_flight_ > 0 && --self->in_flight_ == 0) {
             self->sync_subscriptions();
             self->ready_if_synced();
+        }
+    }
+
+    // A multi-key push goes to every one of its keys at the first copy: each local connection gets
+    // it once, wherever its keys' SUBSCRIBEs stand. The later copies are dropped.
+    void deliver(std::string_view key, std::string_view payload) {
+        const auto push = parse_relay_payload(payload);
+        if (!push) {
+            if (counters_.malformed.fetch_add(1, std::memory_order_relaxed) == 0)
+                log_(true, "redis: dropping a message in an unknown format on channel " + prefix_ + std::string(key) +
+                               " (an instance of another version on this prefix?)");
+            return;
+        }
+        if (!push->id) {
+            manager_->send(key, push->data);
+        } else if (recent_.insert(*push->id)) {
+            manager_->send(push->keys, push->data);
+        } else {
+            counters_.duplicates.fetch_add(1, std::memory_order_relaxed);
         }
     }
 
@@ -399,6 +457,8 @@ private:
     const std::function<void(bool, const std::string&)> log_;
     Manager* manager_ = nullptr;
     counters counters_;
+    const std::uint64_t instance_id_;
+    std::atomic<std::uint64_t> next_counter_{0};
 
     // Everything below is touched only on the strand (or by detach(), once nothing runs).
     std::optional<strand> strand_;
@@ -410,9 +470,10 @@ private:
     unsigned attempt_ = 0, failed_attempt_ = 0;
     clock::duration retry_delay_ = first_retry;
     std::string last_error_;
-    std::set<std::string> wanted_;      // keys with local connections, as the manager reported them
-    std::set<std::string> subscribed_;  // keys Redis has (or is about to have) a SUBSCRIBE for
-    std::size_t in_flight_ = 0;         // replies still due for the one (UN)SUBSCRIBE in flight
+    std::set<std::string> wanted_;                // keys with local connections, as the manager reported them
+    std::set<std::string> subscribed_;            // keys Redis has (or is about to have) a SUBSCRIBE for
+    std::size_t in_flight_ = 0;                   // replies still due for the one (UN)SUBSCRIBE in flight
+    recent_relay_ids recent_{remembered_pushes};  // multi-key pushes delivered lately
 };
 
 }  // namespace wsbroadcast_server

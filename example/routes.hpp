@@ -9,6 +9,7 @@
 #include <string_view>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace wsbroadcast_server {
 
@@ -161,21 +162,74 @@ inline std::optional<redis_address> parse_redis_url(std::string_view url) {
     return a;
 }
 
+/// Whether a Sec-WebSocket-Protocol value offers `protocol`. The value is a comma-separated list
+/// of tokens (RFC 6455 section 11.3.4, RFC 9110 lists: spaces and tabs around an element, empty
+/// elements allowed); tokens compare exactly. A request may carry the header more than once: ask
+/// about each value.
+inline bool offers_subprotocol(std::string_view header, std::string_view protocol) {
+    auto is_space = [](char c) { return c == ' ' || c == '\t'; };
+    while (!header.empty()) {
+        const auto comma = header.find(',');
+        auto token = header.substr(0, comma);
+        while (!token.empty() && is_space(token.front())) token.remove_prefix(1);
+        while (!token.empty() && is_space(token.back())) token.remove_suffix(1);
+        if (token == protocol) return true;
+        if (comma == header.npos) break;
+        header.remove_prefix(comma + 1);
+    }
+    return false;
+}
+
+/// A push may name several ids, "a,b,c" (',' is not an id character); at most this many, as written.
+constexpr std::size_t max_ids_per_push = 64;
+
+inline constexpr std::string_view invalid_id_problem = "invalid id: expected 1 to 128 characters of [A-Za-z0-9:_-]";
+
+/// The ids of a push, from its decoded path segment: each valid, repeats dropped (the first
+/// occurrence keeps its place), 1 to max_ids_per_push of them as written. `problem` says why not.
+struct id_list {
+    std::vector<std::string> ids;
+    std::string_view problem;  // empty: ids holds the list
+};
+
+inline id_list parse_id_list(std::string_view text) {
+    id_list out;
+    auto fail = [&out](std::string_view why) {
+        out.ids.clear();
+        out.problem = why;
+        return out;
+    };
+    const bool is_list = text.find(',') != text.npos;
+    std::size_t written = 0;
+    for (;;) {
+        const auto comma = text.find(',');
+        const auto id = text.substr(0, comma);
+        if (++written > max_ids_per_push) return fail("too many ids: a push names at most 64");
+        if (id.empty() && is_list) return fail("empty id in the list: two commas in a row, or one at an end");
+        if (!valid_id(id)) return fail(invalid_id_problem);
+        if (std::find(out.ids.begin(), out.ids.end(), id) == out.ids.end()) out.ids.emplace_back(id);
+        if (comma == text.npos) return out;
+        text.remove_prefix(comma + 1);
+    }
+}
+
 enum class route_kind {
     page,          // GET /
     metrics,       // GET /metrics: Prometheus text format
     health,        // GET /healthz
-    subscribe,     // GET /api/v1/ws/{id}, must be a WebSocket upgrade
-    push_body,     // POST /api/v1/ws/{id}: ?data= or the body
-    push_path,     // GET /api/v1/ws/{id}/{data}
-    bad_request,   // 400: bad id or malformed escape
+    subscribe,     // GET /api/v1/ws/{id} or the bare /api/v1/ws, must be a WebSocket upgrade
+    push_body,     // POST /api/v1/ws/{ids}: ?data= or the body
+    push_path,     // GET /api/v1/ws/{ids}/{data}
+    bad_request,   // 400: bad id or list, malformed escape
     not_found,     // 404
     wrong_method,  // 405
 };
 
 struct route {
     route_kind kind = route_kind::not_found;
-    std::string id;
+    // subscribe: the one id, or none for the bare /api/v1/ws (which only a client offering the
+    // wsbroadcast.v1 subprotocol may open); pushes: the ids, as parse_id_list gives them.
+    std::vector<std::string> ids;
     std::optional<std::string> data;  // push_path: the decoded data; push_body: ?data= if present
     std::string_view allow;           // wrong_method: the Allow header
     std::string_view problem;         // bad_request: why
@@ -183,7 +237,8 @@ struct route {
 
 inline constexpr std::string_view ws_prefix = "/api/v1/ws";
 
-/// Routes a request by method ("GET", "POST", ...) and target ("/path?query").
+/// Routes a request by method ("GET", "POST", ...) and target ("/path?query"). Query parameters
+/// other than ?data= are ignored (TPoS appends its own).
 inline route route_request(std::string_view method, std::string_view target) {
     const auto question = target.find('?');
     const auto path = target.substr(0, question);
@@ -199,21 +254,31 @@ inline route route_request(std::string_view method, std::string_view target) {
             r.kind = route_kind::wrong_method, r.allow = "GET";
         return r;
     }
-    if (path != ws_prefix && !(path.starts_with(ws_prefix) && path[ws_prefix.size()] == '/')) return r;
-
-    auto rest = path.substr(std::min(path.size(), ws_prefix.size() + 1));
-    const auto slash = rest.find('/');
-    const auto raw_id = rest.substr(0, slash);
-    const bool has_data = slash != rest.npos;
-
     auto bad = [&r](std::string_view why) {
         r.kind = route_kind::bad_request;
         r.problem = why;
         return r;
     };
-    auto id = url_decode(raw_id);
-    if (!id || !valid_id(*id)) return bad("invalid id: expected 1 to 128 characters of [A-Za-z0-9:_-]");
-    r.id = std::move(*id);
+    if (path == ws_prefix) {  // no id: only a multiplexed WebSocket, which subscribes later
+        if (method != "GET") return bad(invalid_id_problem);
+        r.kind = route_kind::subscribe;
+        return r;
+    }
+    if (!(path.starts_with(ws_prefix) && path[ws_prefix.size()] == '/')) return r;
+
+    auto rest = path.substr(ws_prefix.size() + 1);
+    const auto slash = rest.find('/');
+    const bool has_data = slash != rest.npos;
+
+    // Decoded before splitting: a client that encodes the whole list ("a%2Cb") means the same list.
+    const auto decoded = url_decode(rest.substr(0, slash));
+    if (!decoded) return bad(invalid_id_problem);
+    const bool subscribing = method == "GET" && !has_data;
+    if (subscribing && decoded->find(',') != decoded->npos)
+        return bad("one id per WebSocket URL; use the wsbroadcast.v1 subprotocol to subscribe to several");
+    auto list = parse_id_list(*decoded);
+    if (!list.problem.empty()) return bad(list.problem);
+    r.ids = std::move(list.ids);
 
     if (has_data) {
         if (method != "GET") {
@@ -226,7 +291,7 @@ inline route route_request(std::string_view method, std::string_view target) {
         r.kind = route_kind::push_path;
         return r;
     }
-    if (method == "GET") {
+    if (subscribing) {
         r.kind = route_kind::subscribe;
     } else if (method == "POST") {
         r.kind = route_kind::push_body;

@@ -1,9 +1,14 @@
 // The reference server's routing rules, tested as pure functions.
 #include <doctest/doctest.h>
 
+#include "protocol.hpp"
+#include "relay_wire.hpp"
 #include "routes.hpp"
 
+#include <boost/json/src.hpp>  // Boost.JSON for protocol.hpp, compiled in this one file of the binary
+
 using namespace wsbroadcast_server;
+using ids = std::vector<std::string>;
 
 TEST_CASE("ids follow LNbits' rule: 1 to 128 characters of [A-Za-z0-9:_-]") {
     CHECK(valid_id("abc"));
@@ -54,9 +59,9 @@ TEST_CASE("routing") {
     CHECK(route_request("GET", "/favicon.ico").kind == route_kind::not_found);
     CHECK(route_request("GET", "/api/v1/wsx").kind == route_kind::not_found);
 
-    auto sub = route_request("GET", "/api/v1/ws/inv-1");
+    auto sub = route_request("GET", "/api/v1/ws/inv-1?tpos=1");  // other query parameters are ignored
     CHECK(sub.kind == route_kind::subscribe);
-    CHECK(sub.id == "inv-1");
+    CHECK(sub.ids == ids{"inv-1"});
 
     auto body = route_request("POST", "/api/v1/ws/inv-1");
     CHECK(body.kind == route_kind::push_body);
@@ -68,10 +73,14 @@ TEST_CASE("routing") {
 
     auto path = route_request("GET", "/api/v1/ws/inv-1/x%2Fy/z");
     CHECK(path.kind == route_kind::push_path);
-    CHECK(path.id == "inv-1");
+    CHECK(path.ids == ids{"inv-1"});
     CHECK(path.data == "x/y/z");
 
-    CHECK(route_request("GET", "/api/v1/ws").kind == route_kind::bad_request);
+    // The bare route is a subscription with no id yet (the server lets only wsbroadcast.v1 open it).
+    auto bare = route_request("GET", "/api/v1/ws");
+    CHECK(bare.kind == route_kind::subscribe);
+    CHECK(bare.ids.empty());
+    CHECK(route_request("POST", "/api/v1/ws").kind == route_kind::bad_request);
     CHECK(route_request("GET", "/api/v1/ws/").kind == route_kind::bad_request);
     CHECK(route_request("GET", "/api/v1/ws/a%20b").kind == route_kind::bad_request);
     CHECK(route_request("GET", "/api/v1/ws/%zz").kind == route_kind::bad_request);
@@ -112,4 +121,123 @@ TEST_CASE("--redis URLs") {
         CAPTURE(bad);
         CHECK_FALSE(parse_redis_url(bad).has_value());
     }
+}
+
+TEST_CASE("a push may name several ids: each valid, repeats dropped, at most 64, no empty element") {
+    auto body = route_request("POST", "/api/v1/ws/a,b:1,a,c_2,b:1?data=x");
+    CHECK(body.kind == route_kind::push_body);
+    CHECK(body.ids == ids{"a", "b:1", "c_2"});                  // first occurrences, in the order given
+    auto path = route_request("GET", "/api/v1/ws/a%2Cb/paid");  // the list may be encoded as a whole
+    CHECK(path.kind == route_kind::push_path);
+    CHECK(path.ids == ids{"a", "b"});
+    CHECK(path.data == "paid");
+
+    auto problem = [](std::string_view target) {
+        const auto r = route_request("POST", target);
+        CHECK(r.kind == route_kind::bad_request);
+        return std::string(r.problem);
+    };
+    for (const char* empty : {"/api/v1/ws/a,,b", "/api/v1/ws/a,", "/api/v1/ws/,a", "/api/v1/ws/,"}) {
+        CAPTURE(empty);
+        CHECK(problem(empty).starts_with("empty id in the list"));
+    }
+    CHECK(problem("/api/v1/ws/a,b.c").starts_with("invalid id"));
+    CHECK(problem("/api/v1/ws/a,%zz").starts_with("invalid id"));
+    std::string list = "k0";
+    for (int i = 1; i < 64; ++i) list += ",k" + std::to_string(i);
+    CHECK(route_request("POST", "/api/v1/ws/" + list).ids.size() == 64);
+    CHECK(problem("/api/v1/ws/" + list + ",k64") == "too many ids: a push names at most 64");
+    CHECK(problem("/api/v1/ws/" + list + ",k0").starts_with("too many ids"));  // counted as written
+
+    // A WebSocket URL names one id: several are the subprotocol's business.
+    const auto ws = route_request("GET", "/api/v1/ws/a,b");
+    CHECK(ws.kind == route_kind::bad_request);
+    CHECK(ws.problem == "one id per WebSocket URL; use the wsbroadcast.v1 subprotocol to subscribe to several");
+    CHECK(route_request("DELETE", "/api/v1/ws/a,b").allow == "GET, POST");
+}
+
+TEST_CASE("Sec-WebSocket-Protocol: the offered tokens, comma-separated, trimmed, compared exactly") {
+    CHECK(offers_subprotocol("wsbroadcast.v1", v1::subprotocol));
+    CHECK(offers_subprotocol("arduino, wsbroadcast.v1", v1::subprotocol));
+    CHECK(offers_subprotocol(" \twsbroadcast.v1\t ,arduino", v1::subprotocol));
+    CHECK(offers_subprotocol(",,wsbroadcast.v1,", v1::subprotocol));
+    for (const char* other : {"", "arduino", "wsbroadcast.v2", "wsbroadcast.v1x", "WSBROADCAST.V1",
+                              "wsbroadcast.v1;q=1", "wsbroadcast .v1", "x wsbroadcast.v1"}) {
+        CAPTURE(other);
+        CHECK_FALSE(offers_subprotocol(other, v1::subprotocol));
+    }
+}
+
+TEST_CASE("wsbroadcast.v1: the frames, and the commands read from JSON") {
+    CHECK(v1::message_frame("k", R"({"paid":true})") == R"({"type":"message","key":"k","data":"{\"paid\":true}"})");
+    CHECK(v1::subscribed_frame("k") == R"({"type":"subscribed","key":"k"})");
+    CHECK(v1::unsubscribed_frame("k") == R"({"type":"unsubscribed","key":"k"})");
+    CHECK(v1::error_frame(std::nullopt, "why") == R"({"type":"error","key":null,"reason":"why"})");
+    CHECK(v1::error_frame("a\"b", "why") == R"({"type":"error","key":"a\"b","reason":"why"})");
+
+    auto sub = v1::parse_command(R"({"key":"inv-1","type":"subscribe","later":[1,2]})", false);
+    CHECK(sub.kind == v1::command::subscribe);
+    CHECK(sub.key == "inv-1");
+    CHECK(v1::parse_command(R"( {"type":"unsubscribe","key":"a"} )", false).kind == v1::command::unsubscribe);
+
+    struct bad {
+        std::string_view frame;
+        bool binary;
+        std::optional<std::string> key;
+        std::string_view problem;
+    };
+    for (const bad& b : {
+             bad{R"({"type":"subscribe","key":"a"})", true, std::nullopt, "commands are JSON text frames, not binary"},
+             bad{"subscribe", false, std::nullopt, "not valid JSON"},
+             bad{R"({"type":"subscribe")", false, std::nullopt, "not valid JSON"},
+             bad{R"(["subscribe","a"])", false, std::nullopt, "a command is a JSON object"},
+             bad{R"({"key":"a"})", false, "a", R"("type" must be "subscribe" or "unsubscribe")"},
+             bad{R"({"type":"join","key":"a"})", false, "a", R"("type" must be "subscribe" or "unsubscribe")"},
+             bad{R"({"type":1,"key":"a"})", false, "a", R"("type" must be "subscribe" or "unsubscribe")"},
+             bad{R"({"type":"subscribe"})", false, std::nullopt, R"("key" must be a string)"},
+             bad{R"({"type":"subscribe","key":42})", false, std::nullopt, R"("key" must be a string)"},
+             bad{R"({"type":"subscribe","key":"a.b"})", false, "a.b",
+                 "invalid key: expected 1 to 128 characters of [A-Za-z0-9:_-]"},
+         }) {
+        CAPTURE(b.frame);
+        const auto c = v1::parse_command(b.frame, b.binary);
+        CHECK(c.kind == v1::command::invalid);
+        CHECK(c.key == b.key);
+        CHECK(c.problem == b.problem);
+    }
+}
+
+TEST_CASE("relay payloads: one tag each, a multi-key push names its id and keys; copies are recognised") {
+    CHECK(single_key_payload("paid") == "Spaid");
+    const ids keys{"alpha", "beta"};
+    const auto multi = multi_key_payload({0x9f86d081884c7d65, 42}, keys, "paid");
+    CHECK(multi == "M9f86d081884c7d65000000000000002a 2 5:alpha4:betapaid");
+
+    const auto single = parse_relay_payload("SMx 1 1:a");  // the tag says it all, whatever follows
+    REQUIRE(single);
+    CHECK_FALSE(single->id);
+    CHECK(single->data == "Mx 1 1:a");
+    const auto back = parse_relay_payload(multi);
+    REQUIRE(back);
+    CHECK(back->id == relay_message_id{0x9f86d081884c7d65, 42});
+    CHECK(back->keys == std::vector<std::string_view>{"alpha", "beta"});
+    CHECK(back->data == "paid");
+    CHECK(parse_relay_payload(multi_key_payload({1, 2}, keys, ""))->data.empty());
+
+    for (const char* bad :
+         {"", "paid", "M", "M9f86d081884c7d65000000000000002a", "M9f86d081884c7d65000000000000002a 0 ",
+          "M9f86d081884c7d65000000000000002a 2 5:alpha", "M9f86d081884c7d65000000000000002a 1 9:a",
+          "M9f86d081884c7d65000000000000002a 1 2:a", "MXf86d081884c7d65000000000000002a 1 1:a",
+          "M9f86d081884c7d65000000000000002a 1 -1:a", "M9f86d081884c7d65000000000000002a 99999999999999999999 1:a"}) {
+        CAPTURE(bad);
+        CHECK_FALSE(parse_relay_payload(bad).has_value());
+    }
+
+    recent_relay_ids recent(2);
+    CHECK(recent.insert({1, 1}));
+    CHECK_FALSE(recent.insert({1, 1}));  // a second copy
+    CHECK(recent.insert({2, 1}));        // another instance's counter 1
+    CHECK(recent.insert({1, 2}));        // forgets {1, 1}, the oldest
+    CHECK_FALSE(recent.insert({2, 1}));
+    CHECK(recent.insert({1, 1}));
 }

@@ -21,6 +21,8 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
+#include <vector>
 
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -149,10 +151,13 @@ struct ws_client {
     beast::flat_buffer buffer;
     http::response<http::string_body> handshake_response;
 
-    beast::error_code connect(unsigned short port, const std::string& target, const std::string& origin = {}) {
-        if (!origin.empty())
-            ws.set_option(websocket::stream_base::decorator(
-                [origin](websocket::request_type& r) { r.set(http::field::origin, origin); }));
+    // `protocols`: the Sec-WebSocket-Protocol offered, if any ("arduino, wsbroadcast.v1").
+    beast::error_code connect(unsigned short port, const std::string& target, const std::string& origin = {},
+                              const std::string& protocols = {}) {
+        ws.set_option(websocket::stream_base::decorator([origin, protocols](websocket::request_type& r) {
+            if (!origin.empty()) r.set(http::field::origin, origin);
+            if (!protocols.empty()) r.set(http::field::sec_websocket_protocol, protocols);
+        }));
         beast::get_lowest_layer(ws).expires_after(io_timeout);
         auto ec = run(ioc, [&](auto done) {
             beast::get_lowest_layer(ws).async_connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), done);
@@ -189,6 +194,36 @@ std::unique_ptr<ws_client> subscriber(const std::string& id, unsigned short port
     auto c = std::make_unique<ws_client>();
     REQUIRE_FALSE(c->connect(port, "/api/v1/ws/" + id));
     return c;
+}
+
+// ---- wsbroadcast.v1: its frames as docs/protocol.md writes them --------------------------------
+
+std::string subscribed(const std::string& key) { return R"({"type":"subscribed","key":")" + key + R"("})"; }
+std::string unsubscribed(const std::string& key) { return R"({"type":"unsubscribed","key":")" + key + R"("})"; }
+std::string enveloped(const std::string& key, const std::string& data) {
+    return R"({"type":"message","key":")" + key + R"(","data":")" + data + R"("})";
+}
+// `key` as JSON: a quoted string, or null.
+std::string error_frame(const std::string& key, const std::string& reason) {
+    return R"({"type":"error","key":)" + key + R"(,"reason":")" + reason + R"("})";
+}
+std::string command(const std::string& type, const std::string& key) {
+    return R"({"type":")" + type + R"(","key":")" + key + R"("})";
+}
+
+// A client that offered wsbroadcast.v1 and had it selected.
+std::unique_ptr<ws_client> multiplexed(const std::string& target = "/api/v1/ws",
+                                       unsigned short port = shared_server().port()) {
+    auto c = std::make_unique<ws_client>();
+    REQUIRE_FALSE(c->connect(port, target, {}, "wsbroadcast.v1"));
+    REQUIRE(c->handshake_response[http::field::sec_websocket_protocol] == "wsbroadcast.v1");
+    return c;
+}
+
+// Subscribes and checks the answer; once it is read, every later push to `key` reaches `c`.
+void subscribe_to(ws_client& c, const std::string& key) {
+    c.send(command("subscribe", key));
+    REQUIRE(c.read() == subscribed(key));
 }
 
 using header_list = std::vector<std::pair<std::string, std::string>>;
@@ -397,6 +432,23 @@ TEST_CASE("invalid ids are refused with 400, for pushes and for subscriptions") 
     CHECK(request(http::verb::get, "/api/v1/ws/abc/%zz").result() == http::status::bad_request);
 }
 
+TEST_CASE("a push to a list of ids is refused with 400 when the list is bad, and delivered to no one") {
+    auto c = subscriber("list-ok");
+    std::string too_many = "list-ok";
+    for (int i = 1; i <= 64; ++i) too_many += ",k" + std::to_string(i);
+    for (const auto& [ids, why] : {std::pair<std::string, std::string>{"list-ok,,b", "empty id in the list"},
+                                   {"list-ok,", "empty id in the list"},
+                                   {too_many, "too many ids: a push names at most 64"},
+                                   {"list-ok,bad.id", "invalid id"}}) {
+        CAPTURE(ids);
+        const auto res = request(http::verb::post, "/api/v1/ws/" + ids, "x");
+        CHECK(res.result() == http::status::bad_request);
+        CHECK(res.body().find(why) != std::string::npos);
+    }
+    CHECK(request(http::verb::post, "/api/v1/ws/list-ok", "after").body() == push_answer("after", 1));
+    CHECK(c->read() == "after");  // nothing refused got through before it
+}
+
 TEST_CASE("a malformed request gets 400 and the server carries on") {
     auto watcher = subscriber("still-alive");
     CHECK(raw_exchange("GARBAGE\r\n\r\n").starts_with("HTTP/1.1 400"));
@@ -440,6 +492,127 @@ TEST_CASE("a client message over the limit is closed with 1009, others unaffecte
     }
     CHECK(answer == push_answer("fine", 1));
     for (int i = 0; i < pushes; ++i) CHECK(other->read() == "fine");  // the other got every push
+}
+
+// ---- several ids per push, several per connection: wsbroadcast.v1 -----------------------------
+
+TEST_CASE(
+    "a push to several ids reaches each connection once; a v1 client gets it wrapped with the first id it is on") {
+    auto both = multiplexed("/api/v1/ws/multi-a");
+    CHECK(both->read() == subscribed("multi-a"));
+    subscribe_to(*both, "multi-b");
+    auto on_a = subscriber("multi-a"), on_b = subscriber("multi-b"), on_c = subscriber("multi-c");
+
+    // The answer counts connections: the v1 client once, though it is on both ids (and a twice).
+    CHECK(request(http::verb::post, "/api/v1/ws/multi-a,multi-b,multi-a", "paid").body() == push_answer("paid", 3));
+    CHECK(request(http::verb::get, "/api/v1/ws/multi-b,multi-a/again").body() == push_answer("again", 3));
+    CHECK(both->read() == enveloped("multi-a", "paid"));
+    CHECK(both->read() == enveloped("multi-b", "again"));  // the first id of the push, in its order
+    for (auto* c : {on_a.get(), on_b.get()}) {
+        CHECK(c->read() == "paid");
+        CHECK(c->read() == "again");
+    }
+    // Had anyone got a second copy (or multi-c anything), it would come before this marker.
+    CHECK(request(http::verb::post, "/api/v1/ws/multi-c,multi-b,multi-a", "marker").body() == push_answer("marker", 4));
+    CHECK(both->read() == enveloped("multi-b", "marker"));
+    for (auto* c : {on_a.get(), on_b.get(), on_c.get()}) CHECK(c->read() == "marker");
+}
+
+TEST_CASE("wsbroadcast.v1: the URL's id is subscribed first; subscribe and unsubscribe are answered") {
+    auto c = multiplexed("/api/v1/ws/v1-url");
+    CHECK(c->read() == subscribed("v1-url"));  // the first frame
+    subscribe_to(*c, "v1-extra");
+    subscribe_to(*c, "v1-extra");  // again: the same answer, still one subscription
+    CHECK(request(http::verb::post, "/api/v1/ws/v1-extra", R"({"paid": true})").body() ==
+          R"({"sent":true,"data":"{\"paid\": true}","connections":1})");
+    CHECK(c->read() == R"({"type":"message","key":"v1-extra","data":"{\"paid\": true}"})");
+
+    c->send(command("unsubscribe", "v1-url"));
+    CHECK(c->read() == unsubscribed("v1-url"));
+    CHECK(request(http::verb::post, "/api/v1/ws/v1-url", "gone").body() == push_answer("gone", 0));
+    c->send(command("unsubscribe", "v1-url"));
+    CHECK(c->read() == error_frame(R"("v1-url")", "not subscribed to this key"));
+    CHECK(request(http::verb::post, "/api/v1/ws/v1-url,v1-extra", "still").body() == push_answer("still", 1));
+    CHECK(c->read() == enveloped("v1-extra", "still"));
+}
+
+TEST_CASE("wsbroadcast.v1 is selected only when offered; a bare /api/v1/ws needs it; a WebSocket URL names one id") {
+    const auto port = shared_server().port();
+    auto bare = multiplexed("/api/v1/ws");
+    subscribe_to(*bare, "bare-k");  // its first frame
+    CHECK(request(http::verb::post, "/api/v1/ws/bare-k", "hi").body() == push_answer("hi", 1));
+    CHECK(bare->read() == enveloped("bare-k", "hi"));
+
+    ws_client not_offered;
+    CHECK(not_offered.connect(port, "/api/v1/ws") == websocket::error::upgrade_declined);
+    CHECK(not_offered.handshake_response.result() == http::status::bad_request);
+    CHECK(not_offered.handshake_response.body().find("wsbroadcast.v1 subprotocol") != std::string::npos);
+
+    // The ESP32 offers "arduino" and TPoS appends a query: a plain LNbits client, as ever.
+    ws_client esp32;
+    REQUIRE_FALSE(esp32.connect(port, "/api/v1/ws/esp32?tpos=1", {}, "arduino"));
+    CHECK(esp32.handshake_response.count(http::field::sec_websocket_protocol) == 0);
+    esp32.send(R"({"type":"subscribe","key":"esp32-other"})");  // not a command on a plain connection
+    CHECK(request(http::verb::post, "/api/v1/ws/esp32,esp32-other", "on").body() == push_answer("on", 1));
+    CHECK(esp32.read() == "on");
+
+    auto offers_both = multiplexed("/api/v1/ws/esp32");
+    ws_client also_both;  // in a list, among others
+    REQUIRE_FALSE(also_both.connect(port, "/api/v1/ws/esp32", {}, "arduino, wsbroadcast.v1"));
+    CHECK(also_both.handshake_response[http::field::sec_websocket_protocol] == "wsbroadcast.v1");
+    CHECK(also_both.read() == subscribed("esp32"));
+
+    ws_client list;
+    CHECK(list.connect(port, "/api/v1/ws/a,b", {}, "wsbroadcast.v1") == websocket::error::upgrade_declined);
+    CHECK(list.handshake_response.result() == http::status::bad_request);
+    CHECK(list.handshake_response.body().find("one id per WebSocket URL") != std::string::npos);
+}
+
+TEST_CASE("wsbroadcast.v1: a bad command gets an error frame and the connection stays") {
+    auto c = multiplexed();
+    const std::string null = "null";
+    for (const auto& [frame, key, reason] : std::initializer_list<std::tuple<std::string, std::string, std::string>>{
+             {"subscribe", null, "not valid JSON"},
+             {R"(["subscribe","a"])", null, "a command is a JSON object"},
+             {R"({"key":"a"})", R"("a")", R"(\"type\" must be \"subscribe\" or \"unsubscribe\")"},
+             {command("join", "a"), R"("a")", R"(\"type\" must be \"subscribe\" or \"unsubscribe\")"},
+             {R"({"type":"subscribe","key":7})", null, R"(\"key\" must be a string)"},
+             {command("subscribe", "a.b"), R"("a.b")", "invalid key: expected 1 to 128 characters of [A-Za-z0-9:_-]"},
+         }) {
+        CAPTURE(frame);
+        c->send(frame);
+        CHECK(c->read() == error_frame(key, reason));
+    }
+    c->ws.binary(true);
+    c->send(command("subscribe", "a"));
+    c->ws.binary(false);
+    CHECK(c->read() == error_frame(null, "commands are JSON text frames, not binary"));
+    subscribe_to(*c, "after-errors");  // still served
+}
+
+TEST_CASE(
+    "wsbroadcast.v1: over the key limit or the per-key limit a subscribe is an error frame; the connection stays") {
+    server_process server({"--max-connections-per-key", "1"}, {"WSBROADCAST_MAX_KEYS_PER_CONNECTION=2"});
+    const auto port = server.port();
+    auto c = multiplexed("/api/v1/ws/lim-1", port);
+    CHECK(c->read() == subscribed("lim-1"));
+    subscribe_to(*c, "lim-2");
+    c->send(command("subscribe", "lim-3"));
+    CHECK(c->read() == error_frame(R"("lim-3")", "too many keys on this connection: at most 2"));
+
+    auto taken = subscriber("lim-4", port);
+    c->send(command("unsubscribe", "lim-2"));
+    CHECK(c->read() == unsubscribed("lim-2"));
+    c->send(command("subscribe", "lim-4"));
+    CHECK(c->read() == error_frame(R"("lim-4")", "too many connections on this key, try again later"));
+    subscribe_to(*c, "lim-3");  // a key freed makes room
+
+    CHECK(request(http::verb::post, "/api/v1/ws/lim-4,lim-3,lim-2", "x", port).body() == push_answer("x", 2));
+    CHECK(c->read() == enveloped("lim-3", "x"));
+    CHECK(taken->read() == "x");
+    const auto metrics = request(http::verb::get, "/metrics", {}, port).body();
+    CHECK(metrics.find("\nwsbroadcast_refusals_total{reason=\"key_limit\"} 1\n") != std::string::npos);
+    CHECK(metrics.find("\nwsbroadcast_refusals_total{reason=\"connection_limit\"} 1\n") != std::string::npos);
 }
 
 // ---- slow consumers -------------------------------------------------------------------------
@@ -547,6 +720,8 @@ TEST_CASE("SIGINT with no clients exits 0; --help exits 0; a bad option exits 2"
     CHECK(run_status({"--bogus"}) == 2);
     CHECK(run_status({"--port", "notanumber"}) == 2);
     CHECK(run_status({"--threads", "0"}) == 2);
+    // A push larger than an outbox could hold behind another message: refused at start.
+    CHECK(run_status({"--max-queued-bytes", "1000"}) == 2);
 }
 
 // ---- hardening: every refusal, liveness, shutdown, TLS ---------------------------------------
@@ -1198,4 +1373,32 @@ TEST_CASE("scale-out: a server started before its Redis refuses pushes, then con
         const std::string cmd = std::string(WSBROADCAST_SERVER_PATH) + " --redis '" + bad + "' >/dev/null 2>&1";
         CHECK(WEXITSTATUS(std::system(cmd.c_str())) == 2);
     }
+}
+
+TEST_CASE("scale-out: a push to two ids reaches a v1 client on both once, and each plain subscriber once, everywhere") {
+    redis_process redis;
+    server_process a({"--redis", redis.url()}), b({"--redis", redis.url()});
+    auto both = multiplexed("/api/v1/ws/rx-1", a.port());
+    CHECK(both->read() == subscribed("rx-1"));
+    subscribe_to(*both, "rx-2");
+    auto a1 = subscriber("rx-1", a.port()), b1 = subscriber("rx-1", b.port()), b2 = subscriber("rx-2", b.port());
+    REQUIRE(eventually(
+        [&] { return redis.subscribers("wsbroadcast:rx-1") == 2 && redis.subscribers("wsbroadcast:rx-2") == 2; }));
+    REQUIRE(eventually([&] { return relay_connected(b); }));
+
+    CHECK(push_to(b, "rx-1,rx-2", "paid").body() == relayed_answer("paid"));
+    CHECK(push_to(b, "rx-2,rx-1", "marker").body() == relayed_answer("marker"));
+    // Each instance got both copies of each push, delivered the first and dropped the other.
+    CHECK(both->read() == enveloped("rx-1", "paid"));
+    CHECK(both->read() == enveloped("rx-2", "marker"));
+    for (auto* c : {a1.get(), b1.get(), b2.get()}) {
+        CHECK(c->read() == "paid");
+        CHECK(c->read() == "marker");
+    }
+    for (auto* c : {both.get(), a1.get(), b1.get(), b2.get()}) CHECK_FALSE(c->read(300ms).has_value());
+    for (auto* s : {&a, &b}) {
+        CHECK(eventually([&] { return metric(*s, "wsbroadcast_relay_messages_in_total") == 4; }));
+        CHECK(metric(*s, "wsbroadcast_relay_duplicates_total") == 2);
+    }
+    CHECK(eventually([&] { return metric(b, "wsbroadcast_relay_messages_out_total") == 4; }));  // a PUBLISH per id
 }

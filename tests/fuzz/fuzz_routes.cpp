@@ -1,8 +1,14 @@
 // libFuzzer target: the reference server's request routing, id validation, URL decoding and the
-// small parsers around them. Byte 0 picks the method; the rest is the request target.
+// small parsers around them (id lists, Sec-WebSocket-Protocol, wsbroadcast.v1 commands, relay
+// payloads). Byte 0 picks the method; the rest is the request target, and the input of the others.
 // Every invariant below is something the server relies on; a violation traps.
+#include "protocol.hpp"
+#include "relay_wire.hpp"
 #include "routes.hpp"
 
+#include <boost/json/src.hpp>
+
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
@@ -23,10 +29,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
     const auto r = route_request(method, target);
     switch (r.kind) {
-    case route_kind::subscribe:
+    case route_kind::subscribe: require(r.ids.size() <= 1); [[fallthrough]];
     case route_kind::push_body:
     case route_kind::push_path:
-        require(valid_id(r.id));  // nothing reaches the manager with an id LNbits would refuse
+        // Nothing reaches the manager with an id LNbits would refuse, nor the same id twice.
+        require(r.ids.size() <= max_ids_per_push);
+        require(r.kind == route_kind::subscribe || !r.ids.empty());
+        for (std::size_t i = 0; i < r.ids.size(); ++i) {
+            require(valid_id(r.ids[i]));
+            require(std::count(r.ids.begin(), r.ids.end(), r.ids[i]) == 1);
+        }
         break;
     case route_kind::page:
     case route_kind::metrics:
@@ -48,5 +60,27 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const auto token = bearer_token(target);
     require(token.size() < target.size() || token.empty());
     require(secret_matches(target, target));
+
+    // An id list is all valid or refused with a reason.
+    const auto list = parse_id_list(target);
+    require(list.problem.empty() != list.ids.empty());
+    // The subprotocol is offered only if the header holds its exact token.
+    if (offers_subprotocol(target, v1::subprotocol)) require(target.find(v1::subprotocol) != target.npos);
+    // A command carried out has a valid key; a refused one says why.
+    const auto command = v1::parse_command(target, data[0] & 2);
+    if (command.kind == v1::command::invalid)
+        require(!command.problem.empty());
+    else
+        require(command.key && valid_id(*command.key));
+    // A relay payload's keys and data lie inside it; one made from them reads back the same.
+    if (const auto push = parse_relay_payload(target)) {
+        require(push->data.size() < target.size());
+        if (push->id) {
+            const std::vector<std::string> keys(push->keys.begin(), push->keys.end());
+            const auto remade = multi_key_payload(*push->id, keys, push->data);  // what `again` points into
+            const auto again = parse_relay_payload(remade);
+            require(again && again->id == push->id && again->keys == push->keys && again->data == push->data);
+        }
+    }
     return 0;
 }
