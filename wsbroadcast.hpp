@@ -18,6 +18,11 @@
 //   - A connection that asked for envelopes (connection_options::envelopes) gets, instead of `m`,
 //     options::envelope.wrap(key, m), built once per message and key; a multi-key send wraps it
 //     with the first of its keys that the connection is subscribed to.
+//   - With history on (options::history), each key is a stream: every message sent to it gets a
+//     position (an epoch and an offset), the last ones are kept within bounds, and a connection
+//     that subscribes with since::after(p) gets every message after p first, in order, or is told
+//     it cannot be (recovery). Positions and fan-out are one critical section, so every
+//     connection sees a key's messages in offset order.
 //
 // QUICK START (with Boost.Beast; any type that models wsbroadcast::message_socket works)
 //
@@ -58,8 +63,10 @@
 //   - Order: if one send happens before another (the same thread made both, or the two threads
 //     synchronised in between), every connection that both reach gets the first one first. Two
 //     sends that overlap in time, from two threads, may reach two connections that both reach in
-//     different orders. A subscribe or unsubscribe is atomic with respect to sends: each send
-//     sees a connection's keys entirely before or entirely after the change.
+//     different orders; with history on, sends to one key are serialised, so every connection
+//     sees that key's messages in offset order. A subscribe or unsubscribe is atomic with respect
+//     to sends: each send sees a connection's keys entirely before or entirely after the change,
+//     and a resumed subscription gets its replay before any message sent after it.
 //   - The hooks in options (admit, envelope, relay, on_error) are called by the manager; they must
 //     not block. envelope and relay->interest run under the manager's registry lock: they must not
 //     call back into the manager.
@@ -120,6 +127,7 @@ with Asio 1.22 on clang also add -DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <concepts>
 #include <cstddef>
@@ -129,9 +137,11 @@ with Asio 1.22 on clang also add -DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=
 #include <exception>
 #include <functional>
 #include <iostream>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <ranges>
 #include <shared_mutex>
 #include <span>
@@ -370,6 +380,107 @@ struct error_event {
     }
 };
 
+/// Where a message stands in its key's stream (options::history): the epoch names one
+/// incarnation of the key's history (a restart or an eviction starts another), the offset counts
+/// the messages sent to the key in that epoch, from 1. {epoch, 0} is the position before any.
+struct position {
+    std::uint64_t epoch = 0;
+    std::uint64_t offset = 0;
+
+    friend bool operator==(const position&, const position&) = default;
+
+    /// "<epoch in hex>.<offset>": what a client is given and hands back, opaque to it.
+    std::string to_string() const {
+        char text[40];
+        auto end = std::to_chars(text, text + 16, epoch, 16).ptr;
+        *end++ = '.';
+        end = std::to_chars(end, text + sizeof text, offset).ptr;
+        return std::string(text, end);
+    }
+
+    /// The position to_string() printed, or nothing for any other text.
+    static std::optional<position> parse(std::string_view text) noexcept {
+        const auto dot = text.find('.');
+        if (dot == 0 || dot == std::string_view::npos || dot > 16 || dot + 1 == text.size()) return std::nullopt;
+        position p;
+        const auto* end = text.data() + text.size();
+        auto e = std::from_chars(text.data(), text.data() + dot, p.epoch, 16);
+        auto o = std::from_chars(text.data() + dot + 1, end, p.offset);
+        if (e.ec != std::errc() || e.ptr != text.data() + dot || o.ec != std::errc() || o.ptr != end)
+            return std::nullopt;
+        return p;
+    }
+};
+
+/// Where a subscription to a key starts: with the live messages only (now, the default), with
+/// every message after a position the client was given (after), or with the key's latest message
+/// (latest: the retained value, for a client that has no position yet).
+class since {
+public:
+    enum class kind { now, after, latest };
+
+    since() = default;
+    static since now() noexcept { return {}; }
+    static since after(position p) noexcept { return since(kind::after, p); }
+    static since latest() noexcept { return since(kind::latest, {}); }
+
+    kind what() const noexcept { return kind_; }
+    const position& from() const noexcept { return from_; }  ///< for after()
+    bool asks_history() const noexcept { return kind_ != kind::now; }
+
+private:
+    since(kind k, position p) : kind_(k), from_(p) {}
+    kind kind_ = kind::now;
+    position from_{};
+};
+
+/// How a subscription that asked for history (since::after or since::latest) started.
+enum class recovery {
+    live,              ///< it asked for none: live messages only
+    recovered,         ///< every message after its position follows (since::latest: the latest one)
+    no_history,        ///< history is off (options::history.max_messages is 0)
+    epoch_changed,     ///< the position is of another epoch: the history restarted or was evicted
+    trimmed,           ///< some of the messages after the position are no longer kept (count, bytes, age)
+    unknown_position,  ///< the position is ahead of the key's stream: it was not given by this history
+    too_many,          ///< what it missed does not fit its outbox
+    nothing_kept,      ///< since::latest, and the key keeps no message
+};
+
+/// Why a subscription was not recovered, in words a client can be shown.
+constexpr std::string_view describe(recovery r) noexcept {
+    switch (r) {
+    case recovery::live: return "live";
+    case recovery::recovered: return "recovered";
+    case recovery::no_history: return "history is off";
+    case recovery::epoch_changed: return "the history of this key restarted";
+    case recovery::trimmed: return "messages after this position are no longer kept";
+    case recovery::unknown_position: return "unknown position";
+    case recovery::too_many: return "too many messages missed to replay";
+    case recovery::nothing_kept: return "no message kept";
+    }
+    return "unknown";
+}
+
+/// How a connection's subscription to a key started: what options::envelope.subscribed is told.
+struct subscribed_info {
+    std::optional<wsbroadcast::position> position;  ///< with history: the key's position before what follows
+    recovery outcome = recovery::live;
+    std::size_t replayed = 0;  ///< messages kept in history that follow, before the live ones
+};
+
+/// Bounds of the per-key history (0: no bound, except max_messages). With history on, every
+/// message sent to a key is kept, whether anyone listens or not, until one of the bounds drops
+/// it; a key's position (epoch and offset) is kept longer, so a client that missed nothing can be
+/// told so. A key always keeps its newest message, within max_total_bytes.
+struct history_options {
+    std::size_t max_messages = 0;        ///< per key; 0: history off (no positions, no resume, no cost)
+    std::size_t max_bytes = 256 * 1024;  ///< per key
+    std::chrono::steady_clock::duration ttl = std::chrono::minutes(2);  ///< a message's age
+    std::size_t max_total_bytes = 64 * 1024 * 1024;                     ///< all keys together
+    std::size_t max_keys = 100'000;  ///< keys with a position, least recently used dropped
+    std::chrono::steady_clock::duration position_ttl = std::chrono::hours(1);  ///< a key unused this long is forgotten
+};
+
 /// A broker between server instances (Redis pub/sub, NATS, ...), for running several instances
 /// over one keyspace. The manager tells it which keys this instance needs; publish() hands it a
 /// message for one or more keys; it brings back every message published on a needed key, by any
@@ -403,10 +514,11 @@ struct outbox_options {
     std::uint16_t close_code = 1008;
 };
 
-/// How one connection is served: its outbox, and whether it gets envelopes (options::envelope)
-/// instead of bare messages. Where a connection_options is taken, an outbox_options is too.
+/// How one connection is served: its outbox (the manager's options::outbox unless set), and
+/// whether it gets envelopes (options::envelope) instead of bare messages. Where a
+/// connection_options is taken, an outbox_options is too.
 struct connection_options {
-    outbox_options outbox{};  // an initializer, so {.envelopes = true} draws no warning
+    std::optional<outbox_options> outbox{};  // an initializer, so {.envelopes = true} draws no warning
     bool envelopes = false;
 };
 
@@ -414,17 +526,19 @@ struct connection_options {
 /// decides the format (the reference server's is JSON, docs/protocol.md).
 template <class Key>
 struct envelope_format {
-    /// Wraps `m` for a connection subscribed to `key`. Called at most once per message and key,
-    /// the first time an envelope connection of that key needs it, under the registry lock.
-    std::function<message(const Key& key, const message& m)> wrap;
+    /// Wraps `m` for a connection subscribed to `key`; `at` is its position with history on.
+    /// Called at most once per message and key, the first time an envelope connection of that
+    /// key needs it (and once per replayed message), under the registry lock.
+    std::function<message(const Key& key, const message& m, const std::optional<position>& at)> wrap;
     /// Optional: queued first whenever an envelope connection gets a key (its initial keys, and
     /// connection_handle::subscribe), in the same critical section as the subscription, so it
-    /// comes before every message of that key.
-    std::function<message(const Key& key)> subscribed;
+    /// comes before every message of that key, replayed or live.
+    std::function<message(const Key& key, const subscribed_info& info)> subscribed;
 };
 
 /// The keys a connection starts with: one key (or anything a key is made from, like a string
-/// literal), a range of keys, or none ({}).
+/// literal), a range of keys, or none ({}); each starts now, unless add() or the two-argument
+/// constructor says since when.
 template <class Key>
 class initial_keys {
 public:
@@ -436,6 +550,12 @@ public:
         keys_.emplace_back(std::forward<K>(key));
     }
 
+    template <class K>
+        requires std::constructible_from<Key, K&&>
+    initial_keys(K&& key, since from) {
+        add(std::forward<K>(key), from);
+    }
+
     template <std::ranges::input_range Range>
         requires(!std::constructible_from<Key, const Range&>) &&
                 std::constructible_from<Key, std::ranges::range_reference_t<const Range&>>
@@ -443,10 +563,23 @@ public:
         for (auto&& k : keys) keys_.emplace_back(k);
     }
 
+    template <class K>
+        requires std::constructible_from<Key, K&&>
+    initial_keys& add(K&& key, since from = {}) {
+        keys_.emplace_back(std::forward<K>(key));
+        if (from.asks_history() || !since_.empty()) {
+            since_.resize(keys_.size());
+            since_.back() = from;
+        }
+        return *this;
+    }
+
     std::span<const Key> keys() const noexcept { return keys_; }
+    since since_of(std::size_t i) const noexcept { return i < since_.size() ? since_[i] : since(); }
 
 private:
     std::vector<Key> keys_;
+    std::vector<since> since_;  // empty while every key starts now
 };
 
 /// What an admission hook decides about a connection, before it is registered.
@@ -515,6 +648,10 @@ struct options {
     std::function<net::awaitable<admission>(const Key&, const upgrade_request&)> admit;
     /// What connections that asked for envelopes get (connection_options::envelopes).
     envelope_format<Key> envelope;
+    /// Per-key history, for positions and resumable subscriptions: off by default. With history
+    /// on, an envelope connection whose outbox overflows is always closed (whatever its policy),
+    /// so that it resumes from its last position instead of missing messages silently.
+    history_options history;
     /// Set for scale-out: publish() goes through it and interest in keys is reported to it.
     /// Null (the default): publish() is send(), and the registry pays nothing.
     std::shared_ptr<wsbroadcast::relay<Key>> relay;
@@ -528,6 +665,9 @@ struct send_result {
     std::size_t queued = 0;   ///< the message is in this many outboxes
     std::size_t dropped = 0;  ///< outbox full: the new message (drop_newest) or older ones (drop_oldest) dropped
     std::size_t closed = 0;   ///< outbox full and policy close closed the connection
+    /// With history on, the message's position in each key it was sent to, in the order of the
+    /// keys (a key named twice has one position). Empty without history.
+    std::vector<wsbroadcast::position> positions;
 };
 
 /// What one publish() did.
@@ -547,6 +687,9 @@ struct statistics {
     std::uint64_t dropped = 0;          ///< messages dropped by drop_newest / drop_oldest, each counted once
     std::uint64_t overflow_closes = 0;  ///< connections closed by the close policy
     std::uint64_t errors = 0;           ///< unexpected errors reported to on_error
+    std::uint64_t recovered = 0;        ///< subscriptions that asked for history and got all of it
+    std::uint64_t not_recovered = 0;    ///< subscriptions that asked for history and were told they cannot
+    std::uint64_t replayed = 0;         ///< messages queued from history
 };
 
 // ==== BATCHING STREAM ========================================================================
@@ -788,29 +931,30 @@ struct no_request {};
 
 // ==== DETAIL: THE OUTBOX =====================================================================
 
-/// A ring of messages. It allocates nothing until the first message and gives its storage back
-/// once drained (std::deque allocates 576 bytes up front, and an idle connection has nothing
-/// queued most of its life).
-class message_ring {
+/// A ring of messages (or of history entries). It allocates nothing until the first one and gives
+/// its storage back once drained (std::deque allocates 576 bytes up front, and an idle connection
+/// has nothing queued most of its life).
+template <class T>
+class ring {
 public:
     bool empty() const noexcept { return count_ == 0; }
     std::size_t size() const noexcept { return count_; }
-    message& operator[](std::size_t i) noexcept { return slots_[(head_ + i) & (capacity_ - 1)]; }
-    const message& operator[](std::size_t i) const noexcept { return slots_[(head_ + i) & (capacity_ - 1)]; }
-    message& back() noexcept { return (*this)[count_ - 1]; }
+    T& operator[](std::size_t i) noexcept { return slots_[(head_ + i) & (capacity_ - 1)]; }
+    const T& operator[](std::size_t i) const noexcept { return slots_[(head_ + i) & (capacity_ - 1)]; }
+    T& back() noexcept { return (*this)[count_ - 1]; }
 
-    void push_back(const message& m) {
+    void push_back(T t) {
         if (count_ == capacity_) grow();
         ++count_;
-        back() = m;
+        back() = std::move(t);
     }
     void pop_front() noexcept {
-        (*this)[0] = message();
+        (*this)[0] = T();
         head_ = (head_ + 1) & (capacity_ - 1);
         if (--count_ == 0) release();
     }
     void pop_back() noexcept {
-        back() = message();
+        back() = T();
         if (--count_ == 0) release();
     }
     /// Removes the i-th message, keeping the order of the others.
@@ -822,7 +966,7 @@ public:
 private:
     void grow() {
         const std::size_t capacity = capacity_ ? 2 * capacity_ : 4;  // a power of two, for the mask
-        auto slots = std::make_unique<message[]>(capacity);
+        auto slots = std::make_unique<T[]>(capacity);
         for (std::size_t i = 0; i < count_; ++i) slots[i] = std::move((*this)[i]);
         slots_ = std::move(slots);
         capacity_ = capacity;
@@ -833,7 +977,7 @@ private:
         capacity_ = head_ = 0;
     }
 
-    std::unique_ptr<message[]> slots_;
+    std::unique_ptr<T[]> slots_;
     std::size_t capacity_ = 0, head_ = 0, count_ = 0;
 };
 
@@ -870,6 +1014,9 @@ public:
     }
 
     bool has_waiting() const noexcept { return waiting() > 0; }
+    bool has_room(std::size_t messages, std::size_t bytes) const noexcept {
+        return waiting() + messages <= limits_.max_messages && waiting_bytes_ + bytes <= limits_.max_bytes;
+    }
     /// Every message held: waiting and being written.
     std::size_t size() const noexcept { return ring_.size(); }
     std::size_t bytes() const noexcept { return waiting_bytes_ + writing_bytes_; }
@@ -916,7 +1063,7 @@ private:
     }
 
     outbox_options limits_;
-    message_ring ring_;  // the batch being written first, then the waiting messages
+    ring<message> ring_;  // the batch being written first, then the waiting messages
     std::size_t writing_ = 0, waiting_bytes_ = 0, writing_bytes_ = 0;
 };
 
@@ -1186,6 +1333,171 @@ private:
     std::vector<connection_ptr> all_;
 };
 
+// ==== DETAIL: THE HISTORY ====================================================================
+
+/// Each key's stream: its position, and its last messages for subscribers that resume. Kept apart
+/// from the registry because a key's history outlives its last subscriber (the client that will
+/// resume is often the one that just left). Bounded per key (messages, bytes, age) and in all
+/// (bytes, keys); what it no longer keeps, it says so (recovery), never silently. It stores the
+/// messages the outboxes share: no copy. Not thread-safe: the manager guards it.
+template <class Key, class Hash, class KeyEqual>
+class history {
+public:
+    using clock = std::chrono::steady_clock;
+
+    explicit history(const history_options& o) : options_(o), random_(std::random_device{}()) {}
+
+    bool enabled() const noexcept { return options_.max_messages > 0; }
+    /// Keys with a position.
+    std::size_t keys() const noexcept { return streams_.size(); }
+    /// What the kept messages cost, counted as trimming counts them (payload and bookkeeping).
+    std::size_t bytes() const noexcept { return bytes_; }
+
+    /// Keeps `m` as the next message of `key` and returns its position.
+    template <class K>
+    position append(const K& key, const message& m, clock::time_point now) {
+        stream& s = stream_of(key);
+        if (s.entries.empty())
+            data_lru_.push_front(&s);
+        else
+            data_lru_.splice(data_lru_.begin(), data_lru_, s.in_data);
+        s.in_data = data_lru_.begin();
+        s.entries.push_back({m, now});
+        s.bytes += cost(m);
+        bytes_ += cost(m);
+        s.last_message = now;
+        const position at{s.epoch, ++s.top};
+        touch(s, now);
+        while (s.entries.size() > options_.max_messages ||
+               (options_.max_bytes && s.bytes > options_.max_bytes && s.entries.size() > 1) || expired(s, now))
+            drop_oldest(s);
+        trim(now);
+        return at;
+    }
+
+    struct start {
+        recovery outcome = recovery::live;
+        position at;  // the key's position now
+    };
+
+    /// Where a subscription to `key` starting `from` begins, and what it missed: f(message,
+    /// position) for each, oldest first, when the outcome is recovered. A key without a position
+    /// gets one (a new epoch at offset 0), so that every subscriber has a position to resume from.
+    template <class K, class F>
+    start begin(const K& key, const since& from, clock::time_point now, F&& f) {
+        stream& s = stream_of(key);
+        touch(s, now);
+        while (expired(s, now)) drop_oldest(s);
+        const position top{s.epoch, s.top};
+        const std::uint64_t first = s.top - s.entries.size() + 1;  // the oldest kept offset
+        switch (from.what()) {
+        case since::kind::now: return {recovery::live, top};
+        case since::kind::latest:
+            if (s.entries.empty()) return {recovery::nothing_kept, top};
+            f(s.entries.back().m, top);
+            return {recovery::recovered, top};
+        case since::kind::after: break;
+        }
+        const auto& p = from.from();
+        if (p.epoch != s.epoch) return {recovery::epoch_changed, top};
+        if (p.offset > s.top) return {recovery::unknown_position, top};
+        if (p.offset + 1 < first) return {recovery::trimmed, top};
+        for (auto offset = p.offset + 1; offset <= s.top; ++offset)
+            f(s.entries[static_cast<std::size_t>(offset - first)].m, position{s.epoch, offset});
+        return {recovery::recovered, top};
+    }
+
+    /// Applies the bounds that time and the other keys impose: messages past their age, keys
+    /// unused past position_ttl or beyond max_keys, the least recently sent-to keys' messages
+    /// beyond max_total_bytes. Amortised O(1) per message.
+    void trim(clock::time_point now) {
+        while (!data_lru_.empty() && (expired(*data_lru_.back(), now) || over_total())) {
+            stream& s = *data_lru_.back();
+            if (over_total() || s.last_message + options_.ttl <= now)
+                while (!s.entries.empty()) drop_oldest(s);  // its newest is too old, so are the others
+            else
+                while (expired(s, now)) drop_oldest(s);
+            if (!s.entries.empty()) break;  // the others' old messages go when they are next used
+        }
+        while (!use_lru_.empty() &&
+               ((options_.max_keys && streams_.size() > options_.max_keys) ||
+                (options_.position_ttl.count() && use_lru_.back()->last_used + options_.position_ttl <= now)))
+            forget(*use_lru_.back());
+    }
+
+private:
+    struct entry {
+        message m;
+        clock::time_point at;
+    };
+    struct stream {
+        const Key* key = nullptr;  // the map's own copy
+        std::uint64_t epoch = 0;
+        std::uint64_t top = 0;  // the offset of the newest message, kept or not
+        ring<entry> entries;    // offsets top - size + 1 .. top
+        std::size_t bytes = 0;
+        clock::time_point last_message{}, last_used{};
+        typename std::list<stream*>::iterator in_use, in_data;  // in_data: while it keeps messages
+    };
+
+    /// A kept message's share of the bounds: its payload, its entry and its allocation's header.
+    static std::size_t cost(const message& m) noexcept { return m.size() + sizeof(entry) + 32; }
+
+    bool expired(const stream& s, clock::time_point now) const noexcept {
+        return options_.ttl.count() && !s.entries.empty() && s.entries[0].at + options_.ttl <= now;
+    }
+    bool over_total() const noexcept { return options_.max_total_bytes && bytes_ > options_.max_total_bytes; }
+
+    template <class K>
+    stream& stream_of(const K& key) {
+        auto it = find(key);
+        if (it == streams_.end()) {
+            it = streams_.try_emplace(Key(key)).first;
+            stream& s = it->second;
+            s.key = &it->first;
+            s.epoch = random_() | 1;  // never 0: {0, 0} is no position
+            use_lru_.push_front(&s);
+            s.in_use = use_lru_.begin();
+        }
+        return it->second;
+    }
+
+    void touch(stream& s, clock::time_point now) {
+        s.last_used = now;
+        use_lru_.splice(use_lru_.begin(), use_lru_, s.in_use);
+    }
+
+    void drop_oldest(stream& s) noexcept {
+        const auto c = cost(s.entries[0].m);
+        s.bytes -= c;
+        bytes_ -= c;
+        s.entries.pop_front();
+        if (s.entries.empty()) data_lru_.erase(s.in_data);
+    }
+
+    /// Drops the key's position and messages: its next message starts a new epoch.
+    void forget(stream& s) {
+        while (!s.entries.empty()) drop_oldest(s);
+        use_lru_.erase(s.in_use);
+        streams_.erase(find(*s.key));
+    }
+
+    template <class K>
+    auto find(const K& key) {
+        if constexpr (requires { streams_.find(key); })
+            return streams_.find(key);
+        else
+            return streams_.find(Key(key));
+    }
+
+    history_options options_;
+    std::unordered_map<Key, stream, Hash, KeyEqual> streams_;
+    std::list<stream*> use_lru_;   // every stream, most recently used first
+    std::list<stream*> data_lru_;  // streams keeping messages, most recently sent to first
+    std::size_t bytes_ = 0;
+    std::mt19937_64 random_;  // epochs
+};
+
 // ==== DETAIL: THE CONNECTION =================================================================
 
 template <class T>
@@ -1217,14 +1529,18 @@ enum class writer_state {
 template <class Socket, class Key>
 class connection : public std::enable_shared_from_this<connection<Socket, Key>> {
 public:
-    connection(Socket&& s, const connection_options& o, std::size_t max_message_bytes)
+    /// `resumable`: its client can resume from positions, so an overflow closes it, whatever the
+    /// policy (a drop would be a silent gap), and its close says to resume.
+    connection(Socket&& s, const outbox_options& o, bool envelopes, std::size_t max_message_bytes, bool resumable)
         : socket(std::move(s)),
-          envelopes(o.envelopes),
+          envelopes(envelopes),
+          resumable(resumable),
           read_buffer(read_storage, max_message_bytes),
-          outbox_(o.outbox) {}
+          outbox_(resumable ? with_close_policy(o) : o) {}
 
     Socket socket;
     const bool envelopes;
+    const bool resumable;
     registry_node<Key, connection> node;  // guarded by the manager's registry lock
 
     // Touched only on the socket's executor.
@@ -1249,8 +1565,9 @@ public:
         if (state_ != connection_state::open) return {};
         const auto offer = outbox_.offer(m);
         if (offer.overflowed)
-            begin_close(connection_state::aborting, outbox_.limits().close_code,
-                        "outbox full: the client is not reading");
+            begin_close(
+                connection_state::aborting, outbox_.limits().close_code,
+                resumable ? "outbox full: resume from the last position" : "outbox full: the client is not reading");
         return {true, offer, schedule_flush()};
     }
 
@@ -1298,6 +1615,12 @@ public:
     std::size_t queued_bytes() const {
         std::lock_guard lock(mutex_);
         return outbox_.bytes();
+    }
+
+    /// Whether `messages` more, of `bytes` in all, would fit the outbox's limits now.
+    bool has_room(std::size_t messages, std::size_t bytes) const {
+        std::lock_guard lock(mutex_);
+        return outbox_.has_room(messages, bytes);
     }
 
     /// What the writer does next, decided under the lock.
@@ -1351,6 +1674,11 @@ public:
     }
 
 private:
+    static outbox_options with_close_policy(outbox_options o) noexcept {
+        o.on_overflow = overflow_policy::close;
+        return o;
+    }
+
     /// An idle writer gets a flush scheduled; any other is either writing (it looks at the outbox
     /// again when its write completes) or not started. `mutex_` must be held.
     bool schedule_flush() noexcept {
@@ -1389,6 +1717,8 @@ class ConnectionManager {
     using connection = detail::connection<Socket, Key>;
     using connection_ptr = std::shared_ptr<connection>;
     using registry_type = detail::registry<Key, Hash, KeyEqual, connection>;
+    using history_type = detail::history<Key, Hash, KeyEqual>;
+    using clock = std::chrono::steady_clock;
 
     /// Something a key can be made from or looked up by (a std::string_view for std::string keys).
     template <class K>
@@ -1415,15 +1745,16 @@ public:
         connection_handle() = default;
 
         /// Subscribes the connection to `key` as well: it receives every message sent to `key`
-        /// from the moment this returns. The limits apply; options::admit does not (it is
-        /// asynchronous, and a runtime subscription is the application's own decision: ask it
-        /// first if it should). Succeeds ({}) also when it is subscribed already. With
-        /// envelopes, options::envelope.subscribed(key) is queued first (not when already
-        /// subscribed). Refusals: error::key_limit, error::key_connection_limit,
-        /// error::shutting_down, error::not_registered.
-        error_code subscribe(const Key& key) const {
+        /// from the moment this returns, and first, with history on, what `from` asks for (see
+        /// since). The limits apply; options::admit does not (it is asynchronous, and a runtime
+        /// subscription is the application's own decision: ask it first if it should). Succeeds
+        /// ({}) also when it is subscribed already, and then changes nothing. With envelopes,
+        /// options::envelope.subscribed(key, info) is queued first, saying how it started.
+        /// Refusals: error::key_limit, error::key_connection_limit, error::shutting_down,
+        /// error::not_registered.
+        error_code subscribe(const Key& key, since from = {}) const {
             auto c = lock();
-            return c ? manager_->add_key(*c, key) : error_code(error::not_registered);
+            return c ? manager_->add_key(*c, key, from) : error_code(error::not_registered);
         }
 
         /// Stops delivery of `key` to this connection; messages already queued are still written.
@@ -1547,7 +1878,7 @@ public:
     /// limits apply, the admission hook does not (it is asynchronous): a refusal throws
     /// system_error with a wsbroadcast::error and drops `ws`.
     [[nodiscard]] subscription subscribe(Socket ws, initial_keys<Key> keys) {
-        return subscribe(std::move(ws), std::move(keys), connection_options{options_.outbox});
+        return subscribe(std::move(ws), std::move(keys), connection_options{});
     }
 
     /// The same, with this connection's own outbox limits and overflow policy.
@@ -1558,8 +1889,7 @@ public:
     /// The same, with this connection's own options (outbox, envelopes).
     [[nodiscard]] subscription subscribe(Socket ws, initial_keys<Key> keys, const connection_options& o) {
         auto c = make_connection(std::move(ws), o);
-        if (const auto refusal = try_register(c, keys.keys()))
-            throw std::system_error(std::error_code(refusal), "subscribe");
+        if (const auto refusal = try_register(c, keys)) throw std::system_error(std::error_code(refusal), "subscribe");
         start_writer(c);
         return subscription(this, std::move(c));
     }
@@ -1588,10 +1918,15 @@ public:
     send_result send(const Keys& keys, const message& m) {
         std::shared_lock lock(registry_mutex_);
         send_result result;
+        std::unique_lock<std::mutex> in_order;
+        if (history_.enabled()) {
+            in_order = std::unique_lock(history_mutex_);
+            append_to_history(keys, m, result.positions);
+        }
         std::vector<std::optional<message>> wrapped;  // envelopes, per key, built on first need
         registry_.for_each_once(keys, [&](connection& c, std::size_t i, const Key& key) {
             if (wrapped.empty() && c.envelopes) wrapped.resize(std::ranges::distance(keys));
-            push(c, framed(c, m, key, c.envelopes ? &wrapped[i] : nullptr), result);
+            push(c, framed(c, m, key, position_at(result, i), c.envelopes ? &wrapped[i] : nullptr), result);
         });
         record(result);
         return result;
@@ -1727,8 +2062,19 @@ public:
 
     statistics stats() const noexcept {
         auto get = [](const std::atomic<std::uint64_t>& n) { return n.load(std::memory_order_relaxed); };
-        return {get(connections_), get(refused_),         get(messages_), get(deliveries_),
-                get(dropped_),     get(overflow_closes_), get(errors_)};
+        return {get(connections_),     get(refused_), get(messages_),  get(deliveries_),    get(dropped_),
+                get(overflow_closes_), get(errors_),  get(recovered_), get(not_recovered_), get(replayed_)};
+    }
+
+    /// Keys with a position in the history (options::history), and what the messages it keeps
+    /// cost, as its bounds count them. O(1).
+    std::size_t history_keys() const {
+        std::lock_guard lock(history_mutex_);
+        return history_.keys();
+    }
+    std::size_t history_bytes() const {
+        std::lock_guard lock(history_mutex_);
+        return history_.bytes();
     }
 
     const options_type& config() const noexcept { return options_; }
@@ -1788,7 +2134,7 @@ public:
     auto serve(
         Socket ws, initial_keys<Key> keys, OnMessage on_message = [](std::string_view) {},
         CompletionToken&& token = {}) {
-        return serve(std::move(ws), std::move(keys), connection_options{options_.outbox}, std::move(on_message),
+        return serve(std::move(ws), std::move(keys), connection_options{}, std::move(on_message),
                      std::forward<CompletionToken>(token));
     }
 
@@ -1825,7 +2171,7 @@ public:
     auto accept_and_serve(
         Socket ws, Request request, initial_keys<Key> keys, OnMessage on_message = [](std::string_view) {},
         CompletionToken&& token = {}) {
-        return accept_and_serve(std::move(ws), std::move(request), std::move(keys), connection_options{options_.outbox},
+        return accept_and_serve(std::move(ws), std::move(request), std::move(keys), connection_options{},
                                 std::move(on_message), std::forward<CompletionToken>(token));
     }
 
@@ -1860,8 +2206,10 @@ private:
 
     /// Builds a connection and applies the manager's socket-level limits where the socket has them.
     connection_ptr make_connection(Socket ws, const connection_options& o) {
-        auto c = std::make_shared<connection>(
-            std::move(ws), o, socket_limits_size ? std::string().max_size() : options_.max_message_bytes);
+        auto c =
+            std::make_shared<connection>(std::move(ws), o.outbox.value_or(options_.outbox), o.envelopes,
+                                         socket_limits_size ? std::string().max_size() : options_.max_message_bytes,
+                                         o.envelopes && history_.enabled());
         auto& socket = c->socket;
         if constexpr (socket_limits_size) socket.read_message_max(options_.max_message_bytes);
         if constexpr (requires { socket.control_callback([](auto, auto) {}); }) {
@@ -1879,7 +2227,8 @@ private:
     }
 
     /// Registers `c` with its initial keys, all or none, unless a limit or the shutdown forbids it.
-    error_code try_register(const connection_ptr& c, std::span<const Key> keys) {
+    error_code try_register(const connection_ptr& c, const initial_keys<Key>& initial) {
+        const auto keys = initial.keys();
         error_code refusal;
         std::exception_ptr relay_failure;
         {
@@ -1894,7 +2243,8 @@ private:
                 if (refusal)
                     registry_.erase(*c, [](const Key&) {});  // it has no key yet: nobody hears of it
                 else
-                    for (const auto& key : keys) add_key_locked(*c, key, relay_failure);
+                    for (std::size_t i = 0; i < keys.size(); ++i)
+                        add_key_locked(*c, keys[i], initial.since_of(i), relay_failure);
             }
         }
         if (relay_failure) report({"relay", {}, relay_failure});
@@ -1917,8 +2267,9 @@ private:
     }
 
     /// Adds `key` to `c`; tells the relay of a key's first subscriber; queues the envelope's
-    /// subscribed frame. The registry's unique lock is held, so no send sees half of it.
-    error_code add_key_locked(connection& c, const Key& key, std::exception_ptr& relay_failure) {
+    /// subscribed frame and the replay. The registry's unique lock is held, so no send sees half
+    /// of it.
+    error_code add_key_locked(connection& c, const Key& key, const since& from, std::exception_ptr& relay_failure) {
         using result = typename registry_type::add_result;
         switch (registry_.add(c, key, key_limits())) {
         case result::already: return {};
@@ -1928,19 +2279,47 @@ private:
         case result::added_first: report_interest(key, true, relay_failure); break;
         case result::added: break;
         }
-        if (c.envelopes && options_.envelope.subscribed) {
-            send_result ignored;
-            push(c, options_.envelope.subscribed(key), ignored);
-        }
+        start_key(c, key, from);
         return {};
     }
 
-    error_code add_key(connection& c, const Key& key) {
+    /// The start of `c`'s subscription to `key`: the envelope's subscribed frame, then what the
+    /// history replays. Under the registry's unique lock, so no send to `key` comes in between:
+    /// the replay ends where the live messages begin.
+    void start_key(connection& c, const Key& key, const since& from) {
+        subscribed_info info;
+        std::vector<message> replay;
+        if (history_.enabled()) {
+            std::lock_guard lock(history_mutex_);
+            std::size_t bytes = 0;
+            const auto start = history_.begin(key, from, clock::now(), [&](const message& m, const position& at) {
+                replay.push_back(c.envelopes && options_.envelope.wrap ? options_.envelope.wrap(key, m, at) : m);
+                bytes += replay.back().size();
+            });
+            info.position = start.at;
+            info.outcome = start.outcome;
+            if (!replay.empty() && !c.has_room(replay.size() + 1, bytes)) {  // + 1: the subscribed frame
+                replay.clear();
+                info.outcome = recovery::too_many;
+            }
+            info.replayed = replay.size();
+        } else if (from.asks_history()) {
+            info.outcome = recovery::no_history;
+        }
+        if (from.asks_history())
+            (info.outcome == recovery::recovered ? recovered_ : not_recovered_).fetch_add(1, std::memory_order_relaxed);
+        send_result ignored;
+        if (c.envelopes && options_.envelope.subscribed) push(c, options_.envelope.subscribed(key, info), ignored);
+        for (const auto& m : replay) push(c, m, ignored);
+        replayed_.fetch_add(replay.size(), std::memory_order_relaxed);
+    }
+
+    error_code add_key(connection& c, const Key& key, const since& from) {
         error_code refusal;
         std::exception_ptr relay_failure;
         {
             std::unique_lock lock(registry_mutex_);
-            refusal = closing_ ? error_code(error::shutting_down) : add_key_locked(c, key, relay_failure);
+            refusal = closing_ ? error_code(error::shutting_down) : add_key_locked(c, key, from, relay_failure);
         }
         if (relay_failure) report({"relay", {}, relay_failure});
         return refusal;
@@ -1998,20 +2377,58 @@ private:
     template <class K, class MakeMessage>
     send_result send_to_key(const K& key, MakeMessage make_message) {
         std::shared_lock lock(registry_mutex_);
-        if (!registry_.has(key)) return {};
-        const message& m = make_message();  // built only when somebody listens
         send_result result;
+        if (!history_.enabled() && !registry_.has(key)) return result;
+        const message& m = make_message();  // built only when somebody listens or history keeps it
+        std::optional<position> at;
+        std::unique_lock<std::mutex> in_order;
+        if (history_.enabled()) {  // kept whether anybody listens or not
+            in_order = std::unique_lock(history_mutex_);
+            at = history_.append(key, m, clock::now());
+            result.positions.push_back(*at);
+        }
         std::optional<message> wrapped;
-        registry_.for_each(key, [&](connection& c, const Key& k) { push(c, framed(c, m, k, &wrapped), result); });
+        registry_.for_each(key, [&](connection& c, const Key& k) { push(c, framed(c, m, k, at, &wrapped), result); });
         record(result);
         return result;
     }
 
-    /// What connection `c` gets of `m`, sent under `key`: `m`, or its envelope, built once per send
-    /// and key into `*wrapped`.
-    const message& framed(const connection& c, const message& m, const Key& key, std::optional<message>* wrapped) {
+    /// Gives `m` its position in each of `keys` (a key named twice gets one). The history lock is
+    /// held. O(keys²) to find repeats: the lists of keys a send names are short.
+    template <class Keys>
+    void append_to_history(const Keys& keys, const message& m, std::vector<position>& positions) {
+        const auto now = clock::now();
+        std::size_t i = 0;
+        for (const auto& key : keys) {
+            std::size_t j = 0;
+            for (const auto& earlier : keys) {
+                if (j == i || same_key(earlier, key)) break;
+                ++j;
+            }
+            positions.push_back(j < i ? positions[j] : history_.append(key, m, now));
+            ++i;
+        }
+    }
+
+    template <class A, class B>
+    static bool same_key(const A& a, const B& b) {
+        if constexpr (std::is_invocable_r_v<bool, const KeyEqual&, const A&, const B&>)
+            return KeyEqual{}(a, b);
+        else
+            return KeyEqual{}(Key(a), Key(b));
+    }
+
+    static std::optional<position> position_at(const send_result& r, std::size_t i) {
+        if (i < r.positions.size()) return r.positions[i];
+        return std::nullopt;
+    }
+
+    /// What connection `c` gets of `m`, sent under `key` at position `at`: `m`, or its envelope,
+    /// built once per send and key into `*wrapped`.
+    const message& framed(const connection& c, const message& m, const Key& key, const std::optional<position>& at,
+                          std::optional<message>* wrapped) {
         if (!c.envelopes || !options_.envelope.wrap) return m;
-        if (!*wrapped) *wrapped = options_.envelope.wrap(key, m);
+        if (!*wrapped) *wrapped = options_.envelope.wrap(key, m, at);
         return **wrapped;
     }
 
@@ -2369,7 +2786,7 @@ private:
                 [[fallthrough]];
             }
             case step::admitted:
-                if (!refusal) refusal = manager->try_register(c, setup->keys.keys());
+                if (!refusal) refusal = manager->try_register(c, setup->keys);
                 if (!refusal) sub = subscription(manager, c);
                 at = step::handshaken;
                 if constexpr (!std::is_same_v<Request, detail::no_request>) {
@@ -2485,8 +2902,11 @@ private:
     };
     std::shared_ptr<flush_queue> flushes_ = std::make_shared<flush_queue>();
 
+    mutable std::mutex history_mutex_;        // taken after registry_mutex_, never before
+    history_type history_{options_.history};  // guarded by history_mutex_
+
     std::atomic<std::uint64_t> connections_{0}, refused_{0}, messages_{0}, deliveries_{0}, dropped_{0},
-        overflow_closes_{0}, errors_{0};
+        overflow_closes_{0}, errors_{0}, recovered_{0}, not_recovered_{0}, replayed_{0};
 };
 
 }  // namespace WSBROADCAST_ABI_NAMESPACE

@@ -1367,11 +1367,16 @@ TEST_CASE_FIXTURE(fixture,
                   "envelopes: wrapped once per message and key, subscribed frame first, plain peers unchanged") {
     int wraps = 0;
     wsbroadcast::options opts;
-    opts.envelope.wrap = [&](const std::string& key, const wsbroadcast::message& m) {
+    opts.envelope.wrap = [&](const std::string& key, const wsbroadcast::message& m,
+                             const std::optional<wsbroadcast::position>& at) {
         ++wraps;
+        CHECK_FALSE(at);  // no history: no positions
         return wsbroadcast::message::text(key + ":" + std::string(m.data()));
     };
-    opts.envelope.subscribed = [](const std::string& key) { return wsbroadcast::message::text("subscribed " + key); };
+    opts.envelope.subscribed = [](const std::string& key, const wsbroadcast::subscribed_info& info) {
+        CHECK(info.outcome == wsbroadcast::recovery::live);
+        return wsbroadcast::message::text("subscribed " + key);
+    };
     manager_type manager(opts);
     const wsbroadcast::connection_options enveloped{.envelopes = true};
     auto e1 = peer(), e2 = peer(), plain = peer();
@@ -1776,4 +1781,361 @@ TEST_CASE_FIXTURE(fixture, "liveness without ping waits the whole idle period be
     CHECK(std::chrono::steady_clock::now() - start >= 400ms);
     settle();
     CHECK(manager.size() == 0);
+}
+
+// ---- history and resume -------------------------------------------------------------------
+
+namespace {
+
+using wsbroadcast::position;
+using wsbroadcast::recovery;
+using wsbroadcast::since;
+
+// Envelopes a test can read: "key@offset:data" for messages, "sub key @offset outcome n" for the
+// start of a subscription (its position, how it started, how many messages are replayed).
+wsbroadcast::options<> with_history(std::size_t max_messages) {
+    wsbroadcast::options opts;
+    opts.history.max_messages = max_messages;
+    opts.envelope.wrap = [](const std::string& key, const wsbroadcast::message& m, const std::optional<position>& at) {
+        return wsbroadcast::message::text(key + "@" + (at ? std::to_string(at->offset) : "-") + ":" +
+                                          std::string(m.data()));
+    };
+    opts.envelope.subscribed = [](const std::string& key, const wsbroadcast::subscribed_info& info) {
+        return wsbroadcast::message::text(
+            "sub " + key + " @" + (info.position ? std::to_string(info.position->offset) : "-") + " " +
+            std::string(wsbroadcast::describe(info.outcome)) + " " + std::to_string(info.replayed));
+    };
+    return opts;
+}
+
+const wsbroadcast::connection_options enveloped{.envelopes = true};
+
+// Sends "m1".."mN" to `key` and returns the position of each.
+std::vector<position> send_numbered(manager_type& manager, const std::string& key, int from, int to) {
+    std::vector<position> out;
+    for (int i = from; i <= to; ++i) {
+        auto r = manager.send(key, "m" + std::to_string(i));
+        REQUIRE(r.positions.size() == 1);
+        out.push_back(r.positions[0]);
+    }
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("positions print as opaque text and parse back; anything else is refused") {
+    const position p{0xfedcba9876543210u, 42};
+    CHECK(p.to_string() == "fedcba9876543210.42");
+    CHECK(position::parse(p.to_string()) == p);
+    CHECK(position::parse("1.0") == position{1, 0});
+    for (const char* bad : {"", ".", "1.", ".1", "1", "x.1", "1.x", "1.1.1", "1.-1", "-1.1", "1.+1", "+1.1", " 1.1",
+                            "1.1 ", "10000000000000000.1", "1.18446744073709551616"})
+        CHECK_MESSAGE(!position::parse(bad), bad);
+}
+
+TEST_CASE_FIXTURE(fixture, "with history, each key's messages get consecutive offsets in one epoch per key") {
+    manager_type manager(with_history(8));
+    const auto a = send_numbered(manager, "a", 1, 3);
+    const auto b = send_numbered(manager, "b", 1, 1);
+    CHECK(a[0].offset == 1);
+    CHECK(a[1] == position{a[0].epoch, 2});
+    CHECK(a[2] == position{a[0].epoch, 3});
+    CHECK(b[0].offset == 1);  // a stream of its own
+    CHECK(b[0].epoch != a[0].epoch);
+    CHECK(manager.history_keys() == 2);
+
+    // A multi-key send gets a position in each key, in the order named; a key named twice, one.
+    const auto r = manager.send(std::vector<std::string>{"b", "a", "b"}, "both");
+    CHECK(r.positions == std::vector<position>{{b[0].epoch, 2}, {a[0].epoch, 4}, {b[0].epoch, 2}});
+
+    // Without history nothing has a position.
+    manager_type plain;
+    auto s = plain.subscribe(fake_socket(peer()), "a");
+    CHECK(plain.send("a", "x").positions.empty());
+    CHECK(plain.history_keys() == 0);
+    settle();
+}
+
+TEST_CASE_FIXTURE(fixture, "a client that resumes after a position gets exactly what came after it, then live ones") {
+    manager_type manager(with_history(16));
+    auto first = peer();
+    auto s1 = manager.subscribe(fake_socket(first), "k", enveloped);
+    const auto given = send_numbered(manager, "k", 1, 2);
+    settle();
+    CHECK(first->received == std::vector<std::string>{"sub k @0 live 0", "k@1:m1", "k@2:m2"});
+
+    s1.unsubscribe();  // the client's Wi-Fi drops: it was the key's only subscriber
+    CHECK_FALSE(manager.has("k"));
+    send_numbered(manager, "k", 3, 5);  // kept while nobody listens
+
+    auto back = peer();
+    auto s2 = manager.subscribe(fake_socket(back), wsbroadcast::initial_keys<std::string>("k", since::after(given[1])),
+                                enveloped);
+    send_numbered(manager, "k", 6, 6);
+    settle();
+    CHECK(back->received == std::vector<std::string>{"sub k @5 recovered 3", "k@3:m3", "k@4:m4", "k@5:m5", "k@6:m6"});
+    CHECK(manager.stats().recovered == 1);
+    CHECK(manager.stats().replayed == 3);
+
+    // Resuming from the newest position replays nothing and is recovered; so is a runtime subscribe.
+    auto third = peer();
+    auto s3 = manager.subscribe(fake_socket(third), std::vector<std::string>{}, enveloped);
+    CHECK_FALSE(s3.handle().subscribe("k", since::after({given[0].epoch, 6})));
+    CHECK_FALSE(s3.handle().subscribe("k", since::after(given[0])));  // already subscribed: changes nothing
+    settle();
+    CHECK(third->received == std::vector<std::string>{"sub k @6 recovered 0"});
+    CHECK(manager.stats().recovered == 2);
+}
+
+TEST_CASE_FIXTURE(fixture, "a resume that cannot be served is told why, and gets no replay, on every cause") {
+    auto opts = with_history(3);
+    opts.outbox.max_messages = 5;
+    manager_type manager(opts);
+    const auto kept = send_numbered(manager, "k", 1, 6);  // keeps 4, 5, 6
+    const auto epoch = kept[0].epoch;
+    send_numbered(manager, "big", 1, 3);
+
+    auto p = peer();
+    auto s = manager.subscribe(fake_socket(p), std::vector<std::string>{}, enveloped);
+    auto h = s.handle();
+    auto start = [&](const std::string& key, since from) {
+        h.unsubscribe(key);
+        CHECK_FALSE(h.subscribe(key, from));
+        settle();  // written before the next: its outbox holds 5
+    };
+    start("k", since::after({epoch, 3}));      // 4, 5, 6 are kept: recovered
+    start("k", since::after({epoch, 2}));      // 3 is gone
+    start("k", since::after({epoch ^ 2, 5}));  // another epoch
+    start("k", since::after({epoch, 7}));      // never given
+    start("nothing-yet", since::latest());     // no message kept
+    start("k", since::latest());               // the latest: 6
+    settle();
+    CHECK(p->received == std::vector<std::string>{"sub k @6 recovered 3", "k@4:m4", "k@5:m5", "k@6:m6",
+                                                  "sub k @6 messages after this position are no longer kept 0",
+                                                  "sub k @6 the history of this key restarted 0",
+                                                  "sub k @6 unknown position 0", "sub nothing-yet @0 no message kept 0",
+                                                  "sub k @6 recovered 1", "k@6:m6"});
+
+    // What it missed does not fit its outbox (5 messages; the client is not reading yet).
+    auto slow = peer();
+    slow->stalled = true;
+    auto busy = manager.subscribe(fake_socket(slow), std::vector<std::string>{"k", "k2", "k3"}, enveloped);
+    settle();  // the first subscribed frame is being written, two wait: three more messages fit, not four
+    const auto big = manager.send("big", "m4").positions[0];  // "big" keeps 2, 3, 4
+    CHECK_FALSE(busy.handle().subscribe("big", since::after({big.epoch, 1})));
+    slow->unstall();
+    settle();
+    CHECK(slow->received.back() == "sub big @4 too many messages missed to replay 0");
+
+    // History off: a resume is told so.
+    auto plain_opts = with_history(0);
+    manager_type plain(plain_opts);
+    auto q = peer();
+    auto t = plain.subscribe(fake_socket(q), wsbroadcast::initial_keys<std::string>("k", since::after({epoch, 1})),
+                             enveloped);
+    settle();
+    CHECK(q->received == std::vector<std::string>{"sub k @- history is off 0"});
+    CHECK(plain.stats().not_recovered == 1);
+    CHECK(manager.stats().not_recovered == 5);
+    CHECK(manager.stats().recovered == 2);
+}
+
+TEST_CASE_FIXTURE(fixture, "history is bounded per key by count and bytes, in all by bytes and keys, and by age") {
+    SUBCASE("count and bytes per key; a key keeps its newest message") {
+        auto opts = with_history(4);
+        opts.history.max_bytes = 3 * (100 + 100);  // about three 100-byte messages with their bookkeeping
+        manager_type manager(opts);
+        const auto epoch = manager.send("k", std::string(100, 'a')).positions[0].epoch;
+        for (int i = 0; i < 5; ++i) manager.send("k", std::string(100, 'a'));
+        const auto one = manager.history_bytes();
+        manager.send("k", std::string(5000, 'b'));  // larger than the key's bound: kept alone
+        CHECK(manager.history_bytes() > 5000);
+        CHECK(one < 5000);
+        auto p = peer();
+        auto s = manager.subscribe(fake_socket(p),
+                                   wsbroadcast::initial_keys<std::string>("k", since::after({epoch, 6})), enveloped);
+        settle();
+        REQUIRE(p->received.size() == 2);
+        CHECK(p->received[0] == "sub k @7 recovered 1");
+        auto t = manager.subscribe(fake_socket(peer()),
+                                   wsbroadcast::initial_keys<std::string>("k", since::after({epoch, 5})), enveloped);
+        CHECK(manager.stats().not_recovered == 1);
+        settle();
+    }
+    SUBCASE("total bytes: the keys sent to least recently lose their messages, not their position") {
+        auto opts = with_history(100);
+        opts.history.max_total_bytes = 4000;
+        manager_type manager(opts);
+        const auto old = manager.send("old", std::string(1000, 'o')).positions[0];
+        for (int i = 0; i < 3; ++i) manager.send("new", std::string(1000, 'n'));
+        CHECK(manager.history_bytes() <= 4000);
+        CHECK(manager.history_keys() == 2);
+        auto p = peer();
+        auto s = manager.subscribe(fake_socket(p), wsbroadcast::initial_keys<std::string>("old", since::latest()),
+                                   enveloped);
+        auto q = peer();
+        auto t = manager.subscribe(fake_socket(q), wsbroadcast::initial_keys<std::string>("old", since::after(old)),
+                                   enveloped);
+        settle();
+        CHECK(p->received.front() == "sub old @1 no message kept 0");
+        CHECK(q->received == std::vector<std::string>{"sub old @1 recovered 0"});  // it had everything
+    }
+    SUBCASE("keys beyond max_keys and keys unused past position_ttl are forgotten: a new epoch") {
+        auto opts = with_history(10);
+        opts.history.max_keys = 2;
+        manager_type manager(opts);
+        const auto a = manager.send("a", "1").positions[0];
+        manager.send("b", "1");
+        manager.send("c", "1");  // "a" is the least recently used
+        CHECK(manager.history_keys() == 2);
+        const auto a2 = manager.send("a", "2").positions[0];
+        CHECK(a2.epoch != a.epoch);
+        CHECK(a2.offset == 1);
+        auto p = peer();
+        auto s =
+            manager.subscribe(fake_socket(p), wsbroadcast::initial_keys<std::string>("a", since::after(a)), enveloped);
+        settle();
+        CHECK(p->received == std::vector<std::string>{"sub a @1 the history of this key restarted 0"});
+    }
+    SUBCASE("age") {
+        auto opts = with_history(10);
+        opts.history.ttl = 1ms;
+        opts.history.position_ttl = 1h;
+        manager_type manager(opts);
+        const auto at = manager.send("k", "old").positions[0];
+        std::this_thread::sleep_for(20ms);  // well past the ttl: a lower bound, never a race
+        auto p = peer();
+        auto s = manager.subscribe(fake_socket(p),
+                                   wsbroadcast::initial_keys<std::string>("k", since::after({at.epoch, 0})), enveloped);
+        settle();
+        CHECK(p->received == std::vector<std::string>{"sub k @1 messages after this position are no longer kept 0"});
+        CHECK(manager.history_bytes() == 0);
+        manager.send("other", "x");
+        const auto one = manager.history_bytes();
+        std::this_thread::sleep_for(20ms);
+        manager.send("third", "x");  // a send trims every key's expired messages, not only its own
+        CHECK(manager.history_bytes() == one);
+        CHECK(manager.history_keys() == 3);  // positions stay: position_ttl is an hour
+        opts.history.position_ttl = 1ms;
+        manager_type forgetful(opts);
+        forgetful.send("k", "x");
+        std::this_thread::sleep_for(20ms);
+        forgetful.send("j", "x");
+        CHECK(forgetful.history_keys() == 1);
+    }
+}
+
+TEST_CASE_FIXTURE(fixture, "since::latest gives a new subscriber the key's latest message; plain peers get it bare") {
+    manager_type manager(with_history(4));
+    send_numbered(manager, "invoice", 1, 2);
+    auto plain = peer(), v1 = peer();
+    auto s1 = manager.subscribe(fake_socket(plain), wsbroadcast::initial_keys<std::string>("invoice", since::latest()));
+    auto s2 = manager.subscribe(fake_socket(v1), wsbroadcast::initial_keys<std::string>("invoice", since::latest()),
+                                enveloped);
+    settle();
+    CHECK(plain->received == std::vector<std::string>{"m2"});
+    CHECK(v1->received == std::vector<std::string>{"sub invoice @2 recovered 1", "invoice@2:m2"});
+}
+
+TEST_CASE_FIXTURE(fixture,
+                  "with history, an envelope connection that overflows is closed to resume, whatever its policy") {
+    auto opts = with_history(64);
+    opts.outbox = {.max_bytes = 1 << 20, .max_messages = 4, .on_overflow = wsbroadcast::overflow_policy::drop_newest};
+    manager_type manager(opts);
+    auto v1 = peer(), plain = peer();
+    v1->stalled = plain->stalled = true;
+    auto s1 = manager.subscribe(fake_socket(v1), "k", enveloped);
+    auto s2 = manager.subscribe(fake_socket(plain), "k");
+    // Nothing is written before the sends: a write in flight would be torn down instead of closed.
+    for (int i = 0; i < 8; ++i) manager.send("k", "m" + std::to_string(i));
+    v1->unstall();
+    plain->unstall();
+    settle();
+    CHECK(v1->close_code == 1008);
+    CHECK(v1->close_reason == "outbox full: resume from the last position");
+    CHECK(plain->received == numbered(4));  // plain peers keep their policy
+    CHECK_FALSE(plain->server_closed);
+}
+
+TEST_CASE_FIXTURE(fixture, "accept_and_serve resumes too: the replay comes before what is sent during the handshake") {
+    manager_type manager(with_history(8));
+    const auto given = send_numbered(manager, "k", 1, 3);
+    auto p = peer();
+    p->on_accept = [&] { manager.send("k", "during"); };
+    net::co_spawn(
+        ioc,
+        manager.accept_and_serve(fake_socket(p), std::string("GET /ws"),
+                                 wsbroadcast::initial_keys<std::string>("k", since::after(given[0])), enveloped),
+        [](std::exception_ptr, error_code) {});
+    settle();
+    CHECK(p->received == std::vector<std::string>{"sub k @3 recovered 2", "k@2:m2", "k@3:m3", "k@4:during"});
+    p->client_close();
+    settle();
+}
+
+TEST_CASE("resumes race with sends from several threads: every client sees one contiguous run, no gap, no repeat") {
+    net::io_context ioc;
+    auto opts = with_history(100'000);
+    opts.outbox.max_messages = 1 << 20;
+    opts.outbox.max_bytes = 1 << 26;
+    opts.history.max_total_bytes = 0;
+    manager_type manager(opts);
+    constexpr int senders = 4, per_sender = 400;
+    const auto epoch = manager.send("k", "first").positions[0].epoch;
+
+    std::vector<std::shared_ptr<fake_peer>> peers;
+    std::vector<manager_type::subscription> subs;
+    std::vector<std::uint64_t> resumed_after;
+    std::atomic<bool> go{false};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < senders; ++t)
+        threads.emplace_back([&, t] {
+            while (!go) std::this_thread::yield();
+            for (int i = 0; i < per_sender; ++i) manager.send("k", std::to_string(t) + ":" + std::to_string(i));
+        });
+    go = true;
+    std::mt19937 random(7);
+    for (int i = 0; i < 40; ++i) {  // resume from positions that are being given out right now
+        const auto top = manager.send("k", "probe").positions[0].offset;
+        const auto from = top - random() % std::min<std::uint64_t>(top, 50);
+        peers.push_back(std::make_shared<fake_peer>(ioc.get_executor()));
+        subs.push_back(manager.subscribe(fake_socket(peers.back()),
+                                         wsbroadcast::initial_keys<std::string>("k", since::after({epoch, from})),
+                                         enveloped));
+        resumed_after.push_back(from);
+    }
+    for (auto& t : threads) t.join();
+    ioc.restart();
+    for (int idle = 0; idle < 3;) idle = ioc.poll() == 0 ? idle + 1 : 0;
+
+    const auto top = manager.send("k", "last").positions[0].offset - 1;
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+        const auto& got = peers[i]->received;
+        REQUIRE(got.size() >= 1);
+        CHECK(got[0].rfind("sub k @", 0) == 0);
+        CHECK(got[0].find(" recovered ") != std::string::npos);
+        std::uint64_t expect = resumed_after[i] + 1;
+        bool contiguous = true;
+        std::vector<std::string> from_senders;
+        for (std::size_t j = 1; j < got.size(); ++j) {
+            const auto at = got[j].find('@'), colon = got[j].find(':');
+            contiguous = contiguous && std::stoull(got[j].substr(at + 1, colon - at - 1)) == expect++;
+            if (got[j].find("probe") == std::string::npos && got[j].find("first") == std::string::npos)
+                from_senders.push_back(got[j].substr(colon + 1));
+        }
+        CHECK(contiguous);
+        CHECK(expect == top + 1);         // up to the last message sent while it was subscribed
+        std::map<std::string, int> last;  // each sender's numbers only go up
+        bool ordered = true;
+        for (auto& m : from_senders) {
+            const auto colon = m.find(':');
+            auto [it, fresh] = last.try_emplace(m.substr(0, colon), -1);
+            ordered = ordered && std::stoi(m.substr(colon + 1)) > it->second;
+            it->second = std::stoi(m.substr(colon + 1));
+        }
+        CHECK(ordered);
+    }
+    subs.clear();
+    ioc.restart();
+    for (int idle = 0; idle < 3;) idle = ioc.poll() == 0 ? idle + 1 : 0;
 }

@@ -7,7 +7,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <chrono>
 #include <memory>
+#include <optional>
 #include <vector>
 
 namespace net = wsbroadcast::net;
@@ -41,16 +43,26 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     opts.max_connections_per_key = in.next() % 5;
     opts.max_message_bytes = 1 + in.next() % 32;
     opts.max_keys_per_connection = in.next() % 4;
-    opts.envelope.wrap = [](const std::string& k, const wsbroadcast::message& m) {
-        return wsbroadcast::message::text(k + std::string(m.data()));
+    opts.envelope.wrap = [](const std::string& k, const wsbroadcast::message& m,
+                            const std::optional<wsbroadcast::position>& at) {
+        return wsbroadcast::message::text(k + (at ? at->to_string() : "") + std::string(m.data()));
     };
-    opts.envelope.subscribed = [](const std::string& k) { return wsbroadcast::message::text("+" + k); };
+    opts.envelope.subscribed = [](const std::string& k, const wsbroadcast::subscribed_info& info) {
+        return wsbroadcast::message::text("+" + k + std::string(wsbroadcast::describe(info.outcome)));
+    };
+    // Small history bounds, often off, so that trimming by count, bytes, keys and age all happen.
+    opts.history.max_messages = in.next() % 5;
+    opts.history.max_bytes = in.next() * 2u;
+    opts.history.max_total_bytes = in.next() * 8u;
+    opts.history.max_keys = in.next() % 4;
+    opts.history.ttl = std::chrono::microseconds(in.next() % 2 ? 0 : 200);
     opts.on_error = [](const wsbroadcast::error_event&) {};
     manager_type manager(opts);  // before the io_context: it outlives the connections
     {
         net::io_context ioc;
         std::vector<std::shared_ptr<fake_peer>> peers;
         std::vector<manager_type::subscription> subs;
+        std::vector<wsbroadcast::position> positions;  // given by sends
         auto key = [&] { return std::string("k") + static_cast<char>('0' + in.next() % 4); };
         auto some_peer = [&]() -> fake_peer* {
             return peers.empty() ? nullptr : peers[in.next() % peers.size()].get();
@@ -78,6 +90,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                 break;
             case 3: {
                 const auto r = manager.send(key(), std::string(in.next() % 40, 'x'));
+                require(r.positions.size() == (opts.history.max_messages ? 1u : 0u));
+                positions.insert(positions.end(), r.positions.begin(), r.positions.end());
                 // Counted in connections: each registered one is queued to or closed, at most once;
                 // under drop_oldest one may be both queued to and have dropped older messages.
                 require(r.queued + r.closed <= manager.size() && r.dropped <= manager.size());
@@ -104,9 +118,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             case 10:
                 if (in.next() % 8 == 0) manager.close_all();
                 break;
-            case 11:
-                if (!subs.empty()) (void)subs[in.next() % subs.size()].handle().subscribe(key());
+            case 11: {
+                // Resume from a position it may or may not have been given, or from the latest.
+                const auto how = in.next() % 3;
+                const wsbroadcast::position p{positions.empty() ? 1 : positions[in.next() % positions.size()].epoch,
+                                              in.next() % 8u};
+                const auto from = how == 0   ? wsbroadcast::since::now()
+                                  : how == 1 ? wsbroadcast::since::after(p)
+                                             : wsbroadcast::since::latest();
+                if (!subs.empty()) (void)subs[in.next() % subs.size()].handle().subscribe(key(), from);
                 break;
+            }
             case 12:
                 if (!subs.empty()) subs[in.next() % subs.size()].handle().unsubscribe(key());
                 break;
@@ -122,6 +144,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                 break;
             }
             require(manager.size() <= (opts.max_connections ? opts.max_connections : manager.size()));
+            if (opts.history.max_keys) require(manager.history_keys() <= opts.history.max_keys);
+            // The total bound holds after every send, even against a key's newest message.
+            if (opts.history.max_total_bytes) require(manager.history_bytes() <= opts.history.max_total_bytes);
         }
         subs.clear();
         for (auto& p : peers) p->client_close();
