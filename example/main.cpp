@@ -73,6 +73,7 @@ struct server_options {
     wsbroadcast::outbox_options outbox;
     std::optional<redis_address> redis;  // set: pushes go through Redis to every instance
     std::string redis_prefix = "wsbroadcast:";
+    wsbroadcast::history_options history{.max_messages = 0, .ttl = 120s};  // --history-size 0: off
 };
 
 // error: failures; warn: start-up and shutdown; info: + every refusal; debug: + every connection.
@@ -115,6 +116,12 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
                                  Delivery across instances is at most once. (Pub/sub ignores /DB.)
   --redis-prefix PREFIX          channel name prefix, to share one Redis between deployments
                                  (default "wsbroadcast:"; the channel for id X is PREFIX + X)
+  --history-size N               messages kept per id for wsbroadcast.v1 clients that resume
+                                 (?since=POSITION, docs/protocol.md); 0 turns history off (default 0)
+  --history-ttl SECONDS          how long a kept message can be resumed (default 120)
+  --history-max-bytes N          bytes kept in all ids together (default 67108864); the ids pushed to
+                                 least recently lose their messages first
+  --history-key-bytes N          bytes kept per id (default 262144)
   --log-level LEVEL              error, warn, info (default: + every refusal) or debug (+ every
                                  connection opening and closing)
   --help                         this text
@@ -196,6 +203,10 @@ constexpr std::string_view value_options[] = {"address",
                                               "overflow",
                                               "redis",
                                               "redis-prefix",
+                                              "history-size",
+                                              "history-ttl",
+                                              "history-max-bytes",
+                                              "history-key-bytes",
                                               "log-level"};
 
 // WSBROADCAST_MAX_CONNECTIONS=100 becomes {"--max-connections", "100"}, placed before the command
@@ -281,6 +292,16 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             ok = (o.redis = parse_redis_url(value)).has_value();
         else if (arg == "--redis-prefix")
             o.redis_prefix = value;
+        else if (arg == "--history-size")
+            ok = parse_number(value, o.history.max_messages);
+        else if (arg == "--history-ttl") {
+            unsigned seconds = 0;
+            ok = parse_number(value, seconds) && seconds > 0;
+            o.history.ttl = std::chrono::seconds(seconds);
+        } else if (arg == "--history-max-bytes")
+            ok = parse_number(value, o.history.max_total_bytes) && o.history.max_total_bytes > 0;
+        else if (arg == "--history-key-bytes")
+            ok = parse_number(value, o.history.max_bytes) && o.history.max_bytes > 0;
         else if (arg == "--log-level")
             ok = parse_level(value, current_log_level);
         else
@@ -438,6 +459,14 @@ std::string metrics_text(const State& state) {
     metric("wsbroadcast_policy_closes_total", "counter", "Connections closed by the overflow policy.",
            {{R"({reason="outbox_full"})", stats.overflow_closes}});
     metric("wsbroadcast_errors_total", "counter", "Unexpected connection errors.", {{"", stats.errors}});
+    metric("wsbroadcast_history_keys", "gauge", "Ids with a position in the history (--history-size).",
+           {{"", manager.history_keys()}});
+    metric("wsbroadcast_history_bytes", "gauge", "Bytes of messages the history keeps now.",
+           {{"", manager.history_bytes()}});
+    metric("wsbroadcast_resumes_total", "counter", "wsbroadcast.v1 subscriptions that asked to resume, by outcome.",
+           {{R"({result="recovered"})", stats.recovered}, {R"({result="not_recovered"})", stats.not_recovered}});
+    metric("wsbroadcast_replayed_messages_total", "counter", "Messages sent from the history to resuming clients.",
+           {{"", stats.replayed}});
     out +=
         "# HELP wsbroadcast_refusals_total Requests and connections refused, by reason.\n"
         "# TYPE wsbroadcast_refusals_total counter\n";
@@ -471,6 +500,16 @@ std::string metrics_text(const State& state) {
     return out;
 }
 
+// With history on, where the push landed: "position" for one id, "positions" by id for several.
+std::string positions_field(const std::vector<std::string>& ids, const std::vector<wsbroadcast::position>& at) {
+    if (at.empty()) return {};
+    if (ids.size() == 1) return R"(,"position":")" + at.front().to_string() + '"';
+    std::string out = R"(,"positions":{)";
+    for (std::size_t i = 0; i < ids.size() && i < at.size(); ++i)
+        out += (i ? "," : "") + json_string(ids[i]) + R"(:")" + at[i].to_string() + '"';
+    return out + "}";
+}
+
 // LNbits answers {"sent": true, "data": ...}; we add how many connections the message reached here
 // (each once, however many of the ids it is on), or, through Redis, that it was relayed (every
 // instance delivers it to its own subscribers).
@@ -491,8 +530,9 @@ response push(State& state, const request& req, const std::vector<std::string>& 
         return res;
     }
     pushes_accepted.fetch_add(1, std::memory_order_relaxed);
-    const auto reach =
+    auto reach =
         result.relayed ? std::string(R"("relayed":true)") : R"("connections":)" + std::to_string(result.local.queued);
+    reach += positions_field(ids, result.local.positions);
     return make_response(req, http::status::ok, R"({"sent":true,"data":)" + json_string(data) + "," + reach + "}");
 }
 
@@ -538,9 +578,26 @@ bool offers_v1(const request& req) {
     return std::any_of(first, last, [](const auto& f) { return offers_subprotocol(f.value(), v1::subprotocol); });
 }
 
+// Where a wsbroadcast.v1 client on /api/v1/ws/{id}?since=... asks the id to start. Other clients'
+// query strings are ignored, as LNbits ignores them (TPoS carries its page's query into the URL).
+std::optional<std::string_view> since_in(const request& req) {
+    const auto target = req.target();
+    const auto question = target.find('?');
+    if (question == target.npos) return std::nullopt;
+    return query_param(target.substr(question + 1), "since");
+}
+
 // Checks an upgrade before it happens; a refusal is an HTTP answer, so browsers see the status.
 template <class State>
 std::optional<response> refuse_upgrade(State& state, const request& req, const route& r, bool multiplexed) {
+    if (const auto since = since_in(req); since && multiplexed) {
+        if (r.ids.empty() || !v1::parse_since(*since)) {  // a position or "last": nothing to decode
+            const std::string why = r.ids.empty() ? "since needs an id in the URL (/api/v1/ws/{id}?since=...)"
+                                                  : std::string(v1::since_problem);
+            refuse(refusal::bad_request, why);
+            return make_error(req, http::status::bad_request, why);
+        }
+    }
     if (r.ids.empty() && !multiplexed) {
         constexpr std::string_view why =
             "a WebSocket on /api/v1/ws needs an id (/api/v1/ws/{id}) or the wsbroadcast.v1 subprotocol";
@@ -598,7 +655,7 @@ void answer_command(const server_options& o, Handle& h, std::string_view frame, 
         // the subscribe. Subscribing again is answered again, and changes nothing.
         if (h.subscribed_to(*c.key)) {
             h.send(v1::subscribed_frame(*c.key));
-        } else if (const auto ec = h.subscribe(*c.key);
+        } else if (const auto ec = h.subscribe(*c.key, c.since);
                    ec && ec != wsbroadcast::error::not_registered) {  // gone: nobody to answer
             refuse_with(refusal_of(ec), subscribe_problem(ec, o));
         }
@@ -658,12 +715,15 @@ void subscribe(State& state, Stream stream, request req, std::vector<std::string
     // sends "Connected", lnbits-rs "subscribe").
     wsbroadcast::connection_options connection{state.options.outbox};
     connection.envelopes = multiplexed;
+    wsbroadcast::initial_keys<std::string> keys;
+    const auto since = multiplexed ? since_in(req) : std::nullopt;  // checked by refuse_upgrade
+    for (auto& id : ids) keys.add(std::move(id), since ? *v1::parse_since(*since) : wsbroadcast::since());
     auto on_message = [&options = state.options, multiplexed](typename State::manager_type::connection_handle& h,
                                                               std::string_view frame, bool binary) {
         if (multiplexed) answer_command(options, h, frame, binary);
     };
     // Registered before the 101 goes out: a client that sees its handshake complete misses nothing.
-    state.manager.accept_and_serve(std::move(ws), std::move(req), std::move(ids), connection, on_message,
+    state.manager.accept_and_serve(std::move(ws), std::move(req), std::move(keys), connection, on_message,
                                    [who = std::move(who), what](std::exception_ptr e, wsbroadcast::error_code ec) {
                                        if (e) return log_exception("websocket")(e);
                                        if (!who.empty()) log(log_level::debug, who + " closed: " + ec.message());
@@ -771,12 +831,14 @@ int run(const server_options& options, ssl::context* tls) {
     manager_options.max_connections_per_key = options.max_connections_per_key;
     manager_options.max_keys_per_connection = options.max_keys_per_connection;
     // What wsbroadcast.v1 connections get (docs/protocol.md); the others get the bare message.
-    manager_options.envelope.wrap = [](const std::string& key, const wsbroadcast::message& m) {
-        return wsbroadcast::message::text(v1::message_frame(key, m.data()));
+    manager_options.envelope.wrap = [](const std::string& key, const wsbroadcast::message& m,
+                                       const std::optional<wsbroadcast::position>& at) {
+        return wsbroadcast::message::text(v1::message_frame(key, m.data(), at));
     };
-    manager_options.envelope.subscribed = [](const std::string& key) {
-        return wsbroadcast::message::text(v1::subscribed_frame(key));
+    manager_options.envelope.subscribed = [](const std::string& key, const wsbroadcast::subscribed_info& info) {
+        return wsbroadcast::message::text(v1::subscribed_frame(key, info));
     };
+    manager_options.history = options.history;
     manager_options.max_message_bytes = options.max_message_bytes;
     manager_options.idle_timeout = std::chrono::seconds(options.idle_timeout_seconds);
     manager_options.on_error = [](const wsbroadcast::error_event& e) {

@@ -1058,6 +1058,96 @@ TEST_CASE("--log-level debug logs each connection and refusal; the default stays
     std::remove(path);
 }
 
+// ---- history and resume ------------------------------------------------------------------------
+
+// The "position" field of a frame or an answer, or "" if it has none.
+std::string position_in(const std::string& json) {
+    const std::string field = R"("position":")";
+    const auto at = json.find(field);
+    if (at == std::string::npos) return {};
+    return json.substr(at + field.size(), json.find('"', at + field.size()) - at - field.size());
+}
+
+TEST_CASE("history: a v1 client that reconnects with ?since= gets exactly what it missed, then live ones") {
+    server_process server({"--history-size", "100"});
+    const auto port = server.port();
+    auto c = multiplexed("/api/v1/ws/pay", port);
+    const auto first = c->read().value_or("");
+    CHECK(first.starts_with(R"({"type":"subscribed","key":"pay","position":")"));
+    CHECK(first.find("recovered") == std::string::npos);  // it asked for nothing
+    const auto answer = request(http::verb::post, "/api/v1/ws/pay", "one", port).body();
+    const auto one = position_in(answer);
+    CHECK_FALSE(one.empty());
+    CHECK(answer == R"({"sent":true,"data":"one","connections":1,"position":")" + one + R"("})");
+    CHECK(c->read() == R"({"type":"message","key":"pay","data":"one","position":")" + one + R"("})");
+    c->close();  // the Wi-Fi drops
+    c.reset();
+
+    const auto two = position_in(request(http::verb::post, "/api/v1/ws/pay", "two", port).body());
+    const auto three = position_in(request(http::verb::post, "/api/v1/ws/pay", "three", port).body());
+    auto back = multiplexed("/api/v1/ws/pay?since=" + one, port);
+    CHECK(back->read() == R"({"type":"subscribed","key":"pay","position":")" + three + R"(","recovered":true})");
+    CHECK(back->read() == R"({"type":"message","key":"pay","data":"two","position":")" + two + R"("})");
+    CHECK(back->read() == R"({"type":"message","key":"pay","data":"three","position":")" + three + R"("})");
+    const auto four = position_in(request(http::verb::post, "/api/v1/ws/pay", "four", port).body());
+    CHECK(back->read() == R"({"type":"message","key":"pay","data":"four","position":")" + four + R"("})");
+
+    // The same through a subscribe command, and since=last for a client with no position yet.
+    auto other = multiplexed("/api/v1/ws", port);
+    other->send(R"({"type":"subscribe","key":"pay","since":")" + three + R"("})");
+    CHECK(other->read() == R"({"type":"subscribed","key":"pay","position":")" + four + R"(","recovered":true})");
+    CHECK(other->read() == R"({"type":"message","key":"pay","data":"four","position":")" + four + R"("})");
+    auto latest = multiplexed("/api/v1/ws/pay?since=last", port);
+    CHECK(latest->read() == R"({"type":"subscribed","key":"pay","position":")" + four + R"(","recovered":true})");
+    CHECK(latest->read() == R"({"type":"message","key":"pay","data":"four","position":")" + four + R"("})");
+
+    // Plain LNbits clients see what they always saw: no replay, whatever the query string says.
+    auto plain = subscriber("pay?since=last", port);
+    request(http::verb::post, "/api/v1/ws/pay", "five", port);
+    CHECK(plain->read() == "five");  // the first it gets: "four" was not replayed
+
+    const auto metrics = request(http::verb::get, "/metrics", {}, port).body();
+    CHECK(metrics.find("\nwsbroadcast_resumes_total{result=\"recovered\"} 3\n") != std::string::npos);
+    CHECK(metrics.find("\nwsbroadcast_replayed_messages_total 4\n") != std::string::npos);
+    CHECK(metric(server, "wsbroadcast_history_keys") == 1);
+    CHECK(metric(server, "wsbroadcast_history_bytes") > 0);
+}
+
+TEST_CASE("history: a resume that cannot be served says why; a bad since is refused; history off says so") {
+    std::string old;
+    {
+        server_process before({"--history-size", "2"});
+        old = position_in(request(http::verb::post, "/api/v1/ws/r", "x", before.port()).body());
+    }
+    server_process server({"--history-size", "2"});
+    const auto port = server.port();
+    auto restarted = multiplexed("/api/v1/ws/r?since=" + old, port);  // a restart starts a new epoch
+    auto frame = restarted->read().value_or("");
+    CHECK(frame.find(R"("recovered":false,"reason":"the history of this key restarted")") != std::string::npos);
+
+    const auto p1 = position_in(request(http::verb::post, "/api/v1/ws/t", "1", port).body());
+    for (const char* data : {"2", "3"}) request(http::verb::post, "/api/v1/ws/t", data, port);
+    auto kept = multiplexed("/api/v1/ws/t?since=" + p1, port);  // it keeps 2 and 3: all that came after 1
+    CHECK(kept->read().value_or("").find(R"("recovered":true)") != std::string::npos);
+    request(http::verb::post, "/api/v1/ws/t", "4", port);
+    auto late = multiplexed("/api/v1/ws", port);
+    late->send(R"({"type":"subscribe","key":"t","since":")" + p1 + R"("})");  // 2 is gone now
+    CHECK(late->read().value_or("").find(
+              R"("recovered":false,"reason":"messages after this position are no longer kept")") != std::string::npos);
+    CHECK(request(http::verb::get, "/metrics", {}, port).body().find("{result=\"not_recovered\"} 2\n") !=
+          std::string::npos);
+
+    ws_client bad;
+    CHECK(bad.connect(port, "/api/v1/ws/t?since=yesterday", {}, "wsbroadcast.v1"));
+    CHECK(bad.handshake_response.result() == http::status::bad_request);
+    late->send(R"({"type":"subscribe","key":"u","since":42})");
+    CHECK(late->read() == error_frame(R"("u")", R"(\"since\" must be \"last\" or a position the server gave)"));
+
+    auto off = multiplexed("/api/v1/ws/t?since=" + p1);  // the shared server: history off
+    CHECK(off->read() == R"({"type":"subscribed","key":"t","recovered":false,"reason":"history is off"})");
+    CHECK(position_in(request(http::verb::post, "/api/v1/ws/t", "x").body()).empty());
+}
+
 // ---- scale-out: instances share ids through a real Redis --------------------------------------
 
 namespace {
