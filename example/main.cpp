@@ -18,6 +18,7 @@
 
 #include "page.hpp"
 #include "protocol.hpp"
+#include "client_js.hpp"  // made by the build from example/wsbroadcast.js
 #include "redis_relay.hpp"
 #include "routes.hpp"
 
@@ -541,6 +542,8 @@ response handle(State& state, const request& req, const route& r) {
     switch (r.kind) {
     case route_kind::page:
         return make_response(req, http::status::ok, std::string(index_html), "text/html; charset=utf-8");
+    case route_kind::client_module:
+        return make_response(req, http::status::ok, std::string(client_js), "text/javascript; charset=utf-8");
     case route_kind::metrics:
         return make_response(req, http::status::ok, metrics_text(state), "text/plain; version=0.0.4");
     case route_kind::health: {

@@ -1,6 +1,6 @@
-// The page served at GET /: a client that subscribes the way LNbits front ends do, reconnects with
-// backoff when the server goes away, shows its state and what arrives, and pushes a message through
-// the HTTP API.
+// The page served at GET /: a client built on the browser module (/wsbroadcast.js) that
+// subscribes to an id, reconnects with backoff and jitter when the server goes away, resumes what it
+// missed, shows its state and what arrives, and pushes a message through the HTTP API.
 #pragma once
 
 #include <string_view>
@@ -24,59 +24,59 @@ inline constexpr std::string_view index_html = R"html(<!doctype html>
 <h1>wsbroadcast</h1>
 <p>Subscribed to id <input id="id" value="demo" size="20"> <button id="subscribe">Subscribe</button>
    <span id="state">connecting</span></p>
-<form id="push"><input id="data" placeholder="message" size="40" required> <button>Push</button>
+<form id="push"><input id="data" placeholder="message" size="40" required>
+  <input id="token" placeholder="publish token (if set)" size="22" type="password"> <button>Push</button>
   <span id="pushed"></span></form>
 <p>Or from a shell: <code id="curl"></code></p>
 <ul id="log"></ul>
-<script>
-"use strict";
-// One socket at a time. When it closes without being asked to, try again after 1 s, 2 s, 4 s ...
-// up to 30 s; a successful open resets the delay.
-let ws = null;
-let retries = 0;
-let retryTimer = null;
+<script type="module">
+// The page is built on the client module the server serves (/wsbroadcast.js, docs/protocol.md):
+// one wsbroadcast.v1 socket, reconnecting with backoff and jitter, resuming from the last position
+// it saw when the server keeps history (--history-size), and saying so when it cannot.
+import { connect } from "/wsbroadcast.js";
+
 const $ = (id) => document.getElementById(id);
+let client = null;
 
 function setState(name, text) {
-  $("state").dataset.state = name;  // connecting | connected | reconnecting
-  $("state").textContent = text || name;
+  $("state").dataset.state = name;  // connecting | connected | reconnecting | error
+  $("state").textContent = text ? name + ": " + text : name;
 }
 
-function show(text) {
+function show(text, kind = "message") {
   const li = document.createElement("li");
+  li.dataset.kind = kind;  // message | notice
   li.textContent = new Date().toLocaleTimeString() + "  " + text;
   $("log").prepend(li);
 }
 
-function connect() {
-  clearTimeout(retryTimer);
-  if (ws) { ws.onclose = null; ws.close(); }
-  const id = encodeURIComponent($("id").value);
+function subscribe() {
+  if (client) client.close();
+  const id = $("id").value;
   // As in the LNbits docs: wss: whenever the page itself is not plain http:.
   const scheme = location.protocol !== "http:" ? "wss://" : "ws://";
-  const socket = new WebSocket(scheme + location.host + "/api/v1/ws/" + id);
-  ws = socket;
-  setState("connecting");
-  socket.onopen = () => { retries = 0; setState("connected"); };
-  socket.onmessage = ({ data }) => show(data);
-  socket.onclose = (e) => {
-    if (ws !== socket) return;  // replaced by a newer subscription
-    const delay = Math.min(30000, 1000 * 2 ** retries++);
-    setState("reconnecting", "closed (" + e.code + "), reconnecting in " + delay / 1000 + " s");
-    retryTimer = setTimeout(connect, delay);
-  };
-  $("curl").textContent = "curl -X POST " + location.origin + "/api/v1/ws/" + id + " -d 'hello'";
+  client = connect({
+    url: scheme + location.host + "/api/v1/ws",
+    keys: { [id]: null },
+    onMessage: (key, data) => show(data),
+    onNotRecovered: (key, reason) => show("not recovered: " + reason, "notice"),
+    onStatus: (status, detail) => setState(status, status === "connected" ? "" : detail),
+  });
+  $("curl").textContent = "curl -X POST " + location.origin + "/api/v1/ws/" + encodeURIComponent(id) + " -d 'hello'";
 }
 
-$("subscribe").addEventListener("click", () => { retries = 0; connect(); });
+$("subscribe").addEventListener("click", subscribe);
 $("push").addEventListener("submit", async (e) => {
   e.preventDefault();
-  const id = encodeURIComponent($("id").value);
-  const res = await fetch("/api/v1/ws/" + id, { method: "POST", body: $("data").value });
+  const headers = $("token").value ? { Authorization: "Bearer " + $("token").value } : {};
+  const res = await fetch("/api/v1/ws/" + encodeURIComponent($("id").value),
+                          { method: "POST", body: $("data").value, headers });
   const answer = await res.json();
-  $("pushed").textContent = res.ok ? "pushed to " + answer.connections + " connection(s)" : answer.detail;
+  if (!res.ok) $("pushed").textContent = answer.detail;
+  else if (answer.relayed) $("pushed").textContent = "pushed through Redis to every instance";
+  else $("pushed").textContent = "pushed to " + answer.connections + " connection(s)";
 });
-connect();
+subscribe();
 </script>
 </body>
 </html>

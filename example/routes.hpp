@@ -214,15 +214,16 @@ inline id_list parse_id_list(std::string_view text) {
 }
 
 enum class route_kind {
-    page,          // GET /
-    metrics,       // GET /metrics: Prometheus text format
-    health,        // GET /healthz
-    subscribe,     // GET /api/v1/ws/{id} or the bare /api/v1/ws, must be a WebSocket upgrade
-    push_body,     // POST /api/v1/ws/{ids}: ?data= or the body
-    push_path,     // GET /api/v1/ws/{ids}/{data}
-    bad_request,   // 400: bad id or list, malformed escape
-    not_found,     // 404
-    wrong_method,  // 405
+    page,           // GET /
+    client_module,  // GET /wsbroadcast.js: the browser client for wsbroadcast.v1
+    metrics,        // GET /metrics: Prometheus text format
+    health,         // GET /healthz
+    subscribe,      // GET /api/v1/ws/{id} or the bare /api/v1/ws, must be a WebSocket upgrade
+    push_body,      // POST /api/v1/ws/{ids}: ?data= or the body
+    push_path,      // GET /api/v1/ws/{ids}/{data}
+    bad_request,    // 400: bad id or list, malformed escape
+    not_found,      // 404
+    wrong_method,   // 405
 };
 
 struct route {
@@ -245,8 +246,9 @@ inline route route_request(std::string_view method, std::string_view target) {
     const auto query = question == target.npos ? std::string_view{} : target.substr(question + 1);
 
     route r;
-    for (auto [fixed, kind] : {std::pair{"/", route_kind::page}, std::pair{"/metrics", route_kind::metrics},
-                               std::pair{"/healthz", route_kind::health}}) {
+    for (auto [fixed, kind] :
+         {std::pair{"/", route_kind::page}, std::pair{"/wsbroadcast.js", route_kind::client_module},
+          std::pair{"/metrics", route_kind::metrics}, std::pair{"/healthz", route_kind::health}}) {
         if (path != fixed) continue;
         if (method == "GET")
             r.kind = kind;

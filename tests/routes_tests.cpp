@@ -207,6 +207,40 @@ TEST_CASE("wsbroadcast.v1: the frames, and the commands read from JSON") {
     }
 }
 
+TEST_CASE("wsbroadcast.v1 with history: positions in frames, since in commands and URLs") {
+    const wsbroadcast::position p{0xab, 7};
+    CHECK(v1::message_frame("k", "x", p) == R"({"type":"message","key":"k","data":"x","position":"ab.7"})");
+    CHECK(v1::subscribed_frame("k", {p, wsbroadcast::recovery::live, 0}) ==
+          R"({"type":"subscribed","key":"k","position":"ab.7"})");
+    CHECK(v1::subscribed_frame("k", {p, wsbroadcast::recovery::recovered, 2}) ==
+          R"({"type":"subscribed","key":"k","position":"ab.7","recovered":true})");
+    CHECK(v1::subscribed_frame("k", {p, wsbroadcast::recovery::trimmed, 0}) ==
+          R"({"type":"subscribed","key":"k","position":"ab.7","recovered":false,)"
+          R"("reason":"messages after this position are no longer kept"})");
+    CHECK(v1::subscribed_frame("k", {std::nullopt, wsbroadcast::recovery::no_history, 0}) ==
+          R"({"type":"subscribed","key":"k","recovered":false,"reason":"history is off"})");
+
+    CHECK(v1::parse_since("last")->what() == wsbroadcast::since::kind::latest);
+    CHECK(v1::parse_since("ab.7")->from() == p);
+    for (const char* bad : {"", "latest", "ab", "ab.", "ab.7x", "zz.1"}) CHECK_MESSAGE(!v1::parse_since(bad), bad);
+
+    const auto resume = v1::parse_command(R"({"type":"subscribe","key":"a","since":"ab.7"})", false);
+    CHECK(resume.kind == v1::command::subscribe);
+    CHECK(resume.since.from() == p);
+    CHECK(v1::parse_command(R"({"type":"subscribe","key":"a"})", false).since.what() == wsbroadcast::since::kind::now);
+    for (const char* bad :
+         {R"({"type":"subscribe","key":"a","since":7})", R"({"type":"subscribe","key":"a","since":"x"})",
+          R"({"type":"subscribe","key":"a","since":null})"}) {
+        const auto c = v1::parse_command(bad, false);
+        CHECK(c.kind == v1::command::invalid);
+        CHECK(c.problem == v1::since_problem);
+    }
+    // An unsubscribe ignores "since", like any field it does not use.
+    CHECK(v1::parse_command(R"({"type":"unsubscribe","key":"a","since":7})", false).kind == v1::command::unsubscribe);
+    CHECK(route_request("GET", "/wsbroadcast.js").kind == route_kind::client_module);
+    CHECK(route_request("POST", "/wsbroadcast.js").kind == route_kind::wrong_method);
+}
+
 TEST_CASE("relay payloads: one tag each, a multi-key push names its id and keys; copies are recognised") {
     CHECK(single_key_payload("paid") == "Spaid");
     const ids keys{"alpha", "beta"};

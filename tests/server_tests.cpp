@@ -678,12 +678,20 @@ TEST_CASE("a client that stops reading is closed by the policy; the others get e
 
 // ---- the page -------------------------------------------------------------------------------
 
-TEST_CASE("GET / serves a page that subscribes over ws: or wss:") {
+TEST_CASE("GET / serves a page built on /wsbroadcast.js, which is the client module of the source tree") {
     auto res = request(http::verb::get, "/");
     CHECK(res.result() == http::status::ok);
     CHECK(res[http::field::content_type] == "text/html; charset=utf-8");
-    CHECK(res.body().find("new WebSocket(") != std::string::npos);
+    CHECK(res.body().find(R"(import { connect } from "/wsbroadcast.js";)") != std::string::npos);
     CHECK(res.body().find(R"(location.protocol !== "http:" ? "wss://" : "ws://")") != std::string::npos);
+
+    const auto module = request(http::verb::get, "/wsbroadcast.js");
+    CHECK(module.result() == http::status::ok);
+    CHECK(module[http::field::content_type] == "text/javascript; charset=utf-8");
+    std::ifstream source(WSBROADCAST_CLIENT_JS_PATH, std::ios::binary);
+    const std::string expected((std::istreambuf_iterator<char>(source)), std::istreambuf_iterator<char>());
+    CHECK(expected.find("export function connect(") != std::string::npos);
+    CHECK(module.body() == expected);
 }
 
 // ---- the process ----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         }
         break;
     case route_kind::page:
+    case route_kind::client_module:
     case route_kind::metrics:
     case route_kind::health: require(method == "GET"); break;
     case route_kind::wrong_method: require(!r.allow.empty()); break;
@@ -72,6 +73,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         require(!command.problem.empty());
     else
         require(command.key && valid_id(*command.key));
+    // A position reads back as the text it prints; since is "last" or a position, nothing else.
+    if (const auto p = wsbroadcast::position::parse(target)) require(wsbroadcast::position::parse(p->to_string()) == p);
+    if (const auto since = v1::parse_since(target))
+        require(target == "last" ? since->what() == wsbroadcast::since::kind::latest
+                                 : since->what() == wsbroadcast::since::kind::after);
     // A relay payload's keys and data lie inside it; one made from them reads back the same.
     if (const auto push = parse_relay_payload(target)) {
         require(push->data.size() < target.size());
