@@ -1385,26 +1385,9 @@ public:
     /// gets one (a new epoch at offset 0), so that every subscriber has a position to resume from.
     template <class K, class F>
     start begin(const K& key, const since& from, clock::time_point now, F&& f) {
-        stream& s = stream_of(key);
-        touch(s, now);
-        while (expired(s, now)) drop_oldest(s);
-        const position top{s.epoch, s.top};
-        const std::uint64_t first = s.top - s.entries.size() + 1;  // the oldest kept offset
-        switch (from.what()) {
-        case since::kind::now: return {recovery::live, top};
-        case since::kind::latest:
-            if (s.entries.empty()) return {recovery::nothing_kept, top};
-            f(s.entries.back().m, top);
-            return {recovery::recovered, top};
-        case since::kind::after: break;
-        }
-        const auto& p = from.from();
-        if (p.epoch != s.epoch) return {recovery::epoch_changed, top};
-        if (p.offset > s.top) return {recovery::unknown_position, top};
-        if (p.offset + 1 < first) return {recovery::trimmed, top};
-        for (auto offset = p.offset + 1; offset <= s.top; ++offset)
-            f(s.entries[static_cast<std::size_t>(offset - first)].m, position{s.epoch, offset});
-        return {recovery::recovered, top};
+        const auto result = begin_at(stream_of(key), from, now, f);
+        trim(now);  // a new key may have gone over max_keys; `key`, just used, is not the one forgotten
+        return result;
     }
 
     /// Applies the bounds that time and the other keys impose: messages past their age, keys
@@ -1460,6 +1443,29 @@ private:
             s.in_use = use_lru_.begin();
         }
         return it->second;
+    }
+
+    template <class F>
+    start begin_at(stream& s, const since& from, clock::time_point now, F& f) {
+        touch(s, now);
+        while (expired(s, now)) drop_oldest(s);
+        const position top{s.epoch, s.top};
+        const std::uint64_t first = s.top - s.entries.size() + 1;  // the oldest kept offset
+        switch (from.what()) {
+        case since::kind::now: return {recovery::live, top};
+        case since::kind::latest:
+            if (s.entries.empty()) return {recovery::nothing_kept, top};
+            f(s.entries.back().m, top);
+            return {recovery::recovered, top};
+        case since::kind::after: break;
+        }
+        const auto& p = from.from();
+        if (p.epoch != s.epoch) return {recovery::epoch_changed, top};
+        if (p.offset > s.top) return {recovery::unknown_position, top};
+        if (p.offset + 1 < first) return {recovery::trimmed, top};
+        for (auto offset = p.offset + 1; offset <= s.top; ++offset)
+            f(s.entries[static_cast<std::size_t>(offset - first)].m, position{s.epoch, offset});
+        return {recovery::recovered, top};
     }
 
     void touch(stream& s, clock::time_point now) {

@@ -1996,6 +1996,10 @@ TEST_CASE_FIXTURE(fixture, "history is bounded per key by count and bytes, in al
             manager.subscribe(fake_socket(p), wsbroadcast::initial_keys<std::string>("a", since::after(a)), enveloped);
         settle();
         CHECK(p->received == std::vector<std::string>{"sub a @1 the history of this key restarted 0"});
+        // Subscribing gives a key a position too, within the same bound.
+        auto q = manager.subscribe(fake_socket(peer()), std::vector<std::string>{"x", "y", "z"});
+        CHECK(manager.history_keys() == 2);
+        settle();
     }
     SUBCASE("age") {
         auto opts = with_history(10);
