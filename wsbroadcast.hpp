@@ -2072,6 +2072,24 @@ public:
                 get(overflow_closes_), get(errors_),  get(recovered_), get(not_recovered_), get(replayed_)};
     }
 
+    /// Reads `key`'s history without subscribing: f(message, position) for each kept message
+    /// after `from` (since::after), or for the latest (since::latest), oldest first, and what a
+    /// subscription starting there would be told (its position now; recovered, or why not).
+    /// since::now reads nothing and gives the key's position. f runs under the history lock: it
+    /// must not call the manager. A key without a position gets one, as on subscribe.
+    template <class K, class F>
+        requires key_like<K> && std::invocable<F&, const message&, const position&>
+    subscribed_info read_history(const K& key, since from, F f) {
+        if (!history_.enabled()) return {std::nullopt, from.asks_history() ? recovery::no_history : recovery::live, 0};
+        std::lock_guard lock(history_mutex_);
+        std::size_t n = 0;
+        const auto start = history_.begin(key, from, clock::now(), [&](const message& m, const position& at) {
+            ++n;
+            f(m, at);
+        });
+        return {start.at, start.outcome, n};
+    }
+
     /// Keys with a position in the history (options::history), and what the messages it keeps
     /// cost, as its bounds count them. O(1).
     std::size_t history_keys() const {

@@ -2029,6 +2029,32 @@ TEST_CASE_FIXTURE(fixture, "history is bounded per key by count and bytes, in al
     }
 }
 
+TEST_CASE("read_history reads what a resume would get, without subscribing") {
+    manager_type manager(with_history(3));
+    const auto at = send_numbered(manager, "k", 1, 4);  // keeps 2, 3, 4
+    std::vector<std::string> got;
+    auto read = [&](since from) {
+        got.clear();
+        return manager.read_history("k", from, [&](const wsbroadcast::message& m, const position& p) {
+            got.push_back(std::string(m.data()) + "@" + std::to_string(p.offset));
+        });
+    };
+    auto info = read(since::after(at[1]));
+    CHECK(info.outcome == recovery::recovered);
+    CHECK(info.position == at[3]);
+    CHECK(info.replayed == 2);
+    CHECK(got == std::vector<std::string>{"m3@3", "m4@4"});
+    CHECK(read(since::after(at[0])).replayed == 3);                            // after 1: all three kept
+    CHECK(read(since::after({at[0].epoch, 0})).outcome == recovery::trimmed);  // 1 is gone
+    CHECK(got.empty());
+    CHECK(read(since::latest()).replayed == 1);
+    CHECK(got == std::vector<std::string>{"m4@4"});
+    CHECK(read(since::now()).position == at[3]);
+    CHECK(manager.size() == 0);
+    manager_type off;
+    CHECK(off.read_history("k", since::latest(), [](auto&&...) {}).outcome == recovery::no_history);
+}
+
 TEST_CASE_FIXTURE(fixture, "since::latest gives a new subscriber the key's latest message; plain peers get it bare") {
     manager_type manager(with_history(4));
     send_numbered(manager, "invoice", 1, 2);
