@@ -16,6 +16,7 @@
 
 #include "wsbroadcast.hpp"
 
+#include "environment.hpp"
 #include "page.hpp"
 #include "protocol.hpp"
 #include "redis_relay.hpp"
@@ -121,7 +122,9 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
 
 Every option can also come from the environment: --max-connections 100 is
 WSBROADCAST_MAX_CONNECTIONS=100, --allow-open-publish is WSBROADCAST_ALLOW_OPEN_PUBLISH=1, and
-WSBROADCAST_ALLOWED_ORIGIN takes a comma-separated list. The command line wins.
+WSBROADCAST_ALLOWED_ORIGIN takes a comma-separated list. The command line wins. A flag's variable
+takes 1, true, yes or on, or 0, false, no or off (any case); any other value, empty included, is
+refused at start-up (exit 2).
 
 Routes:
   GET  /api/v1/ws/{id}          WebSocket: receive every message pushed to {id}
@@ -178,7 +181,7 @@ bool parse_level(std::string_view text, log_level& out) {
     return true;
 }
 
-// The options that take a value, and the one flag; the environment may set any of them.
+// The options that take a value; the environment may set any of them.
 constexpr std::string_view value_options[] = {"address",
                                               "port",
                                               "threads",
@@ -198,17 +201,21 @@ constexpr std::string_view value_options[] = {"address",
                                               "redis-prefix",
                                               "log-level"};
 
+// The options that take no value. From the environment each is a strict boolean (parse_boolean).
+constexpr std::string_view flag_options[] = {"allow-open-publish"};
+
+std::string environment_variable(std::string_view option) {
+    std::string name = "WSBROADCAST_";
+    for (char c : option) name += c == '-' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    return name;
+}
+
 // WSBROADCAST_MAX_CONNECTIONS=100 becomes {"--max-connections", "100"}, placed before the command
-// line so that the command line wins.
-std::vector<std::string> options_from_environment() {
-    auto variable = [](std::string_view option) {
-        std::string name = "WSBROADCAST_";
-        for (char c : option) name += c == '-' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-        return name;
-    };
+// line so that the command line wins. A flag set to a value that is not a boolean leaves `problem`.
+std::vector<std::string> options_from_environment(std::string& problem) {
     std::vector<std::string> args;
     for (auto option : value_options) {
-        const char* value = std::getenv(variable(option).c_str());
+        const char* value = std::getenv(environment_variable(option).c_str());
         if (!value) continue;
         std::string_view rest = value;
         do {  // only --allowed-origin repeats; a comma never appears in the other values
@@ -218,21 +225,33 @@ std::vector<std::string> options_from_environment() {
             rest = comma == rest.npos ? std::string_view{} : rest.substr(comma + 1);
         } while (!rest.empty());
     }
-    if (const char* flag = std::getenv("WSBROADCAST_ALLOW_OPEN_PUBLISH"); flag && std::string_view(flag) != "0")
-        args.emplace_back("--allow-open-publish");
+    for (auto option : flag_options) {
+        const auto name = environment_variable(option);
+        const char* value = std::getenv(name.c_str());
+        if (!value) continue;
+        const auto on = parse_boolean(value);
+        if (!on) {
+            problem = name + " must be 1, true, yes or on, or 0, false, no or off (any case), not \"" +
+                      std::string(value) + "\"";
+            break;
+        }
+        if (*on) args.push_back("--" + std::string(option));
+    }
     return args;
 }
 
 // Returns nullopt after printing why (or the help) when the server should not start.
 std::optional<server_options> parse_options(int argc, char** argv, int& exit_code) {
     server_options o;
-    auto args = options_from_environment();
+    std::string problem;
+    auto args = options_from_environment(problem);
     args.insert(args.end(), argv + 1, argv + argc);
     auto fail = [&](std::string_view why) {
         std::cerr << "wsbroadcast-server: " << why << "\n\n" << usage;
         exit_code = 2;
         return std::nullopt;
     };
+    if (!problem.empty()) return fail(problem);
     for (std::size_t i = 0; i < args.size(); ++i) {
         const std::string_view arg = args[i];
         if (arg == "--help" || arg == "-h") {

@@ -1,6 +1,7 @@
 // The reference server's routing rules, tested as pure functions.
 #include <doctest/doctest.h>
 
+#include "environment.hpp"
 #include "protocol.hpp"
 #include "relay_wire.hpp"
 #include "routes.hpp"
@@ -21,6 +22,21 @@ TEST_CASE("ids follow LNbits' rule: 1 to 128 characters of [A-Za-z0-9:_-]") {
         CHECK_FALSE(valid_id(bad));
     }
     CHECK_FALSE(valid_id(std::string_view("a\0b", 3)));
+}
+
+TEST_CASE("flags from the environment: 1/true/yes/on and 0/false/no/off in any case, nothing else") {
+    for (const char* on : {"1", "true", "TRUE", "True", "yes", "YeS", "on", "ON"}) {
+        CAPTURE(on);
+        CHECK(parse_boolean(on) == true);
+    }
+    for (const char* off : {"0", "false", "FALSE", "no", "No", "off", "OFF"}) {
+        CAPTURE(off);
+        CHECK(parse_boolean(off) == false);
+    }
+    for (const char* bad : {"", " ", "2", "01", "y", "n", "tru", "truee", " yes", "yes ", "enable", "\x10", "0n"}) {
+        CAPTURE(bad);
+        CHECK_FALSE(parse_boolean(bad).has_value());
+    }
 }
 
 TEST_CASE("percent-decoding") {

@@ -762,6 +762,45 @@ TEST_CASE("a non-loopback address without a publish token is refused at start-up
     CHECK(out.find("without --publish-token") != std::string::npos);
 }
 
+namespace {
+// Runs the server to its end with extra environment entries; its exit status and everything it wrote.
+std::pair<int, std::string> run_to_exit(const std::vector<std::string>& env, const std::string& args) {
+    std::string cmd = "timeout 10 env";
+    for (const auto& e : env) cmd += " '" + e + "'";
+    FILE* p = popen((cmd + " " + WSBROADCAST_SERVER_PATH + " " + args + " 2>&1").c_str(), "r");
+    REQUIRE(p != nullptr);
+    std::string out;
+    char chunk[512];
+    while (std::size_t n = fread(chunk, 1, sizeof chunk, p)) out.append(chunk, n);
+    return {WEXITSTATUS(pclose(p)), out};
+}
+}  // namespace
+
+TEST_CASE("boolean environment values are strict: false is off, and an unknown value is refused by name") {
+    // 192.0.2.1 (TEST-NET-1) is no address of this machine: a server allowed to publish openly
+    // there gets past the check and then cannot listen (exit 1). Nothing listens beyond loopback.
+    const std::string args = "--address 192.0.2.1 --port 0";
+    for (const std::string off : {"0", "false", "FALSE", "no", "Off"}) {
+        CAPTURE(off);
+        const auto [status, out] = run_to_exit({"WSBROADCAST_ALLOW_OPEN_PUBLISH=" + off}, args);
+        CHECK(status == 2);
+        CHECK(out.find("without --publish-token") != std::string::npos);
+    }
+    for (const std::string on : {"1", "true", "Yes", "ON"}) {
+        CAPTURE(on);
+        const auto [status, out] = run_to_exit({"WSBROADCAST_ALLOW_OPEN_PUBLISH=" + on}, args);
+        CHECK(status == 1);
+        CHECK(out.find("cannot listen on 192.0.2.1") != std::string::npos);
+    }
+    for (const std::string bad : {"", "maybe", "2", "tru", " yes"}) {
+        CAPTURE(bad);
+        const auto [status, out] = run_to_exit({"WSBROADCAST_ALLOW_OPEN_PUBLISH=" + bad}, args);
+        CHECK(status == 2);
+        CHECK(out.find("WSBROADCAST_ALLOW_OPEN_PUBLISH") != std::string::npos);
+        CHECK(out.find("cannot listen") == std::string::npos);
+    }
+}
+
 TEST_CASE("--allowed-origin: other browser origins get 403 before the upgrade") {
     server_process server({"--allowed-origin", "https://good.example", "--allowed-origin", "http://127.0.0.1:8080"});
     ws_client evil;
