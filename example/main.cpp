@@ -501,6 +501,12 @@ response push(State& state, const request& req, const std::vector<std::string>& 
         res.set(http::field::www_authenticate, "Bearer");
         return res;
     }
+    // Sent as a text frame, invalid UTF-8 would make every subscriber's client fail its connection.
+    if (!valid_utf8(data)) {
+        refuse(refusal::bad_request, "push to " + joined(ids) + ": the data is not valid UTF-8");
+        return make_error(req, http::status::bad_request,
+                          "the data is not valid UTF-8, as a WebSocket text message must be: nothing was sent");
+    }
     const auto result = state.manager.publish(ids, data);  // one send for every id: once per connection
     if (result.error) {
         refuse(refusal::relay_unavailable, "push to " + joined(ids) + ": " + result.error.message());

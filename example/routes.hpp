@@ -26,6 +26,40 @@ inline bool valid_id(std::string_view id) {
     return true;
 }
 
+/// Whether `text` is well-formed UTF-8 (RFC 3629): no stray continuation byte, no truncated
+/// sequence, no overlong form, no surrogate (U+D800 to U+DFFF), nothing past U+10FFFF. A WebSocket
+/// text message must be (RFC 6455 section 8.1): clients fail the connection on anything else.
+inline bool valid_utf8(std::string_view text) {
+    struct sequence {
+        std::size_t length;       // 0: this byte cannot start one
+        unsigned char low, high;  // the range of the second byte, which rules out the invalid values
+    };
+    auto starting_with = [](unsigned char lead) -> sequence {
+        if (lead >= 0xC2 && lead <= 0xDF) return {2, 0x80, 0xBF};
+        if (lead == 0xE0) return {3, 0xA0, 0xBF};  // below: overlong
+        if (lead == 0xED) return {3, 0x80, 0x9F};  // above: surrogates
+        if (lead >= 0xE1 && lead <= 0xEF) return {3, 0x80, 0xBF};
+        if (lead == 0xF0) return {4, 0x90, 0xBF};  // below: overlong
+        if (lead == 0xF4) return {4, 0x80, 0x8F};  // above: past U+10FFFF
+        if (lead >= 0xF1 && lead <= 0xF3) return {4, 0x80, 0xBF};
+        return {0, 0, 0};  // 0x80 to 0xC1: a continuation or an overlong lead; 0xF5 and up: past U+10FFFF
+    };
+    auto byte = [text](std::size_t i) { return static_cast<unsigned char>(text[i]); };
+    for (std::size_t i = 0; i < text.size();) {
+        if (byte(i) < 0x80) {
+            ++i;
+            continue;
+        }
+        const auto s = starting_with(byte(i));
+        if (s.length == 0 || text.size() - i < s.length) return false;
+        if (byte(i + 1) < s.low || byte(i + 1) > s.high) return false;
+        for (std::size_t k = 2; k < s.length; ++k)
+            if ((byte(i + k) & 0xC0) != 0x80) return false;
+        i += s.length;
+    }
+    return true;
+}
+
 /// Percent-decoding. In a query string '+' also means a space. A malformed escape is an error.
 inline std::optional<std::string> url_decode(std::string_view in, bool plus_is_space = false) {
     auto hex = [](char c) -> int {

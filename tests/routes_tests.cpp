@@ -39,6 +39,40 @@ TEST_CASE("flags from the environment: 1/true/yes/on and 0/false/no/off in any c
     }
 }
 
+TEST_CASE("UTF-8 is validated strictly: no overlongs, surrogates, code points past U+10FFFF or cut sequences") {
+    for (const char* good :
+         {"", "plain ASCII", "\x7f", "caf\xc3\xa9", "\xc2\x80", "\xdf\xbf", "\xe0\xa0\x80", "\xed\x9f\xbf",
+          "\xee\x80\x80", "\xef\xbf\xbf", "\xf0\x90\x80\x80", "\xf4\x8f\xbf\xbf", "\xe2\x9c\x93 \xf0\x9f\x98\x80"}) {
+        CAPTURE(std::string_view(good));
+        CHECK(valid_utf8(good));
+    }
+    CHECK(valid_utf8(std::string_view("a\0b", 3)));  // NUL is a character
+    for (const char* bad : {
+             "\x80",                // a continuation byte with no lead
+             "\xbf",                //
+             "\xc3\x28",            // a lead followed by no continuation
+             "\xc3",                // cut short
+             "\xe2\x82",            //
+             "\xf0\x9f\x98",        //
+             "\xc0\xaf",            // overlong '/'
+             "\xc1\xbf",            // overlong U+7F
+             "\xe0\x9f\xbf",        // overlong U+7FF
+             "\xf0\x8f\xbf\xbf",    // overlong U+FFFF
+             "\xed\xa0\x80",        // U+D800, a surrogate
+             "\xed\xbf\xbf",        // U+DFFF
+             "\xf4\x90\x80\x80",    // U+110000
+             "\xf5\x80\x80\x80",    // a lead past U+10FFFF
+             "\xff",                //
+             "\xfe\xff",            //
+             "ok\xe2\x9c\x93\x80",  // a stray continuation after a good character
+             "\xe2\x28\xa1",        // a bad second byte
+             "\xe2\x82\x28",        // a bad third byte
+         }) {
+        CAPTURE(std::string_view(bad));
+        CHECK_FALSE(valid_utf8(bad));
+    }
+}
+
 TEST_CASE("percent-decoding") {
     CHECK(url_decode("hello%20world%2F1") == "hello world/1");
     CHECK(url_decode("a+b") == "a+b");

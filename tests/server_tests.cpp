@@ -449,6 +449,35 @@ TEST_CASE("a push to a list of ids is refused with 400 when the list is bad, and
     CHECK(c->read() == "after");  // nothing refused got through before it
 }
 
+TEST_CASE("a push that is not valid UTF-8 gets 400 with the reason; subscribers stay and get nothing of it") {
+    auto c = subscriber("utf8");
+    const std::string reason =
+        R"({"detail":"the data is not valid UTF-8, as a WebSocket text message must be: nothing was sent"})";
+    const std::pair<http::verb, std::string> pushes[] = {
+        {http::verb::get, "/api/v1/ws/utf8/%FF%FE"},
+        {http::verb::get, "/api/v1/ws/utf8/%ED%A0%80"},     // a surrogate, U+D800
+        {http::verb::get, "/api/v1/ws/utf8/%F4%90%80%80"},  // U+110000, past the last code point
+        {http::verb::post, "/api/v1/ws/utf8?data=%C3%28"},
+    };
+    for (const auto& [method, target] : pushes) {
+        CAPTURE(target);
+        const auto res = request(method, target);
+        CHECK(res.result() == http::status::bad_request);
+        CHECK(res[http::field::content_type] == "application/json");
+        CHECK(res.body() == reason);
+    }
+    for (const std::string body : {"\xc3\x28", "\xc0\xaf", "ok\xe2\x82"}) {  // bad, overlong '/', truncated
+        const auto res = request(http::verb::post, "/api/v1/ws/utf8", body);
+        CHECK(res.result() == http::status::bad_request);
+        CHECK(res.body() == reason);
+    }
+    // The first message the subscriber reads is this one: a text frame with invalid UTF-8 before it
+    // would have failed the read (Beast checks, as browsers do) and the connection with it.
+    const std::string fine = "caf\xc3\xa9 \xe2\x9c\x93 \xf0\x9f\x98\x80";
+    CHECK(request(http::verb::post, "/api/v1/ws/utf8", fine).body() == push_answer(fine, 1));
+    CHECK(c->read() == fine);
+}
+
 TEST_CASE("a malformed request gets 400 and the server carries on") {
     auto watcher = subscriber("still-alive");
     CHECK(raw_exchange("GARBAGE\r\n\r\n").starts_with("HTTP/1.1 400"));

@@ -1,5 +1,5 @@
 // libFuzzer target: the reference server's request routing, id validation, URL decoding and the
-// small parsers around them (id lists, Sec-WebSocket-Protocol, wsbroadcast.v1 commands, relay
+// small parsers around them (UTF-8, id lists, Sec-WebSocket-Protocol, wsbroadcast.v1 commands, relay
 // payloads). Byte 0 picks the method; the rest is the request target, and the input of the others.
 // Every invariant below is something the server relies on; a violation traps.
 #include "protocol.hpp"
@@ -18,6 +18,31 @@ using namespace wsbroadcast_server;
 namespace {
 void require(bool ok) {
     if (!ok) __builtin_trap();
+}
+
+// UTF-8's rules stated another way, to check valid_utf8 against: each sequence decodes, by its
+// bits, to a code point that is no surrogate, at most U+10FFFF, and encoded in its shortest form.
+bool utf8_by_reencoding(std::string_view s) {
+    for (std::size_t i = 0; i < s.size();) {
+        const auto lead = static_cast<unsigned char>(s[i]);
+        const std::size_t n = lead < 0x80           ? 1
+                              : (lead >> 5) == 0x6  ? 2
+                              : (lead >> 4) == 0xE  ? 3
+                              : (lead >> 3) == 0x1E ? 4
+                                                    : 0;
+        if (n == 0 || s.size() - i < n) return false;
+        std::uint32_t code_point = n == 1 ? lead : lead & (0x7Fu >> n);
+        for (std::size_t k = 1; k < n; ++k) {
+            const auto next = static_cast<unsigned char>(s[i + k]);
+            if ((next & 0xC0) != 0x80) return false;
+            code_point = code_point << 6 | (next & 0x3Fu);
+        }
+        if (code_point > 0x10FFFF || (code_point >= 0xD800 && code_point <= 0xDFFF)) return false;
+        const std::size_t shortest = code_point < 0x80 ? 1 : code_point < 0x800 ? 2 : code_point < 0x10000 ? 3 : 4;
+        if (shortest != n) return false;
+        i += n;
+    }
+    return true;
 }
 }  // namespace
 
@@ -57,6 +82,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         for (unsigned char c : json) require(c >= 0x20);
     }
     if (const auto value = query_param(target, "data")) require(value->size() <= target.size());
+    // What the server refuses as not UTF-8 is exactly what UTF-8 rules out.
+    require(valid_utf8(target) == utf8_by_reencoding(target));
     const auto token = bearer_token(target);
     require(token.size() < target.size() || token.empty());
     require(secret_matches(target, target));
