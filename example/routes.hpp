@@ -60,8 +60,10 @@ inline bool valid_utf8(std::string_view text) {
     return true;
 }
 
-/// Percent-decoding. In a query string '+' also means a space. A malformed escape is an error.
-inline std::optional<std::string> url_decode(std::string_view in, bool plus_is_space = false) {
+/// Percent-decoding, as Python's urllib.parse.unquote (what LNbits runs on) does it: a '%' not
+/// followed by two hex digits is kept as it is, so "50%%20off" is "50% off" and "%zz" stays "%zz".
+/// In a query string '+' also means a space.
+inline std::string url_decode(std::string_view in, bool plus_is_space = false) {
     auto hex = [](char c) -> int {
         if (c >= '0' && c <= '9') return c - '0';
         if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -71,10 +73,9 @@ inline std::optional<std::string> url_decode(std::string_view in, bool plus_is_s
     std::string out;
     out.reserve(in.size());
     for (std::size_t i = 0; i < in.size(); ++i) {
-        if (in[i] == '%') {
-            if (i + 2 >= in.size()) return std::nullopt;
-            const int hi = hex(in[i + 1]), lo = hex(in[i + 2]);
-            if (hi < 0 || lo < 0) return std::nullopt;
+        const int hi = in[i] == '%' && i + 2 < in.size() ? hex(in[i + 1]) : -1;
+        const int lo = hi < 0 ? -1 : hex(in[i + 2]);
+        if (lo >= 0) {
             out.push_back(static_cast<char>(hi * 16 + lo));
             i += 2;
         } else if (in[i] == '+' && plus_is_space) {
@@ -254,7 +255,7 @@ enum class route_kind {
     subscribe,     // GET /api/v1/ws/{id} or the bare /api/v1/ws, must be a WebSocket upgrade
     push_body,     // POST /api/v1/ws/{ids}: ?data= or the body
     push_path,     // GET /api/v1/ws/{ids}/{data}
-    bad_request,   // 400: bad id or list, malformed escape
+    bad_request,   // 400: bad id or list
     not_found,     // 404
     wrong_method,  // 405
 };
@@ -306,11 +307,10 @@ inline route route_request(std::string_view method, std::string_view target) {
 
     // Decoded before splitting: a client that encodes the whole list ("a%2Cb") means the same list.
     const auto decoded = url_decode(rest.substr(0, slash));
-    if (!decoded) return bad(invalid_id_problem);
     const bool subscribing = method == "GET" && !has_data;
-    if (subscribing && decoded->find(',') != decoded->npos)
+    if (subscribing && decoded.find(',') != decoded.npos)
         return bad("one id per WebSocket URL; use the wsbroadcast.v1 subprotocol to subscribe to several");
-    auto list = parse_id_list(*decoded);
+    auto list = parse_id_list(decoded);
     if (!list.problem.empty()) return bad(list.problem);
     r.ids = std::move(list.ids);
 
@@ -321,7 +321,6 @@ inline route route_request(std::string_view method, std::string_view target) {
             return r;
         }
         r.data = url_decode(rest.substr(slash + 1));
-        if (!r.data) return bad("malformed percent-escape in data");
         r.kind = route_kind::push_path;
         return r;
     }
@@ -329,10 +328,7 @@ inline route route_request(std::string_view method, std::string_view target) {
         r.kind = route_kind::subscribe;
     } else if (method == "POST") {
         r.kind = route_kind::push_body;
-        if (const auto raw = query_param(query, "data")) {
-            r.data = url_decode(*raw, true);
-            if (!r.data) return bad("malformed percent-escape in ?data=");
-        }
+        if (const auto raw = query_param(query, "data")) r.data = url_decode(*raw, true);
     } else {
         r.kind = route_kind::wrong_method;
         r.allow = "GET, POST";

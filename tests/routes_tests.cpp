@@ -79,10 +79,18 @@ TEST_CASE("percent-decoding") {
     CHECK(url_decode("a+b", true) == "a b");
     CHECK(url_decode("%41%6a") == "Aj");
     CHECK(url_decode("") == "");
-    CHECK_FALSE(url_decode("%").has_value());
-    CHECK_FALSE(url_decode("%4").has_value());
-    CHECK_FALSE(url_decode("%zz").has_value());
-    CHECK_FALSE(url_decode("abc%2").has_value());
+}
+
+TEST_CASE("a malformed percent-escape is kept as it is, as Python's unquote keeps it") {
+    CHECK(url_decode("bob-50%%20off") == "bob-50% off");  // Copilot's chat text, sent unencoded
+    CHECK(url_decode("%zz") == "%zz");
+    CHECK(url_decode("%4") == "%4");
+    CHECK(url_decode("%") == "%");
+    CHECK(url_decode("abc%2") == "abc%2");
+    CHECK(url_decode("%%") == "%%");
+    CHECK(url_decode("%g1%41") == "%g1A");
+    CHECK(url_decode("%4%41") == "%4A");
+    CHECK(url_decode("100%+sure", true) == "100% sure");
 }
 
 TEST_CASE("query parameters") {
@@ -133,9 +141,16 @@ TEST_CASE("routing") {
     CHECK(route_request("POST", "/api/v1/ws").kind == route_kind::bad_request);
     CHECK(route_request("GET", "/api/v1/ws/").kind == route_kind::bad_request);
     CHECK(route_request("GET", "/api/v1/ws/a%20b").kind == route_kind::bad_request);
+    // A malformed escape stays literal (as in LNbits), and then an id still has to be valid.
     CHECK(route_request("GET", "/api/v1/ws/%zz").kind == route_kind::bad_request);
-    CHECK(route_request("GET", "/api/v1/ws/ok/%zz").kind == route_kind::bad_request);
-    CHECK(route_request("POST", "/api/v1/ws/ok?data=%zz").kind == route_kind::bad_request);
+    CHECK(route_request("GET", "/api/v1/ws/%zz/x").problem == invalid_id_problem);
+    CHECK(route_request("GET", "/api/v1/ws/%41b%2/x").problem == invalid_id_problem);
+    auto literal = route_request("GET", "/api/v1/ws/ok/bob-50%%20off%zz%4");
+    CHECK(literal.kind == route_kind::push_path);
+    CHECK(literal.data == "bob-50% off%zz%4");
+    auto literal_query = route_request("POST", "/api/v1/ws/ok?data=50%+off%zz");
+    CHECK(literal_query.kind == route_kind::push_body);
+    CHECK(literal_query.data == "50% off%zz");
     CHECK(route_request("DELETE", "/api/v1/ws/ok").allow == "GET, POST");
     CHECK(route_request("POST", "/api/v1/ws/ok/data").allow == "GET");
 }

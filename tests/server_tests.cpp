@@ -429,7 +429,20 @@ TEST_CASE("invalid ids are refused with 400, for pushes and for subscriptions") 
     }
     // 128 bytes is still fine.
     CHECK(request(http::verb::post, "/api/v1/ws/" + std::string(128, 'a'), "x").result() == http::status::ok);
-    CHECK(request(http::verb::get, "/api/v1/ws/abc/%zz").result() == http::status::bad_request);
+    CHECK(request(http::verb::get, "/api/v1/ws/%zz/x").result() == http::status::bad_request);  // %zz stays
+}
+
+TEST_CASE("a malformed percent-escape is pushed as it is, as LNbits does (Copilot sends chat text unencoded)") {
+    auto c = subscriber("copilot");
+    for (const auto& [target, data] : {std::pair<std::string, std::string>{"/copilot/bob-50%%20off", "bob-50% off"},
+                                       {"/copilot/%zz", "%zz"},
+                                       {"/copilot/%4", "%4"},
+                                       {"/copilot?data=100%+sure", "100% sure"}}) {
+        CAPTURE(target);
+        const auto method = target.find('?') == std::string::npos ? http::verb::get : http::verb::post;
+        CHECK(request(method, "/api/v1/ws" + target).body() == push_answer(data, 1));
+        CHECK(c->read() == data);
+    }
 }
 
 TEST_CASE("a push to a list of ids is refused with 400 when the list is bad, and delivered to no one") {

@@ -1,4 +1,4 @@
-// libFuzzer target: the reference server's request routing, id validation, URL decoding and the
+// libFuzzer target: the reference server's request routing, id validation, lenient URL decoding and the
 // small parsers around them (UTF-8, id lists, Sec-WebSocket-Protocol, wsbroadcast.v1 commands, relay
 // payloads). Byte 0 picks the method; the rest is the request target, and the input of the others.
 // Every invariant below is something the server relies on; a violation traps.
@@ -9,6 +9,7 @@
 #include <boost/json/src.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
@@ -74,13 +75,19 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
     if (r.kind == route_kind::push_path) require(r.data.has_value());
 
-    // Decoding never grows the input; a decoded string re-escaped as JSON has no raw control bytes.
-    if (const auto decoded = url_decode(target, data[0] & 1)) {
-        require(decoded->size() <= target.size());
-        const auto json = json_string(*decoded);
-        require(json.size() >= 2 && json.front() == '"' && json.back() == '"');
-        for (unsigned char c : json) require(c >= 0x20);
-    }
+    // Decoding never grows the input, and leaves it as it is when it has no well-formed escape (and,
+    // for a query, no '+'); a decoded string re-escaped as JSON has no raw control bytes.
+    const bool plus_is_space = data[0] & 1;
+    const auto decoded = url_decode(target, plus_is_space);
+    require(decoded.size() <= target.size());
+    bool escapes = plus_is_space && target.find('+') != target.npos;
+    for (std::size_t i = 0; i + 2 < target.size(); ++i)
+        escapes = escapes || (target[i] == '%' && std::isxdigit(static_cast<unsigned char>(target[i + 1])) &&
+                              std::isxdigit(static_cast<unsigned char>(target[i + 2])));
+    require(escapes || decoded == target);
+    const auto json = json_string(decoded);
+    require(json.size() >= 2 && json.front() == '"' && json.back() == '"');
+    for (unsigned char c : json) require(c >= 0x20);
     if (const auto value = query_param(target, "data")) require(value->size() <= target.size());
     // What the server refuses as not UTF-8 is exactly what UTF-8 rules out.
     require(valid_utf8(target) == utf8_by_reencoding(target));
