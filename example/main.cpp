@@ -35,6 +35,7 @@
 #include <atomic>
 #include <cctype>
 #include <charconv>
+#include <csignal>
 #include <cstdlib>
 #include <iostream>
 #include <mutex>
@@ -879,6 +880,9 @@ int run(const server_options& options, ssl::context* tls) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    // hiredis writes to Redis with write(2), and the log goes to stderr the same way: a peer that
+    // went away must be an EPIPE error there, not a signal that ends the process and every client.
+    std::signal(SIGPIPE, SIG_IGN);
     int exit_code = 0;
     const auto options = parse_options(argc, argv, exit_code);
     if (!options) return exit_code;

@@ -61,9 +61,12 @@ constexpr auto io_timeout = 5s;
 
 class server_process {
 public:
-    // `env`: extra NAME=value entries; `stderr_file`: where the server's log goes (default: ours).
+    // `env`: extra NAME=value entries; `stderr_file` or `stderr_fd`: where the server's log goes
+    // (default: ours); `wrapper`: a command that runs the server in its place, keeping its pid
+    // ({"prlimit", "--nofile=64:64", "--"}).
     explicit server_process(std::vector<std::string> args = {}, std::vector<std::string> env = {},
-                            const std::string& stderr_file = {}) {
+                            const std::string& stderr_file = {}, int stderr_fd = -1,
+                            const std::vector<std::string>& wrapper = {}) {
         int out[2];
         REQUIRE(pipe(out) == 0);
         posix_spawn_file_actions_t actions;
@@ -73,16 +76,29 @@ public:
         if (!stderr_file.empty())
             posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, stderr_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
                                              0644);
+        if (stderr_fd >= 0) posix_spawn_file_actions_adddup2(&actions, stderr_fd, STDERR_FILENO);
         std::vector<char*> envp;
         for (char** e = environ; *e; ++e) envp.push_back(*e);
         for (auto& e : env) envp.push_back(e.data());
         envp.push_back(nullptr);
-        std::vector<std::string> all = {WSBROADCAST_SERVER_PATH, "--port", "0", "--threads", "2"};
+        std::vector<std::string> all = wrapper;
+        all.insert(all.end(), {WSBROADCAST_SERVER_PATH, "--port", "0", "--threads", "2"});
         all.insert(all.end(), args.begin(), args.end());
         std::vector<char*> argv;
         for (auto& a : all) argv.push_back(a.data());
         argv.push_back(nullptr);
-        REQUIRE(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), envp.data()) == 0);
+        // SIGPIPE and SIGHUP at their defaults, whatever this process (or whoever started it)
+        // ignores: the server must set them itself, not inherit SIG_IGN.
+        posix_spawnattr_t attributes;
+        posix_spawnattr_init(&attributes);
+        sigset_t defaults;
+        sigemptyset(&defaults);
+        sigaddset(&defaults, SIGPIPE);
+        sigaddset(&defaults, SIGHUP);
+        posix_spawnattr_setsigdefault(&attributes, &defaults);
+        posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGDEF);
+        REQUIRE(posix_spawnp(&pid_, argv[0], &actions, &attributes, argv.data(), envp.data()) == 0);
+        posix_spawnattr_destroy(&attributes);
         posix_spawn_file_actions_destroy(&actions);
         close(out[1]);
         // The first line says where it listens: "... listening on http://127.0.0.1:PORT with ..."
@@ -917,6 +933,30 @@ TEST_CASE("liveness: a client that stops reading is dropped even while a write t
     // Whether the outbox overflowed first depends on the build's speed (a sanitized server may be
     // torn down before): said, not asserted.
     MESSAGE("messages dropped before the teardown: " << metric(server, "wsbroadcast_dropped_messages_total"));
+}
+
+TEST_CASE("SIGPIPE does not kill the server: its log on a pipe whose reader is gone, it carries on") {
+    // hiredis writes to Redis with write(2), as the log does to stderr: a peer gone away must be an
+    // EPIPE error there, not the default SIGPIPE that ends the process.
+    int log_pipe[2];
+    REQUIRE(pipe2(log_pipe, O_CLOEXEC) == 0);  // the server gets the write end as stderr, and nothing else
+    server_process server({}, {}, {}, log_pipe[1]);
+    close(log_pipe[1]);
+    close(log_pipe[0]);  // nobody will ever read the log
+    auto c = subscriber("sigpipe", server.port());
+    for (int i = 0; i < 3; ++i)  // each refusal is a log line, written into the broken pipe
+        CHECK(request(http::verb::post, "/api/v1/ws/bad.id", "x", server.port()).result() == http::status::bad_request);
+    CHECK(request(http::verb::post, "/api/v1/ws/sigpipe", "alive", server.port()).body() == push_answer("alive", 1));
+    CHECK(c->read() == "alive");
+    CHECK(waitpid(server.pid(), nullptr, WNOHANG) == 0);  // still running
+    // And the disposition itself: bit 13 - 1 of the ignored-signal mask.
+    std::ifstream status("/proc/" + std::to_string(server.pid()) + "/status");
+    std::string line;
+    while (std::getline(status, line) && !line.starts_with("SigIgn:")) {
+    }
+    REQUIRE(line.starts_with("SigIgn:"));
+    CHECK((std::stoull(line.substr(7), nullptr, 16) >> (SIGPIPE - 1) & 1) == 1);
+    CHECK(server.stop() == 0);
 }
 
 TEST_CASE("SIGTERM with a client that never answers the close: exit 0 within the drain deadline") {
