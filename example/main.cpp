@@ -37,6 +37,8 @@
 #include <charconv>
 #include <csignal>
 #include <cstdlib>
+#include <functional>
+#include <memory>
 #include <iostream>
 #include <mutex>
 #include <optional>
@@ -104,7 +106,8 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
   --max-keys-per-connection N    ids one wsbroadcast.v1 connection may subscribe to, 0 for no limit
                                  (default 64); over it: an error frame
   --idle-timeout SECONDS         drop a client that answers no ping for this long (default 60)
-  --tls-cert FILE --tls-key FILE serve https:// and wss:// with this PEM certificate chain and key
+  --tls-cert FILE --tls-key FILE serve https:// and wss:// with this PEM certificate chain and key;
+                                 SIGHUP reads them again for new connections (renewal)
   --max-queued-bytes N           per-connection outbox limit in bytes (default 1048576)
   --max-queued-messages N        per-connection outbox limit in messages (default 1024)
   --overflow POLICY              when a client's outbox is full: close (with 1008, the default),
@@ -411,6 +414,40 @@ struct websocket_transport<beast::tcp_stream> {
     using type = beast::tcp_stream::socket_type;
 };
 
+// The TLS contexts handshakes use: new connections get the newest. reload() reads the certificate
+// and key again into a new context (SIGHUP: how a renewed certificate is put in service); the older
+// ones are kept, since connections made with them may still be open (a few KiB per reload).
+class tls_contexts {
+public:
+    tls_contexts(std::string cert_file, std::string key_file)
+        : cert_file_(std::move(cert_file)), key_file_(std::move(key_file)) {
+        reload();
+    }
+    tls_contexts(const tls_contexts&) = delete;
+
+    ssl::context& current() {
+        std::lock_guard lock(mutex_);
+        return *contexts_.back();
+    }
+    // Throws what OpenSSL says (a missing file, a key that is not the certificate's); the current
+    // context stays as it was then.
+    void reload() {
+        auto next = std::make_unique<ssl::context>(ssl::context::tls_server);
+        next->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
+                          ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1);
+        next->use_certificate_chain_file(cert_file_);
+        next->use_private_key_file(key_file_, ssl::context::pem);
+        std::lock_guard lock(mutex_);
+        contexts_.push_back(std::move(next));
+    }
+    const std::string& cert_file() const { return cert_file_; }
+
+private:
+    const std::string cert_file_, key_file_;
+    std::mutex mutex_;
+    std::vector<std::unique_ptr<ssl::context>> contexts_;
+};
+
 // The server's state shared by every session: the options and the manager for this transport.
 template <class Stream>
 struct server_state {
@@ -423,7 +460,7 @@ struct server_state {
     const server_options& options;
     std::shared_ptr<relay_type> relay;  // with --redis; the manager holds it too
     manager_type manager;
-    ssl::context* tls = nullptr;  // set when Stream is an ssl_stream
+    tls_contexts* tls = nullptr;  // set when Stream is an ssl_stream
 };
 
 bool authorized(const server_options& o, const request& req) {
@@ -773,10 +810,23 @@ net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::accept
             net::co_spawn(executor, http_session(state, beast::tcp_stream(std::move(socket))),
                           log_exception("session"));
         } else {
-            net::co_spawn(executor,
-                          http_session(state, beast::ssl_stream<beast::tcp_stream>(std::move(socket), *state.tls)),
-                          log_exception("session"));
+            net::co_spawn(
+                executor,
+                http_session(state, beast::ssl_stream<beast::tcp_stream>(std::move(socket), state.tls->current())),
+                log_exception("session"));
         }
+    }
+}
+
+void reload_certificate(tls_contexts* tls) {
+    if (!tls) return log(log_level::warn, "received SIGHUP: no TLS certificate to reload (no --tls-cert); carrying on");
+    try {
+        tls->reload();
+        log(log_level::warn, "received SIGHUP: reloaded the TLS certificate " + tls->cert_file() +
+                                 " and its key for new connections; open connections are unchanged");
+    } catch (const std::exception& e) {
+        log(log_level::error, "received SIGHUP: cannot reload the TLS certificate " + tls->cert_file() + ": " +
+                                  e.what() + "; new connections keep getting the previous one");
     }
 }
 
@@ -790,7 +840,7 @@ void raise_open_file_limit() {
 }
 
 template <class Stream>
-int run(const server_options& options, ssl::context* tls) {
+int run(const server_options& options, tls_contexts* tls) {
     wsbroadcast::options manager_options;
     manager_options.outbox = options.outbox;
     manager_options.max_connections = options.max_connections;
@@ -856,6 +906,18 @@ int run(const server_options& options, ssl::context* tls) {
         });
     });
 
+    // SIGHUP (whose default would end the process and every connection) puts a renewed certificate
+    // in service for new handshakes; every connection stays as it is.
+    net::signal_set hangups(ioc, SIGHUP);
+    std::function<void()> wait_for_hangup = [&] {
+        hangups.async_wait([&](const beast::error_code& ec, int) {
+            if (ec) return;
+            reload_certificate(tls);
+            wait_for_hangup();
+        });
+    };
+    wait_for_hangup();
+
     const auto bound = acceptor.local_endpoint();
     const auto host = bound.address().is_v6() ? "[" + bound.address().to_string() + "]" : bound.address().to_string();
     // Signals are handled from here on; tests read the port from this line (with --port 0).
@@ -904,15 +966,12 @@ int main(int argc, char** argv) {
 
     if (options->tls_cert.empty()) return run<beast::tcp_stream>(*options, nullptr);
 
-    ssl::context tls(ssl::context::tls_server);
-    tls.set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
-                    ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1);
+    std::optional<tls_contexts> tls;
     try {
-        tls.use_certificate_chain_file(options->tls_cert);
-        tls.use_private_key_file(options->tls_key, ssl::context::pem);
+        tls.emplace(options->tls_cert, options->tls_key);
     } catch (const std::exception& e) {
         std::cerr << "wsbroadcast-server: cannot load the TLS certificate or key: " << e.what() << '\n';
         return 2;
     }
-    return run<beast::ssl_stream<beast::tcp_stream>>(*options, &tls);
+    return run<beast::ssl_stream<beast::tcp_stream>>(*options, &*tls);
 }

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <optional>
@@ -305,6 +306,11 @@ struct publisher {
         return std::stoi(res.body().substr(at + 1));
     }
 };
+
+std::string file_text(const std::string& path) {
+    std::ifstream in(path);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+}
 
 long rss_kib(pid_t pid) {
     std::ifstream status("/proc/" + std::to_string(pid) + "/status");
@@ -1037,6 +1043,104 @@ TEST_CASE("TLS: wss:// and https:// with a verifying client; the same manager ov
     // Plain HTTP to the TLS port gets nowhere, and the server carries on.
     raw_exchange("GET / HTTP/1.1\r\nHost: x\r\n\r\n", server.port());
     CHECK(server.stop(SIGTERM) == 0);
+}
+
+namespace {
+// A TLS client that trusts only `trusted` (a PEM certificate) and checks that it names 127.0.0.1.
+struct tls_client {
+    net::io_context ioc;
+    ssl::context ctx{ssl::context::tls_client};
+    std::optional<websocket::stream<beast::ssl_stream<beast::tcp_stream>>> ws;
+
+    explicit tls_client(const std::string& trusted) {
+        ctx.load_verify_file(trusted);
+        ctx.set_verify_mode(ssl::verify_peer);
+        ws.emplace(ioc, ctx);  // after the settings: the stream's SSL copies them
+        ws->next_layer().set_verify_callback(ssl::host_name_verification("127.0.0.1"));
+    }
+    beast::error_code handshake(unsigned short port) {
+        beast::get_lowest_layer(*ws).expires_after(io_timeout);
+        const tcp::endpoint endpoint(net::ip::make_address("127.0.0.1"), port);
+        if (auto ec = run(ioc, [&](auto done) { beast::get_lowest_layer(*ws).async_connect(endpoint, done); }))
+            return ec;
+        return run(ioc, [&](auto done) { ws->next_layer().async_handshake(ssl::stream_base::client, done); });
+    }
+    beast::error_code upgrade(const std::string& target) {
+        return run(ioc, [&](auto done) { ws->async_handshake("127.0.0.1", target, done); });
+    }
+    http::response<http::string_body> post(const std::string& target, const std::string& body) {
+        http::request<http::string_body> req{http::verb::post, target, 11};
+        req.set(http::field::host, "127.0.0.1");
+        req.body() = body;
+        req.prepare_payload();
+        http::response<http::string_body> res;
+        beast::flat_buffer buffer;
+        beast::get_lowest_layer(*ws).expires_after(io_timeout);
+        REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_write(ws->next_layer(), req, done); }));
+        REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_read(ws->next_layer(), buffer, res, done); }));
+        return res;
+    }
+    std::optional<std::string> read() {
+        beast::flat_buffer buffer;
+        beast::get_lowest_layer(*ws).expires_after(io_timeout);
+        if (run(ioc, [&](auto done) { ws->async_read(buffer, done); })) return std::nullopt;
+        return beast::buffers_to_string(buffer.data());
+    }
+};
+
+}  // namespace
+
+TEST_CASE("SIGHUP reloads the TLS certificate for new connections; open WebSockets stay; a bad file keeps the old") {
+    test_certificate served, renewed;  // two self-signed certificates for 127.0.0.1, each with its own key
+    const std::string log = served.dir + "/server.log", original_cert = served.dir + "/original-cert.pem",
+                      original_key = served.dir + "/original-key.pem";
+    std::filesystem::copy_file(served.cert, original_cert);
+    std::filesystem::copy_file(served.key, original_key);
+    server_process server({"--tls-cert", served.cert, "--tls-key", served.key}, {}, log);
+    tls_client before(original_cert);
+    REQUIRE_FALSE(before.handshake(server.port()));
+    REQUIRE_FALSE(before.upgrade("/api/v1/ws/renewal"));
+
+    // The renewal: new files in place of the old ones, then SIGHUP.
+    const auto overwrite = std::filesystem::copy_options::overwrite_existing;
+    std::filesystem::copy_file(renewed.cert, served.cert, overwrite);
+    std::filesystem::copy_file(renewed.key, served.key, overwrite);
+    REQUIRE(kill(server.pid(), SIGHUP) == 0);
+    CHECK(eventually([&] { return file_text(log).find("reloaded the TLS certificate") != std::string::npos; }, 5s));
+
+    // A new connection is shown the renewed certificate, and no longer the original one.
+    tls_client after(renewed.cert), trusting_the_original(original_cert);
+    REQUIRE_FALSE(after.handshake(server.port()));
+    CHECK(trusting_the_original.handshake(server.port()));
+    // The WebSocket made before the renewal is still open, and gets what is pushed now.
+    CHECK(after.post("/api/v1/ws/renewal", "renewed").body() == push_answer("renewed", 1));
+    CHECK(before.read() == "renewed");
+
+    // A reload that fails (the original key does not go with the renewed certificate) says so, and
+    // new connections keep getting the renewed certificate.
+    std::filesystem::copy_file(original_key, served.key, overwrite);
+    REQUIRE(kill(server.pid(), SIGHUP) == 0);
+    CHECK(
+        eventually([&] { return file_text(log).find("cannot reload the TLS certificate") != std::string::npos; }, 5s));
+    tls_client still_renewed(renewed.cert);
+    CHECK_FALSE(still_renewed.handshake(server.port()));
+    CHECK(server.stop() == 0);
+}
+
+TEST_CASE("SIGHUP without TLS is logged, and the server and its WebSockets carry on") {
+    char log[] = "/tmp/wsbroadcast-log-XXXXXX";
+    const int fd = mkstemp(log);
+    REQUIRE(fd >= 0);
+    close(fd);
+    server_process server({}, {}, log);
+    auto c = subscriber("hangup", server.port());
+    REQUIRE(kill(server.pid(), SIGHUP) == 0);
+    CHECK(eventually([&] { return file_text(log).find("received SIGHUP") != std::string::npos; }, 5s));
+    CHECK(request(http::verb::post, "/api/v1/ws/hangup", "still here", server.port()).body() ==
+          push_answer("still here", 1));
+    CHECK(c->read() == "still here");
+    CHECK(server.stop() == 0);
+    std::remove(log);
 }
 
 // ---- the library over Beast, in-process -------------------------------------------------------
