@@ -16,6 +16,7 @@
 
 #include "wsbroadcast.hpp"
 
+#include "cors.hpp"
 #include "environment.hpp"
 #include "page.hpp"
 #include "protocol.hpp"
@@ -68,6 +69,7 @@ struct server_options {
     std::string publish_token;  // empty: pushes are open (allowed on loopback only)
     bool allow_open_publish = false;
     std::vector<std::string> allowed_origins;  // empty: any origin may open a WebSocket
+    std::vector<std::string> cors_origins;     // browser origins that may push; "*": any
     std::size_t max_message_bytes = 64 * 1024;
     std::size_t max_connections = 0;
     std::size_t max_connections_per_key = 0;
@@ -99,6 +101,9 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
   --allow-open-publish           allow open pushing on a non-loopback address anyway
   --allowed-origin ORIGIN        a browser origin allowed to open WebSockets, e.g. https://example.com
                                  (repeatable; default: any origin)
+  --cors-origin ORIGIN           a browser origin allowed to push (fetch from its pages, read the
+                                 answers), or * for any (repeatable; default: * without
+                                 --publish-token, none with it); pushes from other origins get 403
   --max-message-bytes N          largest push body (413) and client message (close 1009) (default 65536)
   --max-connections N            WebSocket connections in all, 0 for no limit (default 0); over it: 503
   --max-connections-per-key N    WebSocket connections per id, 0 for no limit (default 0); over it: 503
@@ -126,7 +131,7 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
 
 Every option can also come from the environment: --max-connections 100 is
 WSBROADCAST_MAX_CONNECTIONS=100, --allow-open-publish is WSBROADCAST_ALLOW_OPEN_PUBLISH=1, and
-WSBROADCAST_ALLOWED_ORIGIN takes a comma-separated list. The command line wins. A flag's variable
+WSBROADCAST_ALLOWED_ORIGIN and WSBROADCAST_CORS_ORIGIN take comma-separated lists. The command line wins. A flag's variable
 takes 1, true, yes or on, or 0, false, no or off (any case); any other value, empty included, is
 refused at start-up (exit 2).
 
@@ -134,6 +139,7 @@ Routes:
   GET  /api/v1/ws/{id}          WebSocket: receive every message pushed to {id}
   POST /api/v1/ws/{ids}         push the request body (or ?data=...) to {ids}
   GET  /api/v1/ws/{ids}/{data}  push the URL-decoded {data} to {ids}
+  OPTIONS /api/v1/ws/...        a browser's CORS preflight before a push (204)
   GET  /api/v1/ws               WebSocket with the wsbroadcast.v1 subprotocol only
   GET  /                        a page to try it in a browser
   GET  /metrics                 counters and gauges, Prometheus text format
@@ -191,6 +197,7 @@ constexpr std::string_view value_options[] = {"address",
                                               "threads",
                                               "publish-token",
                                               "allowed-origin",
+                                              "cors-origin",
                                               "max-message-bytes",
                                               "max-connections",
                                               "max-connections-per-key",
@@ -222,8 +229,8 @@ std::vector<std::string> options_from_environment(std::string& problem) {
         const char* value = std::getenv(environment_variable(option).c_str());
         if (!value) continue;
         std::string_view rest = value;
-        do {  // only --allowed-origin repeats; a comma never appears in the other values
-            const auto comma = option == "allowed-origin" ? rest.find(',') : rest.npos;
+        do {  // only the origin lists repeat; a comma never appears in the other values
+            const auto comma = option == "allowed-origin" || option == "cors-origin" ? rest.find(',') : rest.npos;
             args.push_back("--" + std::string(option));
             args.emplace_back(rest.substr(0, comma));
             rest = comma == rest.npos ? std::string_view{} : rest.substr(comma + 1);
@@ -280,6 +287,8 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             ok = !(o.publish_token = value).empty();
         else if (arg == "--allowed-origin")
             o.allowed_origins.emplace_back(value);
+        else if (arg == "--cors-origin")
+            o.cors_origins.emplace_back(value);
         else if (arg == "--max-message-bytes")
             ok = parse_number(value, o.max_message_bytes) && o.max_message_bytes > 0;
         else if (arg == "--max-connections")
@@ -311,6 +320,8 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
         if (!ok) return fail("invalid value for " + std::string(arg) + ": " + std::string(value));
     }
     if (o.tls_cert.empty() != o.tls_key.empty()) return fail("--tls-cert and --tls-key go together");
+    // As LNbits: when anyone may push, any page may too. With a token, no other page may unless named.
+    if (o.cors_origins.empty() && o.publish_token.empty()) o.cors_origins.emplace_back("*");
     // A push the outbox could never hold behind anything else would make every busy subscriber
     // overflow on it: say so at start rather than at the first large push.
     if (o.max_message_bytes > o.outbox.max_bytes)
@@ -528,11 +539,24 @@ std::string metrics_text(const State& state) {
     return out;
 }
 
+// A page on the server's own origin is no cross-origin pusher (browsers send Origin on a POST anyway).
+template <class State>
+bool same_origin(const request& req) {
+    constexpr bool plain = std::is_same_v<typename State::stream_type, beast::tcp_stream>;
+    return req[http::field::origin] == (plain ? "http://" : "https://") + std::string(req[http::field::host]);
+}
+
 // LNbits answers {"sent": true, "data": ...}; we add how many connections the message reached here
 // (each once, however many of the ids it is on), or, through Redis, that it was relayed (every
 // instance delivers it to its own subscribers).
 template <class State>
 response push(State& state, const request& req, const std::vector<std::string>& ids, std::string_view data) {
+    // CORS alone only hides the answer from a page: a simple POST still arrives. Refuse it here.
+    if (!origin_may_push(state.options.cors_origins, req[http::field::origin]) && !same_origin<State>(req)) {
+        refuse(refusal::forbidden_origin,
+               "push to " + joined(ids) + " from origin " + std::string(req[http::field::origin]));
+        return make_error(req, http::status::forbidden, "origin not allowed to push");
+    }
     if (!authorized(state.options, req)) {
         refuse(refusal::unauthorized, "push to " + joined(ids) + " without a valid token");
         auto res = make_error(req, http::status::unauthorized, "a valid publish token is required");
@@ -559,6 +583,31 @@ response push(State& state, const request& req, const std::vector<std::string>& 
     return make_response(req, http::status::ok, R"({"sent":true,"data":)" + json_string(data) + "," + reach + "}");
 }
 
+// A browser asks before a push it cannot send as a "simple" request (a token header, a JSON body).
+response preflight(const server_options& o, const request& req) {
+    const auto origin = req[http::field::origin];
+    if (cors_allow_origin(o.cors_origins, origin).empty()) {
+        refuse(refusal::forbidden_origin, "push preflight from origin " + std::string(origin));
+        return make_error(req, http::status::forbidden, "origin not allowed to push");
+    }
+    response res{http::status::no_content, req.version()};
+    res.set(http::field::server, "wsbroadcast");
+    res.set(http::field::access_control_allow_methods, "GET, POST, OPTIONS");
+    res.set(http::field::access_control_allow_headers, "Authorization, X-Api-Key, Content-Type");
+    res.set(http::field::access_control_max_age, "86400");
+    res.keep_alive(req.keep_alive());
+    return res;
+}
+
+// Answers on the push routes, refusals included, say which page origins may read them.
+void allow_cross_origin(const server_options& o, const request& req, response& res) {
+    if (!req.target().starts_with(std::string(ws_prefix) + "/")) return;
+    const auto allow = cors_allow_origin(o.cors_origins, req[http::field::origin]);
+    if (allow.empty()) return;
+    res.set(http::field::access_control_allow_origin, allow);
+    if (allow != "*") res.set(http::field::vary, "Origin");  // the answer depends on who asks
+}
+
 template <class State>
 response handle(State& state, const request& req, const route& r) {
     switch (r.kind) {
@@ -576,6 +625,7 @@ response handle(State& state, const request& req, const route& r) {
     case route_kind::push_body:
         return push(state, req, r.ids, r.data ? std::string_view(*r.data) : std::string_view(req.body()));
     case route_kind::push_path: return push(state, req, r.ids, *r.data);
+    case route_kind::preflight: return preflight(state.options, req);
     case route_kind::subscribe: {
         auto res = make_error(req, http::status::upgrade_required, "this route is a WebSocket: send an upgrade");
         res.set(http::field::upgrade, "websocket");
@@ -781,6 +831,7 @@ net::awaitable<void> http_session(State& state, Stream stream) {
             co_return;
         }
         auto res = handle(state, req, r);
+        allow_cross_origin(state.options, req, res);
         const bool keep_alive = res.keep_alive();
         co_await http::async_write(stream, res, net::redirect_error(net::use_awaitable, ec));
         if (ec || !keep_alive) break;

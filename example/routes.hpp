@@ -255,6 +255,7 @@ enum class route_kind {
     subscribe,     // GET /api/v1/ws/{id} or the bare /api/v1/ws, must be a WebSocket upgrade
     push_body,     // POST /api/v1/ws/{ids}: ?data= or the body
     push_path,     // GET /api/v1/ws/{ids}/{data}
+    preflight,     // OPTIONS /api/v1/ws/...: a browser's CORS check before a push
     bad_request,   // 400: bad id or list
     not_found,     // 404
     wrong_method,  // 405
@@ -300,6 +301,10 @@ inline route route_request(std::string_view method, std::string_view target) {
         return r;
     }
     if (!(path.starts_with(ws_prefix) && path[ws_prefix.size()] == '/')) return r;
+    if (method == "OPTIONS") {  // answered whatever the ids: the push itself says what is wrong with them
+        r.kind = route_kind::preflight;
+        return r;
+    }
 
     auto rest = path.substr(ws_prefix.size() + 1);
     const auto slash = rest.find('/');

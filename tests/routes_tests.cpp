@@ -1,6 +1,7 @@
 // The reference server's routing rules, tested as pure functions.
 #include <doctest/doctest.h>
 
+#include "cors.hpp"
 #include "environment.hpp"
 #include "protocol.hpp"
 #include "relay_wire.hpp"
@@ -153,6 +154,25 @@ TEST_CASE("routing") {
     CHECK(literal_query.data == "50% off%zz");
     CHECK(route_request("DELETE", "/api/v1/ws/ok").allow == "GET, POST");
     CHECK(route_request("POST", "/api/v1/ws/ok/data").allow == "GET");
+}
+
+TEST_CASE("CORS: * allows every origin, a list only its own; no Origin is no browser; preflights are routed") {
+    const std::vector<std::string> any{"*"}, named{"https://a.example", "https://b.example"}, none;
+    CHECK(cors_allow_origin(any, "https://x.example") == "*");
+    CHECK(cors_allow_origin(any, "") == "*");
+    CHECK(cors_allow_origin(named, "https://b.example") == "https://b.example");
+    CHECK(cors_allow_origin(named, "https://c.example").empty());
+    CHECK(cors_allow_origin(named, "https://a.example.evil").empty());
+    CHECK(cors_allow_origin(none, "https://a.example").empty());
+    CHECK(origin_may_push(any, "https://x.example"));
+    CHECK(origin_may_push(named, "https://a.example"));
+    CHECK_FALSE(origin_may_push(named, "https://c.example"));
+    CHECK_FALSE(origin_may_push(none, "null"));
+    CHECK(origin_may_push(none, ""));
+
+    CHECK(route_request("OPTIONS", "/api/v1/ws/inv-1").kind == route_kind::preflight);
+    CHECK(route_request("OPTIONS", "/api/v1/ws/a,b/paid").kind == route_kind::preflight);
+    CHECK(route_request("OPTIONS", "/metrics").kind == route_kind::wrong_method);
 }
 
 TEST_CASE("--redis URLs") {

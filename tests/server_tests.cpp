@@ -877,6 +877,93 @@ TEST_CASE("--allowed-origin: other browser origins get 403 before the upgrade") 
     CHECK(good.read() == "hi");
 }
 
+namespace {
+// A browser's preflight before a cross-origin push with a token header.
+http::response<http::string_body> preflight(const std::string& target, const std::string& origin, unsigned short port) {
+    return request(http::verb::options, target, {}, port,
+                   {{"Origin", origin},
+                    {"Access-Control-Request-Method", "POST"},
+                    {"Access-Control-Request-Headers", "authorization,content-type"}});
+}
+}  // namespace
+
+TEST_CASE("CORS: with open pushing any page may push and read the answer (preflight 204, the answers say *)") {
+    auto c = subscriber("cors-open");
+    const auto pre = preflight("/api/v1/ws/cors-open", "https://shop.example", shared_server().port());
+    CHECK(pre.result() == http::status::no_content);
+    CHECK(pre[http::field::access_control_allow_origin] == "*");
+    CHECK(pre[http::field::access_control_allow_methods].find("POST") != std::string::npos);
+    CHECK(pre[http::field::access_control_allow_headers].find("Authorization") != std::string::npos);
+    CHECK(pre[http::field::access_control_allow_headers].find("Content-Type") != std::string::npos);
+    CHECK(std::stoi(std::string(pre[http::field::access_control_max_age])) > 0);
+    CHECK(preflight("/api/v1/ws/cors-open/paid", "https://shop.example", shared_server().port()).result() ==
+          http::status::no_content);
+
+    const header_list from_shop = {{"Origin", "https://shop.example"}};
+    const auto posted = request(http::verb::post, "/api/v1/ws/cors-open", "one", shared_server().port(), from_shop);
+    CHECK(posted.body() == push_answer("one", 1));
+    CHECK(posted[http::field::access_control_allow_origin] == "*");
+    const auto got = request(http::verb::get, "/api/v1/ws/cors-open/two", {}, shared_server().port(), from_shop);
+    CHECK(got[http::field::access_control_allow_origin] == "*");
+    // A refusal is readable too, so the page can show why.
+    const auto bad = request(http::verb::post, "/api/v1/ws/bad.id", "x", shared_server().port(), from_shop);
+    CHECK(bad.result() == http::status::bad_request);
+    CHECK(bad[http::field::access_control_allow_origin] == "*");
+    CHECK(c->read() == "one");
+    CHECK(c->read() == "two");
+}
+
+TEST_CASE("CORS: with a publish token no other origin may push unless --cors-origin names it") {
+    const header_list token = {{"Authorization", "Bearer t0ken"}};
+    auto with = [&](const std::string& origin) {
+        auto h = token;
+        h.emplace_back("Origin", origin);
+        return h;
+    };
+    {
+        server_process server({"--publish-token", "t0ken"});
+        auto c = subscriber("cors", server.port());
+        const auto pre = preflight("/api/v1/ws/cors", "https://shop.example", server.port());
+        CHECK(pre.result() == http::status::forbidden);
+        CHECK(pre[http::field::access_control_allow_origin].empty());
+        const auto push =
+            request(http::verb::post, "/api/v1/ws/cors", "x", server.port(), with("https://shop.example"));
+        CHECK(push.result() == http::status::forbidden);
+        CHECK(push[http::field::access_control_allow_origin].empty());
+        // Not a browser (no Origin), or the server's own page: as before.
+        CHECK(request(http::verb::post, "/api/v1/ws/cors", "curl", server.port(), token).body() ==
+              push_answer("curl", 1));
+        const auto host = "127.0.0.1:" + std::to_string(server.port());  // as a browser sends it
+        auto own = with("http://" + host);
+        own.emplace_back("Host", host);
+        CHECK(request(http::verb::post, "/api/v1/ws/cors", "own", server.port(), own).body() == push_answer("own", 1));
+        CHECK(c->read() == "curl");  // the refused push never arrived
+        CHECK(c->read() == "own");
+    }
+    // The origins named, on the command line or in the environment, and only those.
+    auto named_origins_only = [&](server_process& server) {
+        auto c = subscriber("cors", server.port());
+        const auto pre = preflight("/api/v1/ws/cors", "https://b.example", server.port());
+        CHECK(pre.result() == http::status::no_content);
+        CHECK(pre[http::field::access_control_allow_origin] == "https://b.example");
+        CHECK(pre[http::field::vary] == "Origin");
+        CHECK(preflight("/api/v1/ws/cors", "https://c.example", server.port()).result() == http::status::forbidden);
+        CHECK(request(http::verb::post, "/api/v1/ws/cors", "x", server.port(), with("https://c.example")).result() ==
+              http::status::forbidden);
+        const auto push =
+            request(http::verb::post, "/api/v1/ws/cors", "from a", server.port(), with("https://a.example"));
+        CHECK(push.body() == push_answer("from a", 1));
+        CHECK(push[http::field::access_control_allow_origin] == "https://a.example");
+        CHECK(c->read() == "from a");
+    };
+    server_process by_option(
+        {"--publish-token", "t0ken", "--cors-origin", "https://a.example", "--cors-origin", "https://b.example"});
+    named_origins_only(by_option);
+    server_process by_environment({"--publish-token", "t0ken"},
+                                  {"WSBROADCAST_CORS_ORIGIN=https://a.example,https://b.example"});
+    named_origins_only(by_environment);
+}
+
 TEST_CASE("connection limits answer 503 before the upgrade; the others are unaffected") {
     server_process server({"--max-connections", "3", "--max-connections-per-key", "2"});
     const auto port = server.port();

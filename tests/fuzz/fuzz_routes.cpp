@@ -2,6 +2,7 @@
 // small parsers around them (UTF-8, id lists, Sec-WebSocket-Protocol, wsbroadcast.v1 commands, relay
 // payloads). Byte 0 picks the method; the rest is the request target, and the input of the others.
 // Every invariant below is something the server relies on; a violation traps.
+#include "cors.hpp"
 #include "protocol.hpp"
 #include "relay_wire.hpp"
 #include "routes.hpp"
@@ -69,6 +70,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     case route_kind::page:
     case route_kind::metrics:
     case route_kind::health: require(method == "GET"); break;
+    case route_kind::preflight: require(method == "OPTIONS" && r.ids.empty()); break;
     case route_kind::wrong_method: require(!r.allow.empty()); break;
     case route_kind::bad_request: require(!r.problem.empty()); break;
     case route_kind::not_found: break;
@@ -98,6 +100,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     // An id list is all valid or refused with a reason.
     const auto list = parse_id_list(target);
     require(list.problem.empty() != list.ids.empty());
+    // Any origin is allowed by "*"; a named one by itself only; no Origin is no browser.
+    const std::vector<std::string> any{"*"}, named{std::string(target)};
+    require(cors_allow_origin(any, target) == "*" && origin_may_push(any, target));
+    require(target.empty() || cors_allow_origin(named, target) == target);
+    const auto other = std::string(target) + "x";
+    if (target != "*") require(cors_allow_origin(named, other).empty() && !origin_may_push(named, other));
     // The subprotocol is offered only if the header holds its exact token.
     if (offers_subprotocol(target, v1::subprotocol)) require(target.find(v1::subprotocol) != target.npos);
     // A command carried out has a valid key; a refused one says why.
