@@ -844,16 +844,45 @@ net::awaitable<void> http_session(State& state, Stream stream) {
     }
 }
 
+// Errors that accepting again at once would only repeat: the pending connection stays queued
+// until a descriptor (or memory) is free.
+bool out_of_resources(const beast::error_code& ec) {
+    return ec == net::error::no_descriptors || ec == boost::system::errc::too_many_files_open_in_system ||
+           ec == net::error::no_buffer_space || ec == net::error::no_memory;
+}
+
+constexpr auto first_accept_backoff = 10ms, last_accept_backoff = 1000ms;
+
 template <class State>
 net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::acceptor& acceptor) {
+    // Out of descriptors, retrying at once spins a thread and floods the log (as nginx and Go's
+    // net/http do, wait instead, longer each time); the connections already open are served meanwhile.
+    net::steady_timer backoff_timer(acceptor.get_executor());
+    auto backoff = first_accept_backoff;
+    std::uint64_t failures = 0;  // in this burst
     for (;;) {
         beast::error_code ec;
         // Each connection gets its own strand: its reader and writer never run at the same time.
         auto socket =
             co_await acceptor.async_accept(net::make_strand(ioc), net::redirect_error(net::use_awaitable, ec));
         if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
+        if (out_of_resources(ec)) {
+            if (failures++ == 0)
+                log(log_level::error,
+                    "accept: " + ec.message() +
+                        "; retrying after 10 ms, doubling up to 1 s, while serving the open connections");
+            backoff_timer.expires_after(backoff);
+            co_await backoff_timer.async_wait(net::redirect_error(net::use_awaitable, ec));
+            backoff = std::min<std::chrono::milliseconds>(backoff * 2, last_accept_backoff);
+            continue;
+        }
+        if (failures > 0) {
+            log(log_level::warn, "accept: accepting again after " + std::to_string(failures) + " failed attempt(s)");
+            failures = 0;
+            backoff = first_accept_backoff;
+        }
         if (ec) {
-            log(log_level::error, "accept: " + ec.message());  // e.g. out of file descriptors: keep serving the others
+            log(log_level::error, "accept: " + ec.message());
             continue;
         }
         auto executor = socket.get_executor();

@@ -20,6 +20,7 @@
 #include <fstream>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -1050,6 +1051,64 @@ TEST_CASE("SIGPIPE does not kill the server: its log on a pipe whose reader is g
     REQUIRE(line.starts_with("SigIgn:"));
     CHECK((std::stoull(line.substr(7), nullptr, 16) >> (SIGPIPE - 1) & 1) == 1);
     CHECK(server.stop() == 0);
+}
+
+namespace {
+// The CPU time the process has used, user and system, in clock ticks.
+long cpu_ticks(pid_t pid) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+    const std::string stat(std::istreambuf_iterator<char>(in), {});
+    std::istringstream fields(stat.substr(stat.rfind(')') + 2));  // the name may hold spaces
+    std::string skip;
+    for (int i = 3; i < 14; ++i) fields >> skip;  // state ... cmajflt: fields 3 to 13
+    long user = 0, system = 0;
+    fields >> user >> system;
+    return user + system;
+}
+
+std::size_t lines_with(const std::string& text, const std::string& what) {
+    std::size_t n = 0;
+    for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+    return n;
+}
+}  // namespace
+
+TEST_CASE("out of file descriptors, the server backs off instead of spinning, keeps its clients, then accepts again") {
+    char log[] = "/tmp/wsbroadcast-log-XXXXXX";
+    const int fd = mkstemp(log);
+    REQUIRE(fd >= 0);
+    close(fd);
+    server_process server({}, {}, log, -1, {"prlimit", "--nofile=64:64", "--"});
+    auto c = subscriber("fds", server.port());
+    publisher pushes(server.port());  // connected while descriptors are left
+
+    // More connections than the server has descriptors: the kernel queues the rest.
+    net::io_context ioc;
+    std::vector<tcp::socket> flood;
+    const tcp::endpoint endpoint(net::ip::make_address("127.0.0.1"), server.port());
+    for (int i = 0; i < 120; ++i) {
+        beast::error_code ec;
+        flood.emplace_back(ioc).connect(endpoint, ec);
+        REQUIRE_FALSE(ec);
+    }
+    std::this_thread::sleep_for(200ms);  // it runs out
+    const long before = cpu_ticks(server.pid());
+    std::this_thread::sleep_for(1s);
+    const long used = cpu_ticks(server.pid()) - before;
+    MESSAGE("CPU used in 1 s out of descriptors: " << used << " ticks of " << sysconf(_SC_CLK_TCK));
+    CHECK(used < sysconf(_SC_CLK_TCK) / 5);  // spinning takes a whole core
+    CHECK(pushes.push("fds", "still served") == 1);
+    CHECK(c->read() == "still served");
+
+    flood.clear();  // descriptors come back as the server sees these close
+    CHECK(request(http::verb::get, "/healthz", {}, server.port()).result() == http::status::ok);
+    CHECK(server.stop() == 0);
+    const auto text = file_text(log);
+    // One line when a burst starts, one with its count when it ends (spinning wrote thousands a second).
+    CHECK(lines_with(text, "accept: ") >= 2);
+    CHECK(lines_with(text, "accept: ") <= 10);
+    CHECK(text.find("accepting again after ") != std::string::npos);
+    std::remove(log);
 }
 
 TEST_CASE("SIGTERM with a client that never answers the close: exit 0 within the drain deadline") {
