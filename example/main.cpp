@@ -18,6 +18,7 @@
 
 #include "cors.hpp"
 #include "environment.hpp"
+#include "log_writer.hpp"
 #include "page.hpp"
 #include "protocol.hpp"
 #include "redis_relay.hpp"
@@ -333,12 +334,18 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
 
 // ---- logging and counting --------------------------------------------------------------------
 
+// Never destroyed: its thread may still be blocked writing to stderr when the process exits.
+log_writer& log_output() {
+    static auto* output = new log_writer(STDERR_FILENO);
+    return *output;
+}
+
+// Queues the line: no thread serving connections ever waits on stderr.
 void log(log_level level, std::string_view what) {
     if (level > current_log_level) return;
     static constexpr std::string_view names[] = {"error", "warn", "info", "debug"};
-    static std::mutex mutex;
-    std::lock_guard lock(mutex);
-    std::cerr << "wsbroadcast-server: " << names[static_cast<int>(level)] << ": " << what << std::endl;
+    log_output().write("wsbroadcast-server: " + std::string(names[static_cast<int>(level)]) + ": " + std::string(what) +
+                       "\n");
 }
 
 // A co_spawn completion handler that says what went wrong instead of dropping it.
@@ -373,9 +380,54 @@ static_assert(std::size(refusal_labels) == static_cast<std::size_t>(refusal::cou
 std::atomic<std::uint64_t> refusals[static_cast<int>(refusal::count)];
 std::atomic<std::uint64_t> pushes_accepted{0};
 
+// A flood of one kind of refusal is counted in full (/metrics) but logged as at most this many
+// lines a second, and then one line saying how many more there were.
+constexpr std::uint64_t refusal_lines_per_second = 10;
+
+struct refusal_log_window {
+    std::chrono::steady_clock::time_point start;
+    std::uint64_t logged = 0, suppressed = 0;
+};
+std::mutex refusal_log_mutex;
+refusal_log_window refusal_log_windows[static_cast<int>(refusal::count)];
+
+std::string suppressed_line(refusal kind, std::uint64_t n) {
+    return "refused (" + std::string(refusal_labels[static_cast<int>(kind)]) + "): suppressed " + std::to_string(n) +
+           " similar line(s)";
+}
+
 void refuse(refusal kind, std::string_view what) {
     refusals[static_cast<int>(kind)].fetch_add(1, std::memory_order_relaxed);
-    log(log_level::info, "refused (" + std::string(refusal_labels[static_cast<int>(kind)]) + "): " + std::string(what));
+    if (log_level::info > current_log_level) return;
+    const auto now = std::chrono::steady_clock::now();
+    std::uint64_t suppressed_before = 0;
+    bool logged = false;
+    {
+        std::lock_guard lock(refusal_log_mutex);
+        auto& window = refusal_log_windows[static_cast<int>(kind)];
+        if (now - window.start >= 1s) {
+            suppressed_before = window.suppressed;
+            window = {now, 0, 0};
+        }
+        logged = window.logged < refusal_lines_per_second;
+        ++(logged ? window.logged : window.suppressed);
+    }
+    if (suppressed_before) log(log_level::info, suppressed_line(kind, suppressed_before));
+    if (logged)
+        log(log_level::info,
+            "refused (" + std::string(refusal_labels[static_cast<int>(kind)]) + "): " + std::string(what));
+}
+
+// At exit: what the last window of each flood left unsaid.
+void report_suppressed_refusals() {
+    for (int i = 0; i < static_cast<int>(refusal::count); ++i) {
+        std::uint64_t n = 0;
+        {
+            std::lock_guard lock(refusal_log_mutex);
+            n = std::exchange(refusal_log_windows[i].suppressed, 0);
+        }
+        if (n) log(log_level::info, suppressed_line(static_cast<refusal>(i), n));
+    }
 }
 
 // How a refusal of the manager's (at connect, or of a subscribe command) counts.
@@ -1015,7 +1067,9 @@ int run(const server_options& options, tls_contexts* tls) {
     for (unsigned i = 1; i < options.threads; ++i) threads.emplace_back([&] { ioc.run(); });
     ioc.run();
     for (auto& t : threads) t.join();
+    report_suppressed_refusals();
     log(log_level::warn, "stopped");
+    log_output().flush(1s);  // bounded: a log nobody reads must not keep the process from exiting
     return 0;
 }
 

@@ -295,7 +295,12 @@ struct publisher {
     }
     // Returns the "connections" figure of the answer.
     int push(const std::string& id, const std::string& body) {
-        http::request<http::string_body> req{http::verb::post, "/api/v1/ws/" + id, 11};
+        const auto res = post("/api/v1/ws/" + id, body);
+        const auto at = res.body().rfind(':');
+        return std::stoi(res.body().substr(at + 1));
+    }
+    http::response<http::string_body> post(const std::string& target, const std::string& body) {
+        http::request<http::string_body> req{http::verb::post, target, 11};
         req.set(http::field::host, "127.0.0.1");
         req.body() = body;
         req.prepare_payload();
@@ -303,8 +308,7 @@ struct publisher {
         stream.expires_after(io_timeout);
         REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_write(stream, req, done); }));
         REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_read(stream, buffer, res, done); }));
-        const auto at = res.body().rfind(':');
-        return std::stoi(res.body().substr(at + 1));
+        return res;
     }
 };
 
@@ -1427,6 +1431,65 @@ TEST_CASE("--log-level debug logs each connection and refusal; the default stays
     CHECK(info_log.find("WebSocket quiet") == std::string::npos);
     CHECK(info_log.find("info: refused (bad_request)") != std::string::npos);
     std::remove(path);
+}
+
+TEST_CASE("a flood of refusals logs at most 10 lines a second per reason, and how many more there were") {
+    char path[] = "/tmp/wsbroadcast-log-XXXXXX";
+    const int fd = mkstemp(path);
+    REQUIRE(fd >= 0);
+    close(fd);
+    constexpr int flood = 300;
+    std::chrono::steady_clock::duration took{};
+    {
+        server_process server({}, {}, path);
+        publisher pushes(server.port());
+        const auto start = std::chrono::steady_clock::now();
+        for (int i = 0; i < flood; ++i)
+            REQUIRE(pushes.post("/api/v1/ws/bad.id", "x").result() == http::status::bad_request);
+        took = std::chrono::steady_clock::now() - start;
+        CHECK(server.stop() == 0);
+    }
+    // Every refusal is either a line of its own or counted in a "suppressed" line.
+    std::ifstream in(path);
+    long logged = 0, suppressed = 0;
+    for (std::string line; std::getline(in, line);) {
+        const std::string refused = "refused (bad_request): ", counted = refused + "suppressed ";
+        if (const auto at = line.find(counted); at != std::string::npos)
+            suppressed += std::stol(line.substr(at + counted.size()));
+        else if (line.find(refused) != std::string::npos)
+            ++logged;
+    }
+    const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(took).count();
+    MESSAGE(flood << " refusals in " << seconds << " s: " << logged << " lines, " << suppressed << " suppressed");
+    CHECK(logged <= 10 * (seconds + 1));
+    CHECK(logged + suppressed == flood);
+    std::remove(path);
+}
+
+TEST_CASE("with stderr on a pipe nobody reads, connections, pushes and deliveries carry on") {
+    int log_pipe[2];
+    REQUIRE(pipe2(log_pipe, O_CLOEXEC) == 0);  // the server gets the write end as stderr, and nothing else
+    fcntl(log_pipe[0], F_SETPIPE_SZ, 4096);    // the smallest: a few dozen lines fill it
+    server_process server({"--log-level", "debug"}, {}, {}, log_pipe[1]);  // a line per connection and close
+    close(log_pipe[1]);
+    const auto start = std::chrono::steady_clock::now();
+    int made = 0;
+    for (; made < 100; ++made) {  // well past what the pipe holds
+        ws_client c;
+        if (c.connect(server.port(), "/api/v1/ws/flood")) break;
+        c.close();
+    }
+    CHECK(made == 100);
+    auto c = subscriber("unblocked", server.port());
+    CHECK(request(http::verb::post, "/api/v1/ws/unblocked", "delivered", server.port()).body() ==
+          push_answer("delivered", 1));
+    CHECK(c->read() == "delivered");
+    CHECK(std::chrono::steady_clock::now() - start < 4s);
+    // Exit waits for the log only so long.
+    const auto stopping = std::chrono::steady_clock::now();
+    CHECK(server.stop() == 0);
+    CHECK(std::chrono::steady_clock::now() - stopping < 6s);
+    close(log_pipe[0]);
 }
 
 // ---- scale-out: instances share ids through a real Redis --------------------------------------
