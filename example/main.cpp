@@ -16,6 +16,9 @@
 
 #include "wsbroadcast.hpp"
 
+#include "cors.hpp"
+#include "environment.hpp"
+#include "log_writer.hpp"
 #include "page.hpp"
 #include "protocol.hpp"
 #include "client_js.hpp"  // made by the build from example/wsbroadcast.js
@@ -35,7 +38,10 @@
 #include <atomic>
 #include <cctype>
 #include <charconv>
+#include <csignal>
 #include <cstdlib>
+#include <functional>
+#include <memory>
 #include <iostream>
 #include <mutex>
 #include <optional>
@@ -65,6 +71,7 @@ struct server_options {
     std::string publish_token;  // empty: pushes are open (allowed on loopback only)
     bool allow_open_publish = false;
     std::vector<std::string> allowed_origins;  // empty: any origin may open a WebSocket
+    std::vector<std::string> cors_origins;     // browser origins that may push; "*": any
     std::size_t max_message_bytes = 64 * 1024;
     std::size_t max_connections = 0;
     std::size_t max_connections_per_key = 0;
@@ -97,6 +104,9 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
   --allow-open-publish           allow open pushing on a non-loopback address anyway
   --allowed-origin ORIGIN        a browser origin allowed to open WebSockets, e.g. https://example.com
                                  (repeatable; default: any origin)
+  --cors-origin ORIGIN           a browser origin allowed to push (fetch from its pages, read the
+                                 answers), or * for any (repeatable; default: * without
+                                 --publish-token, none with it); pushes from other origins get 403
   --max-message-bytes N          largest push body (413) and client message (close 1009) (default 65536)
   --max-connections N            WebSocket connections in all, 0 for no limit (default 0); over it: 503
   --max-connections-per-key N    WebSocket connections per id, 0 for no limit (default 0); over it: 503
@@ -104,7 +114,8 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
   --max-keys-per-connection N    ids one wsbroadcast.v1 connection may subscribe to, 0 for no limit
                                  (default 64); over it: an error frame
   --idle-timeout SECONDS         drop a client that answers no ping for this long (default 60)
-  --tls-cert FILE --tls-key FILE serve https:// and wss:// with this PEM certificate chain and key
+  --tls-cert FILE --tls-key FILE serve https:// and wss:// with this PEM certificate chain and key;
+                                 SIGHUP reads them again for new connections (renewal)
   --max-queued-bytes N           per-connection outbox limit in bytes (default 1048576)
   --max-queued-messages N        per-connection outbox limit in messages (default 1024)
   --overflow POLICY              when a client's outbox is full: close (with 1008, the default),
@@ -129,12 +140,15 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
 
 Every option can also come from the environment: --max-connections 100 is
 WSBROADCAST_MAX_CONNECTIONS=100, --allow-open-publish is WSBROADCAST_ALLOW_OPEN_PUBLISH=1, and
-WSBROADCAST_ALLOWED_ORIGIN takes a comma-separated list. The command line wins.
+WSBROADCAST_ALLOWED_ORIGIN and WSBROADCAST_CORS_ORIGIN take comma-separated lists. The command line wins. A flag's variable
+takes 1, true, yes or on, or 0, false, no or off (any case); any other value, empty included, is
+refused at start-up (exit 2).
 
 Routes:
   GET  /api/v1/ws/{id}          WebSocket: receive every message pushed to {id}
   POST /api/v1/ws/{ids}         push the request body (or ?data=...) to {ids}
   GET  /api/v1/ws/{ids}/{data}  push the URL-decoded {data} to {ids}
+  OPTIONS /api/v1/ws/...        a browser's CORS preflight before a push (204)
   GET  /api/v1/ws               WebSocket with the wsbroadcast.v1 subprotocol only
   GET  /                        a page to try it in a browser
   GET  /metrics                 counters and gauges, Prometheus text format
@@ -186,12 +200,13 @@ bool parse_level(std::string_view text, log_level& out) {
     return true;
 }
 
-// The options that take a value, and the one flag; the environment may set any of them.
+// The options that take a value; the environment may set any of them.
 constexpr std::string_view value_options[] = {"address",
                                               "port",
                                               "threads",
                                               "publish-token",
                                               "allowed-origin",
+                                              "cors-origin",
                                               "max-message-bytes",
                                               "max-connections",
                                               "max-connections-per-key",
@@ -210,41 +225,57 @@ constexpr std::string_view value_options[] = {"address",
                                               "history-key-bytes",
                                               "log-level"};
 
+// The options that take no value. From the environment each is a strict boolean (parse_boolean).
+constexpr std::string_view flag_options[] = {"allow-open-publish"};
+
+std::string environment_variable(std::string_view option) {
+    std::string name = "WSBROADCAST_";
+    for (char c : option) name += c == '-' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    return name;
+}
+
 // WSBROADCAST_MAX_CONNECTIONS=100 becomes {"--max-connections", "100"}, placed before the command
-// line so that the command line wins.
-std::vector<std::string> options_from_environment() {
-    auto variable = [](std::string_view option) {
-        std::string name = "WSBROADCAST_";
-        for (char c : option) name += c == '-' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-        return name;
-    };
+// line so that the command line wins. A flag set to a value that is not a boolean leaves `problem`.
+std::vector<std::string> options_from_environment(std::string& problem) {
     std::vector<std::string> args;
     for (auto option : value_options) {
-        const char* value = std::getenv(variable(option).c_str());
+        const char* value = std::getenv(environment_variable(option).c_str());
         if (!value) continue;
         std::string_view rest = value;
-        do {  // only --allowed-origin repeats; a comma never appears in the other values
-            const auto comma = option == "allowed-origin" ? rest.find(',') : rest.npos;
+        do {  // only the origin lists repeat; a comma never appears in the other values
+            const auto comma = option == "allowed-origin" || option == "cors-origin" ? rest.find(',') : rest.npos;
             args.push_back("--" + std::string(option));
             args.emplace_back(rest.substr(0, comma));
             rest = comma == rest.npos ? std::string_view{} : rest.substr(comma + 1);
         } while (!rest.empty());
     }
-    if (const char* flag = std::getenv("WSBROADCAST_ALLOW_OPEN_PUBLISH"); flag && std::string_view(flag) != "0")
-        args.emplace_back("--allow-open-publish");
+    for (auto option : flag_options) {
+        const auto name = environment_variable(option);
+        const char* value = std::getenv(name.c_str());
+        if (!value) continue;
+        const auto on = parse_boolean(value);
+        if (!on) {
+            problem = name + " must be 1, true, yes or on, or 0, false, no or off (any case), not \"" +
+                      std::string(value) + "\"";
+            break;
+        }
+        if (*on) args.push_back("--" + std::string(option));
+    }
     return args;
 }
 
 // Returns nullopt after printing why (or the help) when the server should not start.
 std::optional<server_options> parse_options(int argc, char** argv, int& exit_code) {
     server_options o;
-    auto args = options_from_environment();
+    std::string problem;
+    auto args = options_from_environment(problem);
     args.insert(args.end(), argv + 1, argv + argc);
     auto fail = [&](std::string_view why) {
         std::cerr << "wsbroadcast-server: " << why << "\n\n" << usage;
         exit_code = 2;
         return std::nullopt;
     };
+    if (!problem.empty()) return fail(problem);
     for (std::size_t i = 0; i < args.size(); ++i) {
         const std::string_view arg = args[i];
         if (arg == "--help" || arg == "-h") {
@@ -269,6 +300,8 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             ok = !(o.publish_token = value).empty();
         else if (arg == "--allowed-origin")
             o.allowed_origins.emplace_back(value);
+        else if (arg == "--cors-origin")
+            o.cors_origins.emplace_back(value);
         else if (arg == "--max-message-bytes")
             ok = parse_number(value, o.max_message_bytes) && o.max_message_bytes > 0;
         else if (arg == "--max-connections")
@@ -310,6 +343,8 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
         if (!ok) return fail("invalid value for " + std::string(arg) + ": " + std::string(value));
     }
     if (o.tls_cert.empty() != o.tls_key.empty()) return fail("--tls-cert and --tls-key go together");
+    // As LNbits: when anyone may push, any page may too. With a token, no other page may unless named.
+    if (o.cors_origins.empty() && o.publish_token.empty()) o.cors_origins.emplace_back("*");
     // A push the outbox could never hold behind anything else would make every busy subscriber
     // overflow on it: say so at start rather than at the first large push.
     if (o.max_message_bytes > o.outbox.max_bytes)
@@ -321,12 +356,18 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
 
 // ---- logging and counting --------------------------------------------------------------------
 
+// Never destroyed: its thread may still be blocked writing to stderr when the process exits.
+log_writer& log_output() {
+    static auto* output = new log_writer(STDERR_FILENO);
+    return *output;
+}
+
+// Queues the line: no thread serving connections ever waits on stderr.
 void log(log_level level, std::string_view what) {
     if (level > current_log_level) return;
     static constexpr std::string_view names[] = {"error", "warn", "info", "debug"};
-    static std::mutex mutex;
-    std::lock_guard lock(mutex);
-    std::cerr << "wsbroadcast-server: " << names[static_cast<int>(level)] << ": " << what << std::endl;
+    log_output().write("wsbroadcast-server: " + std::string(names[static_cast<int>(level)]) + ": " + std::string(what) +
+                       "\n");
 }
 
 // A co_spawn completion handler that says what went wrong instead of dropping it.
@@ -361,9 +402,54 @@ static_assert(std::size(refusal_labels) == static_cast<std::size_t>(refusal::cou
 std::atomic<std::uint64_t> refusals[static_cast<int>(refusal::count)];
 std::atomic<std::uint64_t> pushes_accepted{0};
 
+// A flood of one kind of refusal is counted in full (/metrics) but logged as at most this many
+// lines a second, and then one line saying how many more there were.
+constexpr std::uint64_t refusal_lines_per_second = 10;
+
+struct refusal_log_window {
+    std::chrono::steady_clock::time_point start;
+    std::uint64_t logged = 0, suppressed = 0;
+};
+std::mutex refusal_log_mutex;
+refusal_log_window refusal_log_windows[static_cast<int>(refusal::count)];
+
+std::string suppressed_line(refusal kind, std::uint64_t n) {
+    return "refused (" + std::string(refusal_labels[static_cast<int>(kind)]) + "): suppressed " + std::to_string(n) +
+           " similar line(s)";
+}
+
 void refuse(refusal kind, std::string_view what) {
     refusals[static_cast<int>(kind)].fetch_add(1, std::memory_order_relaxed);
-    log(log_level::info, "refused (" + std::string(refusal_labels[static_cast<int>(kind)]) + "): " + std::string(what));
+    if (log_level::info > current_log_level) return;
+    const auto now = std::chrono::steady_clock::now();
+    std::uint64_t suppressed_before = 0;
+    bool logged = false;
+    {
+        std::lock_guard lock(refusal_log_mutex);
+        auto& window = refusal_log_windows[static_cast<int>(kind)];
+        if (now - window.start >= 1s) {
+            suppressed_before = window.suppressed;
+            window = {now, 0, 0};
+        }
+        logged = window.logged < refusal_lines_per_second;
+        ++(logged ? window.logged : window.suppressed);
+    }
+    if (suppressed_before) log(log_level::info, suppressed_line(kind, suppressed_before));
+    if (logged)
+        log(log_level::info,
+            "refused (" + std::string(refusal_labels[static_cast<int>(kind)]) + "): " + std::string(what));
+}
+
+// At exit: what the last window of each flood left unsaid.
+void report_suppressed_refusals() {
+    for (int i = 0; i < static_cast<int>(refusal::count); ++i) {
+        std::uint64_t n = 0;
+        {
+            std::lock_guard lock(refusal_log_mutex);
+            n = std::exchange(refusal_log_windows[i].suppressed, 0);
+        }
+        if (n) log(log_level::info, suppressed_line(static_cast<refusal>(i), n));
+    }
 }
 
 // How a refusal of the manager's (at connect, or of a subscribe command) counts.
@@ -413,6 +499,40 @@ struct websocket_transport<beast::tcp_stream> {
     using type = beast::tcp_stream::socket_type;
 };
 
+// The TLS contexts handshakes use: new connections get the newest. reload() reads the certificate
+// and key again into a new context (SIGHUP: how a renewed certificate is put in service); the older
+// ones are kept, since connections made with them may still be open (a few KiB per reload).
+class tls_contexts {
+public:
+    tls_contexts(std::string cert_file, std::string key_file)
+        : cert_file_(std::move(cert_file)), key_file_(std::move(key_file)) {
+        reload();
+    }
+    tls_contexts(const tls_contexts&) = delete;
+
+    ssl::context& current() {
+        std::lock_guard lock(mutex_);
+        return *contexts_.back();
+    }
+    // Throws what OpenSSL says (a missing file, a key that is not the certificate's); the current
+    // context stays as it was then.
+    void reload() {
+        auto next = std::make_unique<ssl::context>(ssl::context::tls_server);
+        next->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
+                          ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1);
+        next->use_certificate_chain_file(cert_file_);
+        next->use_private_key_file(key_file_, ssl::context::pem);
+        std::lock_guard lock(mutex_);
+        contexts_.push_back(std::move(next));
+    }
+    const std::string& cert_file() const { return cert_file_; }
+
+private:
+    const std::string cert_file_, key_file_;
+    std::mutex mutex_;
+    std::vector<std::unique_ptr<ssl::context>> contexts_;
+};
+
 // The server's state shared by every session: the options and the manager for this transport.
 template <class Stream>
 struct server_state {
@@ -425,7 +545,7 @@ struct server_state {
     const server_options& options;
     std::shared_ptr<relay_type> relay;  // with --redis; the manager holds it too
     manager_type manager;
-    ssl::context* tls = nullptr;  // set when Stream is an ssl_stream
+    tls_contexts* tls = nullptr;  // set when Stream is an ssl_stream
 };
 
 bool authorized(const server_options& o, const request& req) {
@@ -511,16 +631,35 @@ std::string positions_field(const std::vector<std::string>& ids, const std::vect
     return out + "}";
 }
 
+// A page on the server's own origin is no cross-origin pusher (browsers send Origin on a POST anyway).
+template <class State>
+bool same_origin(const request& req) {
+    constexpr bool plain = std::is_same_v<typename State::stream_type, beast::tcp_stream>;
+    return req[http::field::origin] == (plain ? "http://" : "https://") + std::string(req[http::field::host]);
+}
+
 // LNbits answers {"sent": true, "data": ...}; we add how many connections the message reached here
 // (each once, however many of the ids it is on), or, through Redis, that it was relayed (every
 // instance delivers it to its own subscribers).
 template <class State>
 response push(State& state, const request& req, const std::vector<std::string>& ids, std::string_view data) {
+    // CORS alone only hides the answer from a page: a simple POST still arrives. Refuse it here.
+    if (!origin_may_push(state.options.cors_origins, req[http::field::origin]) && !same_origin<State>(req)) {
+        refuse(refusal::forbidden_origin,
+               "push to " + joined(ids) + " from origin " + std::string(req[http::field::origin]));
+        return make_error(req, http::status::forbidden, "origin not allowed to push");
+    }
     if (!authorized(state.options, req)) {
         refuse(refusal::unauthorized, "push to " + joined(ids) + " without a valid token");
         auto res = make_error(req, http::status::unauthorized, "a valid publish token is required");
         res.set(http::field::www_authenticate, "Bearer");
         return res;
+    }
+    // Sent as a text frame, invalid UTF-8 would make every subscriber's client fail its connection.
+    if (!valid_utf8(data)) {
+        refuse(refusal::bad_request, "push to " + joined(ids) + ": the data is not valid UTF-8");
+        return make_error(req, http::status::bad_request,
+                          "the data is not valid UTF-8, as a WebSocket text message must be: nothing was sent");
     }
     const auto result = state.manager.publish(ids, data);  // one send for every id: once per connection
     if (result.error) {
@@ -535,6 +674,31 @@ response push(State& state, const request& req, const std::vector<std::string>& 
         result.relayed ? std::string(R"("relayed":true)") : R"("connections":)" + std::to_string(result.local.queued);
     reach += positions_field(ids, result.local.positions);
     return make_response(req, http::status::ok, R"({"sent":true,"data":)" + json_string(data) + "," + reach + "}");
+}
+
+// A browser asks before a push it cannot send as a "simple" request (a token header, a JSON body).
+response preflight(const server_options& o, const request& req) {
+    const auto origin = req[http::field::origin];
+    if (cors_allow_origin(o.cors_origins, origin).empty()) {
+        refuse(refusal::forbidden_origin, "push preflight from origin " + std::string(origin));
+        return make_error(req, http::status::forbidden, "origin not allowed to push");
+    }
+    response res{http::status::no_content, req.version()};
+    res.set(http::field::server, "wsbroadcast");
+    res.set(http::field::access_control_allow_methods, "GET, POST, OPTIONS");
+    res.set(http::field::access_control_allow_headers, "Authorization, X-Api-Key, Content-Type");
+    res.set(http::field::access_control_max_age, "86400");
+    res.keep_alive(req.keep_alive());
+    return res;
+}
+
+// Answers on the push routes, refusals included, say which page origins may read them.
+void allow_cross_origin(const server_options& o, const request& req, response& res) {
+    if (!req.target().starts_with(std::string(ws_prefix) + "/")) return;
+    const auto allow = cors_allow_origin(o.cors_origins, req[http::field::origin]);
+    if (allow.empty()) return;
+    res.set(http::field::access_control_allow_origin, allow);
+    if (allow != "*") res.set(http::field::vary, "Origin");  // the answer depends on who asks
 }
 
 template <class State>
@@ -556,6 +720,7 @@ response handle(State& state, const request& req, const route& r) {
     case route_kind::push_body:
         return push(state, req, r.ids, r.data ? std::string_view(*r.data) : std::string_view(req.body()));
     case route_kind::push_path: return push(state, req, r.ids, *r.data);
+    case route_kind::preflight: return preflight(state.options, req);
     case route_kind::subscribe: {
         auto res = make_error(req, http::status::upgrade_required, "this route is a WebSocket: send an upgrade");
         res.set(http::field::upgrade, "websocket");
@@ -781,6 +946,7 @@ net::awaitable<void> http_session(State& state, Stream stream) {
             co_return;
         }
         auto res = handle(state, req, r);
+        allow_cross_origin(state.options, req, res);
         const bool keep_alive = res.keep_alive();
         co_await http::async_write(stream, res, net::redirect_error(net::use_awaitable, ec));
         if (ec || !keep_alive) break;
@@ -793,16 +959,45 @@ net::awaitable<void> http_session(State& state, Stream stream) {
     }
 }
 
+// Errors that accepting again at once would only repeat: the pending connection stays queued
+// until a descriptor (or memory) is free.
+bool out_of_resources(const beast::error_code& ec) {
+    return ec == net::error::no_descriptors || ec == boost::system::errc::too_many_files_open_in_system ||
+           ec == net::error::no_buffer_space || ec == net::error::no_memory;
+}
+
+constexpr auto first_accept_backoff = 10ms, last_accept_backoff = 1000ms;
+
 template <class State>
 net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::acceptor& acceptor) {
+    // Out of descriptors, retrying at once spins a thread and floods the log (as nginx and Go's
+    // net/http do, wait instead, longer each time); the connections already open are served meanwhile.
+    net::steady_timer backoff_timer(acceptor.get_executor());
+    auto backoff = first_accept_backoff;
+    std::uint64_t failures = 0;  // in this burst
     for (;;) {
         beast::error_code ec;
         // Each connection gets its own strand: its reader and writer never run at the same time.
         auto socket =
             co_await acceptor.async_accept(net::make_strand(ioc), net::redirect_error(net::use_awaitable, ec));
         if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
+        if (out_of_resources(ec)) {
+            if (failures++ == 0)
+                log(log_level::error,
+                    "accept: " + ec.message() +
+                        "; retrying after 10 ms, doubling up to 1 s, while serving the open connections");
+            backoff_timer.expires_after(backoff);
+            co_await backoff_timer.async_wait(net::redirect_error(net::use_awaitable, ec));
+            backoff = std::min<std::chrono::milliseconds>(backoff * 2, last_accept_backoff);
+            continue;
+        }
+        if (failures > 0) {
+            log(log_level::warn, "accept: accepting again after " + std::to_string(failures) + " failed attempt(s)");
+            failures = 0;
+            backoff = first_accept_backoff;
+        }
         if (ec) {
-            log(log_level::error, "accept: " + ec.message());  // e.g. out of file descriptors: keep serving the others
+            log(log_level::error, "accept: " + ec.message());
             continue;
         }
         auto executor = socket.get_executor();
@@ -810,10 +1005,23 @@ net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::accept
             net::co_spawn(executor, http_session(state, beast::tcp_stream(std::move(socket))),
                           log_exception("session"));
         } else {
-            net::co_spawn(executor,
-                          http_session(state, beast::ssl_stream<beast::tcp_stream>(std::move(socket), *state.tls)),
-                          log_exception("session"));
+            net::co_spawn(
+                executor,
+                http_session(state, beast::ssl_stream<beast::tcp_stream>(std::move(socket), state.tls->current())),
+                log_exception("session"));
         }
+    }
+}
+
+void reload_certificate(tls_contexts* tls) {
+    if (!tls) return log(log_level::warn, "received SIGHUP: no TLS certificate to reload (no --tls-cert); carrying on");
+    try {
+        tls->reload();
+        log(log_level::warn, "received SIGHUP: reloaded the TLS certificate " + tls->cert_file() +
+                                 " and its key for new connections; open connections are unchanged");
+    } catch (const std::exception& e) {
+        log(log_level::error, "received SIGHUP: cannot reload the TLS certificate " + tls->cert_file() + ": " +
+                                  e.what() + "; new connections keep getting the previous one");
     }
 }
 
@@ -827,7 +1035,7 @@ void raise_open_file_limit() {
 }
 
 template <class Stream>
-int run(const server_options& options, ssl::context* tls) {
+int run(const server_options& options, tls_contexts* tls) {
     wsbroadcast::options manager_options;
     manager_options.outbox = options.outbox;
     manager_options.max_connections = options.max_connections;
@@ -895,6 +1103,18 @@ int run(const server_options& options, ssl::context* tls) {
         });
     });
 
+    // SIGHUP (whose default would end the process and every connection) puts a renewed certificate
+    // in service for new handshakes; every connection stays as it is.
+    net::signal_set hangups(ioc, SIGHUP);
+    std::function<void()> wait_for_hangup = [&] {
+        hangups.async_wait([&](const beast::error_code& ec, int) {
+            if (ec) return;
+            reload_certificate(tls);
+            wait_for_hangup();
+        });
+    };
+    wait_for_hangup();
+
     const auto bound = acceptor.local_endpoint();
     const auto host = bound.address().is_v6() ? "[" + bound.address().to_string() + "]" : bound.address().to_string();
     // Signals are handled from here on; tests read the port from this line (with --port 0).
@@ -912,13 +1132,18 @@ int run(const server_options& options, ssl::context* tls) {
     for (unsigned i = 1; i < options.threads; ++i) threads.emplace_back([&] { ioc.run(); });
     ioc.run();
     for (auto& t : threads) t.join();
+    report_suppressed_refusals();
     log(log_level::warn, "stopped");
+    log_output().flush(1s);  // bounded: a log nobody reads must not keep the process from exiting
     return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+    // hiredis writes to Redis with write(2), and the log goes to stderr the same way: a peer that
+    // went away must be an EPIPE error there, not a signal that ends the process and every client.
+    std::signal(SIGPIPE, SIG_IGN);
     int exit_code = 0;
     const auto options = parse_options(argc, argv, exit_code);
     if (!options) return exit_code;
@@ -940,15 +1165,12 @@ int main(int argc, char** argv) {
 
     if (options->tls_cert.empty()) return run<beast::tcp_stream>(*options, nullptr);
 
-    ssl::context tls(ssl::context::tls_server);
-    tls.set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
-                    ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1);
+    std::optional<tls_contexts> tls;
     try {
-        tls.use_certificate_chain_file(options->tls_cert);
-        tls.use_private_key_file(options->tls_key, ssl::context::pem);
+        tls.emplace(options->tls_cert, options->tls_key);
     } catch (const std::exception& e) {
         std::cerr << "wsbroadcast-server: cannot load the TLS certificate or key: " << e.what() << '\n';
         return 2;
     }
-    return run<beast::ssl_stream<beast::tcp_stream>>(*options, &tls);
+    return run<beast::ssl_stream<beast::tcp_stream>>(*options, &*tls);
 }

@@ -26,8 +26,44 @@ inline bool valid_id(std::string_view id) {
     return true;
 }
 
-/// Percent-decoding. In a query string '+' also means a space. A malformed escape is an error.
-inline std::optional<std::string> url_decode(std::string_view in, bool plus_is_space = false) {
+/// Whether `text` is well-formed UTF-8 (RFC 3629): no stray continuation byte, no truncated
+/// sequence, no overlong form, no surrogate (U+D800 to U+DFFF), nothing past U+10FFFF. A WebSocket
+/// text message must be (RFC 6455 section 8.1): clients fail the connection on anything else.
+inline bool valid_utf8(std::string_view text) {
+    struct sequence {
+        std::size_t length;       // 0: this byte cannot start one
+        unsigned char low, high;  // the range of the second byte, which rules out the invalid values
+    };
+    auto starting_with = [](unsigned char lead) -> sequence {
+        if (lead >= 0xC2 && lead <= 0xDF) return {2, 0x80, 0xBF};
+        if (lead == 0xE0) return {3, 0xA0, 0xBF};  // below: overlong
+        if (lead == 0xED) return {3, 0x80, 0x9F};  // above: surrogates
+        if (lead >= 0xE1 && lead <= 0xEF) return {3, 0x80, 0xBF};
+        if (lead == 0xF0) return {4, 0x90, 0xBF};  // below: overlong
+        if (lead == 0xF4) return {4, 0x80, 0x8F};  // above: past U+10FFFF
+        if (lead >= 0xF1 && lead <= 0xF3) return {4, 0x80, 0xBF};
+        return {0, 0, 0};  // 0x80 to 0xC1: a continuation or an overlong lead; 0xF5 and up: past U+10FFFF
+    };
+    auto byte = [text](std::size_t i) { return static_cast<unsigned char>(text[i]); };
+    for (std::size_t i = 0; i < text.size();) {
+        if (byte(i) < 0x80) {
+            ++i;
+            continue;
+        }
+        const auto s = starting_with(byte(i));
+        if (s.length == 0 || text.size() - i < s.length) return false;
+        if (byte(i + 1) < s.low || byte(i + 1) > s.high) return false;
+        for (std::size_t k = 2; k < s.length; ++k)
+            if ((byte(i + k) & 0xC0) != 0x80) return false;
+        i += s.length;
+    }
+    return true;
+}
+
+/// Percent-decoding, as Python's urllib.parse.unquote (what LNbits runs on) does it: a '%' not
+/// followed by two hex digits is kept as it is, so "50%%20off" is "50% off" and "%zz" stays "%zz".
+/// In a query string '+' also means a space.
+inline std::string url_decode(std::string_view in, bool plus_is_space = false) {
     auto hex = [](char c) -> int {
         if (c >= '0' && c <= '9') return c - '0';
         if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -37,10 +73,9 @@ inline std::optional<std::string> url_decode(std::string_view in, bool plus_is_s
     std::string out;
     out.reserve(in.size());
     for (std::size_t i = 0; i < in.size(); ++i) {
-        if (in[i] == '%') {
-            if (i + 2 >= in.size()) return std::nullopt;
-            const int hi = hex(in[i + 1]), lo = hex(in[i + 2]);
-            if (hi < 0 || lo < 0) return std::nullopt;
+        const int hi = in[i] == '%' && i + 2 < in.size() ? hex(in[i + 1]) : -1;
+        const int lo = hi < 0 ? -1 : hex(in[i + 2]);
+        if (lo >= 0) {
             out.push_back(static_cast<char>(hi * 16 + lo));
             i += 2;
         } else if (in[i] == '+' && plus_is_space) {
@@ -221,7 +256,8 @@ enum class route_kind {
     subscribe,      // GET /api/v1/ws/{id} or the bare /api/v1/ws, must be a WebSocket upgrade
     push_body,      // POST /api/v1/ws/{ids}: ?data= or the body
     push_path,      // GET /api/v1/ws/{ids}/{data}
-    bad_request,    // 400: bad id or list, malformed escape
+    preflight,      // OPTIONS /api/v1/ws/...: a browser's CORS check before a push
+    bad_request,    // 400: bad id or list
     not_found,      // 404
     wrong_method,   // 405
 };
@@ -267,6 +303,10 @@ inline route route_request(std::string_view method, std::string_view target) {
         return r;
     }
     if (!(path.starts_with(ws_prefix) && path[ws_prefix.size()] == '/')) return r;
+    if (method == "OPTIONS") {  // answered whatever the ids: the push itself says what is wrong with them
+        r.kind = route_kind::preflight;
+        return r;
+    }
 
     auto rest = path.substr(ws_prefix.size() + 1);
     const auto slash = rest.find('/');
@@ -274,11 +314,10 @@ inline route route_request(std::string_view method, std::string_view target) {
 
     // Decoded before splitting: a client that encodes the whole list ("a%2Cb") means the same list.
     const auto decoded = url_decode(rest.substr(0, slash));
-    if (!decoded) return bad(invalid_id_problem);
     const bool subscribing = method == "GET" && !has_data;
-    if (subscribing && decoded->find(',') != decoded->npos)
+    if (subscribing && decoded.find(',') != decoded.npos)
         return bad("one id per WebSocket URL; use the wsbroadcast.v1 subprotocol to subscribe to several");
-    auto list = parse_id_list(*decoded);
+    auto list = parse_id_list(decoded);
     if (!list.problem.empty()) return bad(list.problem);
     r.ids = std::move(list.ids);
 
@@ -289,7 +328,6 @@ inline route route_request(std::string_view method, std::string_view target) {
             return r;
         }
         r.data = url_decode(rest.substr(slash + 1));
-        if (!r.data) return bad("malformed percent-escape in data");
         r.kind = route_kind::push_path;
         return r;
     }
@@ -297,10 +335,7 @@ inline route route_request(std::string_view method, std::string_view target) {
         r.kind = route_kind::subscribe;
     } else if (method == "POST") {
         r.kind = route_kind::push_body;
-        if (const auto raw = query_param(query, "data")) {
-            r.data = url_decode(*raw, true);
-            if (!r.data) return bad("malformed percent-escape in ?data=");
-        }
+        if (const auto raw = query_param(query, "data")) r.data = url_decode(*raw, true);
     } else {
         r.kind = route_kind::wrong_method;
         r.allow = "GET, POST";

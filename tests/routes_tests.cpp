@@ -1,6 +1,8 @@
 // The reference server's routing rules, tested as pure functions.
 #include <doctest/doctest.h>
 
+#include "cors.hpp"
+#include "environment.hpp"
 #include "protocol.hpp"
 #include "relay_wire.hpp"
 #include "routes.hpp"
@@ -23,16 +25,73 @@ TEST_CASE("ids follow LNbits' rule: 1 to 128 characters of [A-Za-z0-9:_-]") {
     CHECK_FALSE(valid_id(std::string_view("a\0b", 3)));
 }
 
+TEST_CASE("flags from the environment: 1/true/yes/on and 0/false/no/off in any case, nothing else") {
+    for (const char* on : {"1", "true", "TRUE", "True", "yes", "YeS", "on", "ON"}) {
+        CAPTURE(on);
+        CHECK(parse_boolean(on) == true);
+    }
+    for (const char* off : {"0", "false", "FALSE", "no", "No", "off", "OFF"}) {
+        CAPTURE(off);
+        CHECK(parse_boolean(off) == false);
+    }
+    for (const char* bad : {"", " ", "2", "01", "y", "n", "tru", "truee", " yes", "yes ", "enable", "\x10", "0n"}) {
+        CAPTURE(bad);
+        CHECK_FALSE(parse_boolean(bad).has_value());
+    }
+}
+
+TEST_CASE("UTF-8 is validated strictly: no overlongs, surrogates, code points past U+10FFFF or cut sequences") {
+    for (const char* good :
+         {"", "plain ASCII", "\x7f", "caf\xc3\xa9", "\xc2\x80", "\xdf\xbf", "\xe0\xa0\x80", "\xed\x9f\xbf",
+          "\xee\x80\x80", "\xef\xbf\xbf", "\xf0\x90\x80\x80", "\xf4\x8f\xbf\xbf", "\xe2\x9c\x93 \xf0\x9f\x98\x80"}) {
+        CAPTURE(std::string_view(good));
+        CHECK(valid_utf8(good));
+    }
+    CHECK(valid_utf8(std::string_view("a\0b", 3)));  // NUL is a character
+    for (const char* bad : {
+             "\x80",                // a continuation byte with no lead
+             "\xbf",                //
+             "\xc3\x28",            // a lead followed by no continuation
+             "\xc3",                // cut short
+             "\xe2\x82",            //
+             "\xf0\x9f\x98",        //
+             "\xc0\xaf",            // overlong '/'
+             "\xc1\xbf",            // overlong U+7F
+             "\xe0\x9f\xbf",        // overlong U+7FF
+             "\xf0\x8f\xbf\xbf",    // overlong U+FFFF
+             "\xed\xa0\x80",        // U+D800, a surrogate
+             "\xed\xbf\xbf",        // U+DFFF
+             "\xf4\x90\x80\x80",    // U+110000
+             "\xf5\x80\x80\x80",    // a lead past U+10FFFF
+             "\xff",                //
+             "\xfe\xff",            //
+             "ok\xe2\x9c\x93\x80",  // a stray continuation after a good character
+             "\xe2\x28\xa1",        // a bad second byte
+             "\xe2\x82\x28",        // a bad third byte
+         }) {
+        CAPTURE(std::string_view(bad));
+        CHECK_FALSE(valid_utf8(bad));
+    }
+}
+
 TEST_CASE("percent-decoding") {
     CHECK(url_decode("hello%20world%2F1") == "hello world/1");
     CHECK(url_decode("a+b") == "a+b");
     CHECK(url_decode("a+b", true) == "a b");
     CHECK(url_decode("%41%6a") == "Aj");
     CHECK(url_decode("") == "");
-    CHECK_FALSE(url_decode("%").has_value());
-    CHECK_FALSE(url_decode("%4").has_value());
-    CHECK_FALSE(url_decode("%zz").has_value());
-    CHECK_FALSE(url_decode("abc%2").has_value());
+}
+
+TEST_CASE("a malformed percent-escape is kept as it is, as Python's unquote keeps it") {
+    CHECK(url_decode("bob-50%%20off") == "bob-50% off");  // Copilot's chat text, sent unencoded
+    CHECK(url_decode("%zz") == "%zz");
+    CHECK(url_decode("%4") == "%4");
+    CHECK(url_decode("%") == "%");
+    CHECK(url_decode("abc%2") == "abc%2");
+    CHECK(url_decode("%%") == "%%");
+    CHECK(url_decode("%g1%41") == "%g1A");
+    CHECK(url_decode("%4%41") == "%4A");
+    CHECK(url_decode("100%+sure", true) == "100% sure");
 }
 
 TEST_CASE("query parameters") {
@@ -83,11 +142,37 @@ TEST_CASE("routing") {
     CHECK(route_request("POST", "/api/v1/ws").kind == route_kind::bad_request);
     CHECK(route_request("GET", "/api/v1/ws/").kind == route_kind::bad_request);
     CHECK(route_request("GET", "/api/v1/ws/a%20b").kind == route_kind::bad_request);
+    // A malformed escape stays literal (as in LNbits), and then an id still has to be valid.
     CHECK(route_request("GET", "/api/v1/ws/%zz").kind == route_kind::bad_request);
-    CHECK(route_request("GET", "/api/v1/ws/ok/%zz").kind == route_kind::bad_request);
-    CHECK(route_request("POST", "/api/v1/ws/ok?data=%zz").kind == route_kind::bad_request);
+    CHECK(route_request("GET", "/api/v1/ws/%zz/x").problem == invalid_id_problem);
+    CHECK(route_request("GET", "/api/v1/ws/%41b%2/x").problem == invalid_id_problem);
+    auto literal = route_request("GET", "/api/v1/ws/ok/bob-50%%20off%zz%4");
+    CHECK(literal.kind == route_kind::push_path);
+    CHECK(literal.data == "bob-50% off%zz%4");
+    auto literal_query = route_request("POST", "/api/v1/ws/ok?data=50%+off%zz");
+    CHECK(literal_query.kind == route_kind::push_body);
+    CHECK(literal_query.data == "50% off%zz");
     CHECK(route_request("DELETE", "/api/v1/ws/ok").allow == "GET, POST");
     CHECK(route_request("POST", "/api/v1/ws/ok/data").allow == "GET");
+}
+
+TEST_CASE("CORS: * allows every origin, a list only its own; no Origin is no browser; preflights are routed") {
+    const std::vector<std::string> any{"*"}, named{"https://a.example", "https://b.example"}, none;
+    CHECK(cors_allow_origin(any, "https://x.example") == "*");
+    CHECK(cors_allow_origin(any, "") == "*");
+    CHECK(cors_allow_origin(named, "https://b.example") == "https://b.example");
+    CHECK(cors_allow_origin(named, "https://c.example").empty());
+    CHECK(cors_allow_origin(named, "https://a.example.evil").empty());
+    CHECK(cors_allow_origin(none, "https://a.example").empty());
+    CHECK(origin_may_push(any, "https://x.example"));
+    CHECK(origin_may_push(named, "https://a.example"));
+    CHECK_FALSE(origin_may_push(named, "https://c.example"));
+    CHECK_FALSE(origin_may_push(none, "null"));
+    CHECK(origin_may_push(none, ""));
+
+    CHECK(route_request("OPTIONS", "/api/v1/ws/inv-1").kind == route_kind::preflight);
+    CHECK(route_request("OPTIONS", "/api/v1/ws/a,b/paid").kind == route_kind::preflight);
+    CHECK(route_request("OPTIONS", "/metrics").kind == route_kind::wrong_method);
 }
 
 TEST_CASE("--redis URLs") {

@@ -16,9 +16,11 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -61,9 +63,12 @@ constexpr auto io_timeout = 5s;
 
 class server_process {
 public:
-    // `env`: extra NAME=value entries; `stderr_file`: where the server's log goes (default: ours).
+    // `env`: extra NAME=value entries; `stderr_file` or `stderr_fd`: where the server's log goes
+    // (default: ours); `wrapper`: a command that runs the server in its place, keeping its pid
+    // ({"prlimit", "--nofile=64:64", "--"}).
     explicit server_process(std::vector<std::string> args = {}, std::vector<std::string> env = {},
-                            const std::string& stderr_file = {}) {
+                            const std::string& stderr_file = {}, int stderr_fd = -1,
+                            const std::vector<std::string>& wrapper = {}) {
         int out[2];
         REQUIRE(pipe(out) == 0);
         posix_spawn_file_actions_t actions;
@@ -73,16 +78,29 @@ public:
         if (!stderr_file.empty())
             posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, stderr_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
                                              0644);
+        if (stderr_fd >= 0) posix_spawn_file_actions_adddup2(&actions, stderr_fd, STDERR_FILENO);
         std::vector<char*> envp;
         for (char** e = environ; *e; ++e) envp.push_back(*e);
         for (auto& e : env) envp.push_back(e.data());
         envp.push_back(nullptr);
-        std::vector<std::string> all = {WSBROADCAST_SERVER_PATH, "--port", "0", "--threads", "2"};
+        std::vector<std::string> all = wrapper;
+        all.insert(all.end(), {WSBROADCAST_SERVER_PATH, "--port", "0", "--threads", "2"});
         all.insert(all.end(), args.begin(), args.end());
         std::vector<char*> argv;
         for (auto& a : all) argv.push_back(a.data());
         argv.push_back(nullptr);
-        REQUIRE(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), envp.data()) == 0);
+        // SIGPIPE and SIGHUP at their defaults, whatever this process (or whoever started it)
+        // ignores: the server must set them itself, not inherit SIG_IGN.
+        posix_spawnattr_t attributes;
+        posix_spawnattr_init(&attributes);
+        sigset_t defaults;
+        sigemptyset(&defaults);
+        sigaddset(&defaults, SIGPIPE);
+        sigaddset(&defaults, SIGHUP);
+        posix_spawnattr_setsigdefault(&attributes, &defaults);
+        posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGDEF);
+        REQUIRE(posix_spawnp(&pid_, argv[0], &actions, &attributes, argv.data(), envp.data()) == 0);
+        posix_spawnattr_destroy(&attributes);
         posix_spawn_file_actions_destroy(&actions);
         close(out[1]);
         // The first line says where it listens: "... listening on http://127.0.0.1:PORT with ..."
@@ -277,7 +295,12 @@ struct publisher {
     }
     // Returns the "connections" figure of the answer.
     int push(const std::string& id, const std::string& body) {
-        http::request<http::string_body> req{http::verb::post, "/api/v1/ws/" + id, 11};
+        const auto res = post("/api/v1/ws/" + id, body);
+        const auto at = res.body().rfind(':');
+        return std::stoi(res.body().substr(at + 1));
+    }
+    http::response<http::string_body> post(const std::string& target, const std::string& body) {
+        http::request<http::string_body> req{http::verb::post, target, 11};
         req.set(http::field::host, "127.0.0.1");
         req.body() = body;
         req.prepare_payload();
@@ -285,10 +308,14 @@ struct publisher {
         stream.expires_after(io_timeout);
         REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_write(stream, req, done); }));
         REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_read(stream, buffer, res, done); }));
-        const auto at = res.body().rfind(':');
-        return std::stoi(res.body().substr(at + 1));
+        return res;
     }
 };
+
+std::string file_text(const std::string& path) {
+    std::ifstream in(path);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+}
 
 long rss_kib(pid_t pid) {
     std::ifstream status("/proc/" + std::to_string(pid) + "/status");
@@ -429,7 +456,20 @@ TEST_CASE("invalid ids are refused with 400, for pushes and for subscriptions") 
     }
     // 128 bytes is still fine.
     CHECK(request(http::verb::post, "/api/v1/ws/" + std::string(128, 'a'), "x").result() == http::status::ok);
-    CHECK(request(http::verb::get, "/api/v1/ws/abc/%zz").result() == http::status::bad_request);
+    CHECK(request(http::verb::get, "/api/v1/ws/%zz/x").result() == http::status::bad_request);  // %zz stays
+}
+
+TEST_CASE("a malformed percent-escape is pushed as it is, as LNbits does (Copilot sends chat text unencoded)") {
+    auto c = subscriber("copilot");
+    for (const auto& [target, data] : {std::pair<std::string, std::string>{"/copilot/bob-50%%20off", "bob-50% off"},
+                                       {"/copilot/%zz", "%zz"},
+                                       {"/copilot/%4", "%4"},
+                                       {"/copilot?data=100%+sure", "100% sure"}}) {
+        CAPTURE(target);
+        const auto method = target.find('?') == std::string::npos ? http::verb::get : http::verb::post;
+        CHECK(request(method, "/api/v1/ws" + target).body() == push_answer(data, 1));
+        CHECK(c->read() == data);
+    }
 }
 
 TEST_CASE("a push to a list of ids is refused with 400 when the list is bad, and delivered to no one") {
@@ -447,6 +487,35 @@ TEST_CASE("a push to a list of ids is refused with 400 when the list is bad, and
     }
     CHECK(request(http::verb::post, "/api/v1/ws/list-ok", "after").body() == push_answer("after", 1));
     CHECK(c->read() == "after");  // nothing refused got through before it
+}
+
+TEST_CASE("a push that is not valid UTF-8 gets 400 with the reason; subscribers stay and get nothing of it") {
+    auto c = subscriber("utf8");
+    const std::string reason =
+        R"({"detail":"the data is not valid UTF-8, as a WebSocket text message must be: nothing was sent"})";
+    const std::pair<http::verb, std::string> pushes[] = {
+        {http::verb::get, "/api/v1/ws/utf8/%FF%FE"},
+        {http::verb::get, "/api/v1/ws/utf8/%ED%A0%80"},     // a surrogate, U+D800
+        {http::verb::get, "/api/v1/ws/utf8/%F4%90%80%80"},  // U+110000, past the last code point
+        {http::verb::post, "/api/v1/ws/utf8?data=%C3%28"},
+    };
+    for (const auto& [method, target] : pushes) {
+        CAPTURE(target);
+        const auto res = request(method, target);
+        CHECK(res.result() == http::status::bad_request);
+        CHECK(res[http::field::content_type] == "application/json");
+        CHECK(res.body() == reason);
+    }
+    for (const std::string body : {"\xc3\x28", "\xc0\xaf", "ok\xe2\x82"}) {  // bad, overlong '/', truncated
+        const auto res = request(http::verb::post, "/api/v1/ws/utf8", body);
+        CHECK(res.result() == http::status::bad_request);
+        CHECK(res.body() == reason);
+    }
+    // The first message the subscriber reads is this one: a text frame with invalid UTF-8 before it
+    // would have failed the read (Beast checks, as browsers do) and the connection with it.
+    const std::string fine = "caf\xc3\xa9 \xe2\x9c\x93 \xf0\x9f\x98\x80";
+    CHECK(request(http::verb::post, "/api/v1/ws/utf8", fine).body() == push_answer(fine, 1));
+    CHECK(c->read() == fine);
 }
 
 TEST_CASE("a malformed request gets 400 and the server carries on") {
@@ -770,6 +839,45 @@ TEST_CASE("a non-loopback address without a publish token is refused at start-up
     CHECK(out.find("without --publish-token") != std::string::npos);
 }
 
+namespace {
+// Runs the server to its end with extra environment entries; its exit status and everything it wrote.
+std::pair<int, std::string> run_to_exit(const std::vector<std::string>& env, const std::string& args) {
+    std::string cmd = "timeout 10 env";
+    for (const auto& e : env) cmd += " '" + e + "'";
+    FILE* p = popen((cmd + " " + WSBROADCAST_SERVER_PATH + " " + args + " 2>&1").c_str(), "r");
+    REQUIRE(p != nullptr);
+    std::string out;
+    char chunk[512];
+    while (std::size_t n = fread(chunk, 1, sizeof chunk, p)) out.append(chunk, n);
+    return {WEXITSTATUS(pclose(p)), out};
+}
+}  // namespace
+
+TEST_CASE("boolean environment values are strict: false is off, and an unknown value is refused by name") {
+    // 192.0.2.1 (TEST-NET-1) is no address of this machine: a server allowed to publish openly
+    // there gets past the check and then cannot listen (exit 1). Nothing listens beyond loopback.
+    const std::string args = "--address 192.0.2.1 --port 0";
+    for (const std::string off : {"0", "false", "FALSE", "no", "Off"}) {
+        CAPTURE(off);
+        const auto [status, out] = run_to_exit({"WSBROADCAST_ALLOW_OPEN_PUBLISH=" + off}, args);
+        CHECK(status == 2);
+        CHECK(out.find("without --publish-token") != std::string::npos);
+    }
+    for (const std::string on : {"1", "true", "Yes", "ON"}) {
+        CAPTURE(on);
+        const auto [status, out] = run_to_exit({"WSBROADCAST_ALLOW_OPEN_PUBLISH=" + on}, args);
+        CHECK(status == 1);
+        CHECK(out.find("cannot listen on 192.0.2.1") != std::string::npos);
+    }
+    for (const std::string bad : {"", "maybe", "2", "tru", " yes"}) {
+        CAPTURE(bad);
+        const auto [status, out] = run_to_exit({"WSBROADCAST_ALLOW_OPEN_PUBLISH=" + bad}, args);
+        CHECK(status == 2);
+        CHECK(out.find("WSBROADCAST_ALLOW_OPEN_PUBLISH") != std::string::npos);
+        CHECK(out.find("cannot listen") == std::string::npos);
+    }
+}
+
 TEST_CASE("--allowed-origin: other browser origins get 403 before the upgrade") {
     server_process server({"--allowed-origin", "https://good.example", "--allowed-origin", "http://127.0.0.1:8080"});
     ws_client evil;
@@ -780,6 +888,93 @@ TEST_CASE("--allowed-origin: other browser origins get 403 before the upgrade") 
     CHECK_FALSE(tool.connect(server.port(), "/api/v1/ws/o"));  // no Origin: not a browser, not hijackable
     CHECK(request(http::verb::post, "/api/v1/ws/o", "hi", server.port()).body() == push_answer("hi", 2));
     CHECK(good.read() == "hi");
+}
+
+namespace {
+// A browser's preflight before a cross-origin push with a token header.
+http::response<http::string_body> preflight(const std::string& target, const std::string& origin, unsigned short port) {
+    return request(http::verb::options, target, {}, port,
+                   {{"Origin", origin},
+                    {"Access-Control-Request-Method", "POST"},
+                    {"Access-Control-Request-Headers", "authorization,content-type"}});
+}
+}  // namespace
+
+TEST_CASE("CORS: with open pushing any page may push and read the answer (preflight 204, the answers say *)") {
+    auto c = subscriber("cors-open");
+    const auto pre = preflight("/api/v1/ws/cors-open", "https://shop.example", shared_server().port());
+    CHECK(pre.result() == http::status::no_content);
+    CHECK(pre[http::field::access_control_allow_origin] == "*");
+    CHECK(pre[http::field::access_control_allow_methods].find("POST") != std::string::npos);
+    CHECK(pre[http::field::access_control_allow_headers].find("Authorization") != std::string::npos);
+    CHECK(pre[http::field::access_control_allow_headers].find("Content-Type") != std::string::npos);
+    CHECK(std::stoi(std::string(pre[http::field::access_control_max_age])) > 0);
+    CHECK(preflight("/api/v1/ws/cors-open/paid", "https://shop.example", shared_server().port()).result() ==
+          http::status::no_content);
+
+    const header_list from_shop = {{"Origin", "https://shop.example"}};
+    const auto posted = request(http::verb::post, "/api/v1/ws/cors-open", "one", shared_server().port(), from_shop);
+    CHECK(posted.body() == push_answer("one", 1));
+    CHECK(posted[http::field::access_control_allow_origin] == "*");
+    const auto got = request(http::verb::get, "/api/v1/ws/cors-open/two", {}, shared_server().port(), from_shop);
+    CHECK(got[http::field::access_control_allow_origin] == "*");
+    // A refusal is readable too, so the page can show why.
+    const auto bad = request(http::verb::post, "/api/v1/ws/bad.id", "x", shared_server().port(), from_shop);
+    CHECK(bad.result() == http::status::bad_request);
+    CHECK(bad[http::field::access_control_allow_origin] == "*");
+    CHECK(c->read() == "one");
+    CHECK(c->read() == "two");
+}
+
+TEST_CASE("CORS: with a publish token no other origin may push unless --cors-origin names it") {
+    const header_list token = {{"Authorization", "Bearer t0ken"}};
+    auto with = [&](const std::string& origin) {
+        auto h = token;
+        h.emplace_back("Origin", origin);
+        return h;
+    };
+    {
+        server_process server({"--publish-token", "t0ken"});
+        auto c = subscriber("cors", server.port());
+        const auto pre = preflight("/api/v1/ws/cors", "https://shop.example", server.port());
+        CHECK(pre.result() == http::status::forbidden);
+        CHECK(pre[http::field::access_control_allow_origin].empty());
+        const auto push =
+            request(http::verb::post, "/api/v1/ws/cors", "x", server.port(), with("https://shop.example"));
+        CHECK(push.result() == http::status::forbidden);
+        CHECK(push[http::field::access_control_allow_origin].empty());
+        // Not a browser (no Origin), or the server's own page: as before.
+        CHECK(request(http::verb::post, "/api/v1/ws/cors", "curl", server.port(), token).body() ==
+              push_answer("curl", 1));
+        const auto host = "127.0.0.1:" + std::to_string(server.port());  // as a browser sends it
+        auto own = with("http://" + host);
+        own.emplace_back("Host", host);
+        CHECK(request(http::verb::post, "/api/v1/ws/cors", "own", server.port(), own).body() == push_answer("own", 1));
+        CHECK(c->read() == "curl");  // the refused push never arrived
+        CHECK(c->read() == "own");
+    }
+    // The origins named, on the command line or in the environment, and only those.
+    auto named_origins_only = [&](server_process& server) {
+        auto c = subscriber("cors", server.port());
+        const auto pre = preflight("/api/v1/ws/cors", "https://b.example", server.port());
+        CHECK(pre.result() == http::status::no_content);
+        CHECK(pre[http::field::access_control_allow_origin] == "https://b.example");
+        CHECK(pre[http::field::vary] == "Origin");
+        CHECK(preflight("/api/v1/ws/cors", "https://c.example", server.port()).result() == http::status::forbidden);
+        CHECK(request(http::verb::post, "/api/v1/ws/cors", "x", server.port(), with("https://c.example")).result() ==
+              http::status::forbidden);
+        const auto push =
+            request(http::verb::post, "/api/v1/ws/cors", "from a", server.port(), with("https://a.example"));
+        CHECK(push.body() == push_answer("from a", 1));
+        CHECK(push[http::field::access_control_allow_origin] == "https://a.example");
+        CHECK(c->read() == "from a");
+    };
+    server_process by_option(
+        {"--publish-token", "t0ken", "--cors-origin", "https://a.example", "--cors-origin", "https://b.example"});
+    named_origins_only(by_option);
+    server_process by_environment({"--publish-token", "t0ken"},
+                                  {"WSBROADCAST_CORS_ORIGIN=https://a.example,https://b.example"});
+    named_origins_only(by_environment);
 }
 
 TEST_CASE("connection limits answer 503 before the upgrade; the others are unaffected") {
@@ -844,6 +1039,88 @@ TEST_CASE("liveness: a client that stops reading is dropped even while a write t
     // Whether the outbox overflowed first depends on the build's speed (a sanitized server may be
     // torn down before): said, not asserted.
     MESSAGE("messages dropped before the teardown: " << metric(server, "wsbroadcast_dropped_messages_total"));
+}
+
+TEST_CASE("SIGPIPE does not kill the server: its log on a pipe whose reader is gone, it carries on") {
+    // hiredis writes to Redis with write(2), as the log does to stderr: a peer gone away must be an
+    // EPIPE error there, not the default SIGPIPE that ends the process.
+    int log_pipe[2];
+    REQUIRE(pipe2(log_pipe, O_CLOEXEC) == 0);  // the server gets the write end as stderr, and nothing else
+    server_process server({}, {}, {}, log_pipe[1]);
+    close(log_pipe[1]);
+    close(log_pipe[0]);  // nobody will ever read the log
+    auto c = subscriber("sigpipe", server.port());
+    for (int i = 0; i < 3; ++i)  // each refusal is a log line, written into the broken pipe
+        CHECK(request(http::verb::post, "/api/v1/ws/bad.id", "x", server.port()).result() == http::status::bad_request);
+    CHECK(request(http::verb::post, "/api/v1/ws/sigpipe", "alive", server.port()).body() == push_answer("alive", 1));
+    CHECK(c->read() == "alive");
+    CHECK(waitpid(server.pid(), nullptr, WNOHANG) == 0);  // still running
+    // And the disposition itself: bit 13 - 1 of the ignored-signal mask.
+    std::ifstream status("/proc/" + std::to_string(server.pid()) + "/status");
+    std::string line;
+    while (std::getline(status, line) && !line.starts_with("SigIgn:")) {
+    }
+    REQUIRE(line.starts_with("SigIgn:"));
+    CHECK((std::stoull(line.substr(7), nullptr, 16) >> (SIGPIPE - 1) & 1) == 1);
+    CHECK(server.stop() == 0);
+}
+
+namespace {
+// The CPU time the process has used, user and system, in clock ticks.
+long cpu_ticks(pid_t pid) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+    const std::string stat(std::istreambuf_iterator<char>(in), {});
+    std::istringstream fields(stat.substr(stat.rfind(')') + 2));  // the name may hold spaces
+    std::string skip;
+    for (int i = 3; i < 14; ++i) fields >> skip;  // state ... cmajflt: fields 3 to 13
+    long user = 0, system = 0;
+    fields >> user >> system;
+    return user + system;
+}
+
+std::size_t lines_with(const std::string& text, const std::string& what) {
+    std::size_t n = 0;
+    for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+    return n;
+}
+}  // namespace
+
+TEST_CASE("out of file descriptors, the server backs off instead of spinning, keeps its clients, then accepts again") {
+    char log[] = "/tmp/wsbroadcast-log-XXXXXX";
+    const int fd = mkstemp(log);
+    REQUIRE(fd >= 0);
+    close(fd);
+    server_process server({}, {}, log, -1, {"prlimit", "--nofile=64:64", "--"});
+    auto c = subscriber("fds", server.port());
+    publisher pushes(server.port());  // connected while descriptors are left
+
+    // More connections than the server has descriptors: the kernel queues the rest.
+    net::io_context ioc;
+    std::vector<tcp::socket> flood;
+    const tcp::endpoint endpoint(net::ip::make_address("127.0.0.1"), server.port());
+    for (int i = 0; i < 120; ++i) {
+        beast::error_code ec;
+        flood.emplace_back(ioc).connect(endpoint, ec);
+        REQUIRE_FALSE(ec);
+    }
+    std::this_thread::sleep_for(200ms);  // it runs out
+    const long before = cpu_ticks(server.pid());
+    std::this_thread::sleep_for(1s);
+    const long used = cpu_ticks(server.pid()) - before;
+    MESSAGE("CPU used in 1 s out of descriptors: " << used << " ticks of " << sysconf(_SC_CLK_TCK));
+    CHECK(used < sysconf(_SC_CLK_TCK) / 5);  // spinning takes a whole core
+    CHECK(pushes.push("fds", "still served") == 1);
+    CHECK(c->read() == "still served");
+
+    flood.clear();  // descriptors come back as the server sees these close
+    CHECK(request(http::verb::get, "/healthz", {}, server.port()).result() == http::status::ok);
+    CHECK(server.stop() == 0);
+    const auto text = file_text(log);
+    // One line when a burst starts, one with its count when it ends (spinning wrote thousands a second).
+    CHECK(lines_with(text, "accept: ") >= 2);
+    CHECK(lines_with(text, "accept: ") <= 10);
+    CHECK(text.find("accepting again after ") != std::string::npos);
+    std::remove(log);
 }
 
 TEST_CASE("SIGTERM with a client that never answers the close: exit 0 within the drain deadline") {
@@ -924,6 +1201,104 @@ TEST_CASE("TLS: wss:// and https:// with a verifying client; the same manager ov
     // Plain HTTP to the TLS port gets nowhere, and the server carries on.
     raw_exchange("GET / HTTP/1.1\r\nHost: x\r\n\r\n", server.port());
     CHECK(server.stop(SIGTERM) == 0);
+}
+
+namespace {
+// A TLS client that trusts only `trusted` (a PEM certificate) and checks that it names 127.0.0.1.
+struct tls_client {
+    net::io_context ioc;
+    ssl::context ctx{ssl::context::tls_client};
+    std::optional<websocket::stream<beast::ssl_stream<beast::tcp_stream>>> ws;
+
+    explicit tls_client(const std::string& trusted) {
+        ctx.load_verify_file(trusted);
+        ctx.set_verify_mode(ssl::verify_peer);
+        ws.emplace(ioc, ctx);  // after the settings: the stream's SSL copies them
+        ws->next_layer().set_verify_callback(ssl::host_name_verification("127.0.0.1"));
+    }
+    beast::error_code handshake(unsigned short port) {
+        beast::get_lowest_layer(*ws).expires_after(io_timeout);
+        const tcp::endpoint endpoint(net::ip::make_address("127.0.0.1"), port);
+        if (auto ec = run(ioc, [&](auto done) { beast::get_lowest_layer(*ws).async_connect(endpoint, done); }))
+            return ec;
+        return run(ioc, [&](auto done) { ws->next_layer().async_handshake(ssl::stream_base::client, done); });
+    }
+    beast::error_code upgrade(const std::string& target) {
+        return run(ioc, [&](auto done) { ws->async_handshake("127.0.0.1", target, done); });
+    }
+    http::response<http::string_body> post(const std::string& target, const std::string& body) {
+        http::request<http::string_body> req{http::verb::post, target, 11};
+        req.set(http::field::host, "127.0.0.1");
+        req.body() = body;
+        req.prepare_payload();
+        http::response<http::string_body> res;
+        beast::flat_buffer buffer;
+        beast::get_lowest_layer(*ws).expires_after(io_timeout);
+        REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_write(ws->next_layer(), req, done); }));
+        REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_read(ws->next_layer(), buffer, res, done); }));
+        return res;
+    }
+    std::optional<std::string> read() {
+        beast::flat_buffer buffer;
+        beast::get_lowest_layer(*ws).expires_after(io_timeout);
+        if (run(ioc, [&](auto done) { ws->async_read(buffer, done); })) return std::nullopt;
+        return beast::buffers_to_string(buffer.data());
+    }
+};
+
+}  // namespace
+
+TEST_CASE("SIGHUP reloads the TLS certificate for new connections; open WebSockets stay; a bad file keeps the old") {
+    test_certificate served, renewed;  // two self-signed certificates for 127.0.0.1, each with its own key
+    const std::string log = served.dir + "/server.log", original_cert = served.dir + "/original-cert.pem",
+                      original_key = served.dir + "/original-key.pem";
+    std::filesystem::copy_file(served.cert, original_cert);
+    std::filesystem::copy_file(served.key, original_key);
+    server_process server({"--tls-cert", served.cert, "--tls-key", served.key}, {}, log);
+    tls_client before(original_cert);
+    REQUIRE_FALSE(before.handshake(server.port()));
+    REQUIRE_FALSE(before.upgrade("/api/v1/ws/renewal"));
+
+    // The renewal: new files in place of the old ones, then SIGHUP.
+    const auto overwrite = std::filesystem::copy_options::overwrite_existing;
+    std::filesystem::copy_file(renewed.cert, served.cert, overwrite);
+    std::filesystem::copy_file(renewed.key, served.key, overwrite);
+    REQUIRE(kill(server.pid(), SIGHUP) == 0);
+    CHECK(eventually([&] { return file_text(log).find("reloaded the TLS certificate") != std::string::npos; }, 5s));
+
+    // A new connection is shown the renewed certificate, and no longer the original one.
+    tls_client after(renewed.cert), trusting_the_original(original_cert);
+    REQUIRE_FALSE(after.handshake(server.port()));
+    CHECK(trusting_the_original.handshake(server.port()));
+    // The WebSocket made before the renewal is still open, and gets what is pushed now.
+    CHECK(after.post("/api/v1/ws/renewal", "renewed").body() == push_answer("renewed", 1));
+    CHECK(before.read() == "renewed");
+
+    // A reload that fails (the original key does not go with the renewed certificate) says so, and
+    // new connections keep getting the renewed certificate.
+    std::filesystem::copy_file(original_key, served.key, overwrite);
+    REQUIRE(kill(server.pid(), SIGHUP) == 0);
+    CHECK(
+        eventually([&] { return file_text(log).find("cannot reload the TLS certificate") != std::string::npos; }, 5s));
+    tls_client still_renewed(renewed.cert);
+    CHECK_FALSE(still_renewed.handshake(server.port()));
+    CHECK(server.stop() == 0);
+}
+
+TEST_CASE("SIGHUP without TLS is logged, and the server and its WebSockets carry on") {
+    char log[] = "/tmp/wsbroadcast-log-XXXXXX";
+    const int fd = mkstemp(log);
+    REQUIRE(fd >= 0);
+    close(fd);
+    server_process server({}, {}, log);
+    auto c = subscriber("hangup", server.port());
+    REQUIRE(kill(server.pid(), SIGHUP) == 0);
+    CHECK(eventually([&] { return file_text(log).find("received SIGHUP") != std::string::npos; }, 5s));
+    CHECK(request(http::verb::post, "/api/v1/ws/hangup", "still here", server.port()).body() ==
+          push_answer("still here", 1));
+    CHECK(c->read() == "still here");
+    CHECK(server.stop() == 0);
+    std::remove(log);
 }
 
 // ---- the library over Beast, in-process -------------------------------------------------------
@@ -1064,6 +1439,65 @@ TEST_CASE("--log-level debug logs each connection and refusal; the default stays
     CHECK(info_log.find("WebSocket quiet") == std::string::npos);
     CHECK(info_log.find("info: refused (bad_request)") != std::string::npos);
     std::remove(path);
+}
+
+TEST_CASE("a flood of refusals logs at most 10 lines a second per reason, and how many more there were") {
+    char path[] = "/tmp/wsbroadcast-log-XXXXXX";
+    const int fd = mkstemp(path);
+    REQUIRE(fd >= 0);
+    close(fd);
+    constexpr int flood = 300;
+    std::chrono::steady_clock::duration took{};
+    {
+        server_process server({}, {}, path);
+        publisher pushes(server.port());
+        const auto start = std::chrono::steady_clock::now();
+        for (int i = 0; i < flood; ++i)
+            REQUIRE(pushes.post("/api/v1/ws/bad.id", "x").result() == http::status::bad_request);
+        took = std::chrono::steady_clock::now() - start;
+        CHECK(server.stop() == 0);
+    }
+    // Every refusal is either a line of its own or counted in a "suppressed" line.
+    std::ifstream in(path);
+    long logged = 0, suppressed = 0;
+    for (std::string line; std::getline(in, line);) {
+        const std::string refused = "refused (bad_request): ", counted = refused + "suppressed ";
+        if (const auto at = line.find(counted); at != std::string::npos)
+            suppressed += std::stol(line.substr(at + counted.size()));
+        else if (line.find(refused) != std::string::npos)
+            ++logged;
+    }
+    const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(took).count();
+    MESSAGE(flood << " refusals in " << seconds << " s: " << logged << " lines, " << suppressed << " suppressed");
+    CHECK(logged <= 10 * (seconds + 1));
+    CHECK(logged + suppressed == flood);
+    std::remove(path);
+}
+
+TEST_CASE("with stderr on a pipe nobody reads, connections, pushes and deliveries carry on") {
+    int log_pipe[2];
+    REQUIRE(pipe2(log_pipe, O_CLOEXEC) == 0);  // the server gets the write end as stderr, and nothing else
+    fcntl(log_pipe[0], F_SETPIPE_SZ, 4096);    // the smallest: a few dozen lines fill it
+    server_process server({"--log-level", "debug"}, {}, {}, log_pipe[1]);  // a line per connection and close
+    close(log_pipe[1]);
+    const auto start = std::chrono::steady_clock::now();
+    int made = 0;
+    for (; made < 100; ++made) {  // well past what the pipe holds
+        ws_client c;
+        if (c.connect(server.port(), "/api/v1/ws/flood")) break;
+        c.close();
+    }
+    CHECK(made == 100);
+    auto c = subscriber("unblocked", server.port());
+    CHECK(request(http::verb::post, "/api/v1/ws/unblocked", "delivered", server.port()).body() ==
+          push_answer("delivered", 1));
+    CHECK(c->read() == "delivered");
+    CHECK(std::chrono::steady_clock::now() - start < 4s);
+    // Exit waits for the log only so long.
+    const auto stopping = std::chrono::steady_clock::now();
+    CHECK(server.stop() == 0);
+    CHECK(std::chrono::steady_clock::now() - stopping < 6s);
+    close(log_pipe[0]);
 }
 
 // ---- history and resume ------------------------------------------------------------------------

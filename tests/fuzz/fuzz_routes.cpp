@@ -1,7 +1,8 @@
-// libFuzzer target: the reference server's request routing, id validation, URL decoding and the
-// small parsers around them (id lists, Sec-WebSocket-Protocol, wsbroadcast.v1 commands, relay
+// libFuzzer target: the reference server's request routing, id validation, lenient URL decoding and the
+// small parsers around them (UTF-8, id lists, Sec-WebSocket-Protocol, wsbroadcast.v1 commands, relay
 // payloads). Byte 0 picks the method; the rest is the request target, and the input of the others.
 // Every invariant below is something the server relies on; a violation traps.
+#include "cors.hpp"
 #include "protocol.hpp"
 #include "relay_wire.hpp"
 #include "routes.hpp"
@@ -9,6 +10,7 @@
 #include <boost/json/src.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
@@ -18,6 +20,31 @@ using namespace wsbroadcast_server;
 namespace {
 void require(bool ok) {
     if (!ok) __builtin_trap();
+}
+
+// UTF-8's rules stated another way, to check valid_utf8 against: each sequence decodes, by its
+// bits, to a code point that is no surrogate, at most U+10FFFF, and encoded in its shortest form.
+bool utf8_by_reencoding(std::string_view s) {
+    for (std::size_t i = 0; i < s.size();) {
+        const auto lead = static_cast<unsigned char>(s[i]);
+        const std::size_t n = lead < 0x80           ? 1
+                              : (lead >> 5) == 0x6  ? 2
+                              : (lead >> 4) == 0xE  ? 3
+                              : (lead >> 3) == 0x1E ? 4
+                                                    : 0;
+        if (n == 0 || s.size() - i < n) return false;
+        std::uint32_t code_point = n == 1 ? lead : lead & (0x7Fu >> n);
+        for (std::size_t k = 1; k < n; ++k) {
+            const auto next = static_cast<unsigned char>(s[i + k]);
+            if ((next & 0xC0) != 0x80) return false;
+            code_point = code_point << 6 | (next & 0x3Fu);
+        }
+        if (code_point > 0x10FFFF || (code_point >= 0xD800 && code_point <= 0xDFFF)) return false;
+        const std::size_t shortest = code_point < 0x80 ? 1 : code_point < 0x800 ? 2 : code_point < 0x10000 ? 3 : 4;
+        if (shortest != n) return false;
+        i += n;
+    }
+    return true;
 }
 }  // namespace
 
@@ -44,20 +71,29 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     case route_kind::client_module:
     case route_kind::metrics:
     case route_kind::health: require(method == "GET"); break;
+    case route_kind::preflight: require(method == "OPTIONS" && r.ids.empty()); break;
     case route_kind::wrong_method: require(!r.allow.empty()); break;
     case route_kind::bad_request: require(!r.problem.empty()); break;
     case route_kind::not_found: break;
     }
     if (r.kind == route_kind::push_path) require(r.data.has_value());
 
-    // Decoding never grows the input; a decoded string re-escaped as JSON has no raw control bytes.
-    if (const auto decoded = url_decode(target, data[0] & 1)) {
-        require(decoded->size() <= target.size());
-        const auto json = json_string(*decoded);
-        require(json.size() >= 2 && json.front() == '"' && json.back() == '"');
-        for (unsigned char c : json) require(c >= 0x20);
-    }
+    // Decoding never grows the input, and leaves it as it is when it has no well-formed escape (and,
+    // for a query, no '+'); a decoded string re-escaped as JSON has no raw control bytes.
+    const bool plus_is_space = data[0] & 1;
+    const auto decoded = url_decode(target, plus_is_space);
+    require(decoded.size() <= target.size());
+    bool escapes = plus_is_space && target.find('+') != target.npos;
+    for (std::size_t i = 0; i + 2 < target.size(); ++i)
+        escapes = escapes || (target[i] == '%' && std::isxdigit(static_cast<unsigned char>(target[i + 1])) &&
+                              std::isxdigit(static_cast<unsigned char>(target[i + 2])));
+    require(escapes || decoded == target);
+    const auto json = json_string(decoded);
+    require(json.size() >= 2 && json.front() == '"' && json.back() == '"');
+    for (unsigned char c : json) require(c >= 0x20);
     if (const auto value = query_param(target, "data")) require(value->size() <= target.size());
+    // What the server refuses as not UTF-8 is exactly what UTF-8 rules out.
+    require(valid_utf8(target) == utf8_by_reencoding(target));
     const auto token = bearer_token(target);
     require(token.size() < target.size() || token.empty());
     require(secret_matches(target, target));
@@ -65,6 +101,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     // An id list is all valid or refused with a reason.
     const auto list = parse_id_list(target);
     require(list.problem.empty() != list.ids.empty());
+    // Any origin is allowed by "*"; a named one by itself only; no Origin is no browser.
+    const std::vector<std::string> any{"*"}, named{std::string(target)};
+    require(cors_allow_origin(any, target) == "*" && origin_may_push(any, target));
+    require(target.empty() || cors_allow_origin(named, target) == target);
+    const auto other = std::string(target) + "x";
+    if (target != "*") require(cors_allow_origin(named, other).empty() && !origin_may_push(named, other));
     // The subprotocol is offered only if the header holds its exact token.
     if (offers_subprotocol(target, v1::subprotocol)) require(target.find(v1::subprotocol) != target.npos);
     // A command carried out has a valid key; a refused one says why.
