@@ -70,6 +70,11 @@ struct server_options {
     unsigned threads = std::max(1u, std::thread::hardware_concurrency());
     std::string publish_token;  // empty: pushes are open (allowed on loopback only)
     bool allow_open_publish = false;
+    bool trust_proxy = false;  // open pushing: a proxy in front restricts who may push
+    // HTTP connections not (yet) upgraded to a WebSocket: each costs a coroutine and its buffers
+    // (over TLS tens of KiB) before it has sent a byte, so their number is bounded by default.
+    std::size_t max_pending_connections = 1024;
+    unsigned handshake_timeout_seconds = 10;   // TLS handshake and first request
     std::vector<std::string> allowed_origins;  // empty: any origin may open a WebSocket
     std::vector<std::string> cors_origins;     // browser origins that may push; "*": any
     std::size_t max_message_bytes = 64 * 1024;
@@ -102,6 +107,10 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
                                  (also from WSBROADCAST_PUBLISH_TOKEN); without a token, pushing is
                                  open, which is allowed only on a loopback address
   --allow-open-publish           allow open pushing on a non-loopback address anyway
+  --trust-proxy                  without a publish token, pushes that came through a reverse proxy
+                                 (Forwarded, X-Forwarded-For, X-Real-IP) are refused with 403: the
+                                 proxy makes the internet look like loopback; this says the proxy
+                                 itself restricts who may push
   --allowed-origin ORIGIN        a browser origin allowed to open WebSockets, e.g. https://example.com
                                  (repeatable; default: any origin)
   --cors-origin ORIGIN           a browser origin allowed to push (fetch from its pages, read the
@@ -113,6 +122,10 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
                                  (for a wsbroadcast.v1 subscribe command: an error frame)
   --max-keys-per-connection N    ids one wsbroadcast.v1 connection may subscribe to, 0 for no limit
                                  (default 64); over it: an error frame
+  --max-pending-connections N    HTTP connections not upgraded to a WebSocket (in their TLS
+                                 handshake, sending a request, or kept alive between pushes) at
+                                 once (default 1024); over it a new connection is closed at once
+  --handshake-timeout SECONDS    time for the TLS handshake and the first request (default 10)
   --idle-timeout SECONDS         drop a client that answers no ping for this long (default 60)
   --tls-cert FILE --tls-key FILE serve https:// and wss:// with this PEM certificate chain and key;
                                  SIGHUP reads them again for new connections (renewal)
@@ -212,6 +225,8 @@ constexpr std::string_view value_options[] = {"address",
                                               "max-connections-per-key",
                                               "max-keys-per-connection",
                                               "idle-timeout",
+                                              "max-pending-connections",
+                                              "handshake-timeout",
                                               "tls-cert",
                                               "tls-key",
                                               "max-queued-bytes",
@@ -226,7 +241,7 @@ constexpr std::string_view value_options[] = {"address",
                                               "log-level"};
 
 // The options that take no value. From the environment each is a strict boolean (parse_boolean).
-constexpr std::string_view flag_options[] = {"allow-open-publish"};
+constexpr std::string_view flag_options[] = {"allow-open-publish", "trust-proxy"};
 
 std::string environment_variable(std::string_view option) {
     std::string name = "WSBROADCAST_";
@@ -283,8 +298,8 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             exit_code = 0;
             return std::nullopt;
         }
-        if (arg == "--allow-open-publish") {
-            o.allow_open_publish = true;
+        if (arg == "--allow-open-publish" || arg == "--trust-proxy") {
+            (arg == "--trust-proxy" ? o.trust_proxy : o.allow_open_publish) = true;
             continue;
         }
         if (i + 1 >= args.size()) return fail(std::string(arg) + " needs a value");
@@ -306,6 +321,10 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             ok = parse_number(value, o.max_message_bytes) && o.max_message_bytes > 0;
         else if (arg == "--max-connections")
             ok = parse_number(value, o.max_connections);
+        else if (arg == "--max-pending-connections")
+            ok = parse_number(value, o.max_pending_connections) && o.max_pending_connections > 0;
+        else if (arg == "--handshake-timeout")
+            ok = parse_number(value, o.handshake_timeout_seconds) && o.handshake_timeout_seconds > 0;
         else if (arg == "--max-connections-per-key")
             ok = parse_number(value, o.max_connections_per_key);
         else if (arg == "--max-keys-per-connection")
@@ -340,7 +359,9 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             ok = parse_level(value, current_log_level);
         else
             return fail("unknown option " + std::string(arg));
-        if (!ok) return fail("invalid value for " + std::string(arg) + ": " + std::string(value));
+        if (!ok)
+            return fail("invalid value for " + std::string(arg) + ": " +
+                        (arg == "--redis" ? redacted_redis_url(value) : std::string(value)));
     }
     if (o.tls_cert.empty() != o.tls_key.empty()) return fail("--tls-cert and --tls-key go together");
     // As LNbits: when anyone may push, any page may too. With a token, no other page may unless named.
@@ -545,7 +566,19 @@ struct server_state {
     const server_options& options;
     std::shared_ptr<relay_type> relay;  // with --redis; the manager holds it too
     manager_type manager;
-    tls_contexts* tls = nullptr;  // set when Stream is an ssl_stream
+    tls_contexts* tls = nullptr;          // set when Stream is an ssl_stream
+    std::atomic<std::size_t> pending{0};  // HTTP sessions not handed to the manager (--max-pending-connections)
+};
+
+// The accept loop counts a connection in State::pending as it accepts it (a burst of accepts must
+// not outrun sessions that have not started yet); the session lets go of it when it ends.
+template <class State>
+struct pending_session {
+    State& state;
+    explicit pending_session(State& s) : state(s) {}
+    ~pending_session() { state.pending.fetch_sub(1, std::memory_order_relaxed); }
+    pending_session(const pending_session&) = delete;
+    pending_session& operator=(const pending_session&) = delete;
 };
 
 bool authorized(const server_options& o, const request& req) {
@@ -648,6 +681,14 @@ response push(State& state, const request& req, const std::vector<std::string>& 
         refuse(refusal::forbidden_origin,
                "push to " + joined(ids) + " from origin " + std::string(req[http::field::origin]));
         return make_error(req, http::status::forbidden, "origin not allowed to push");
+    }
+    // Open pushing is safe on loopback only; a reverse proxy on loopback relays the whole internet.
+    if (state.options.publish_token.empty() && !state.options.trust_proxy &&
+        (req.count(http::field::forwarded) || req.count("X-Forwarded-For") || req.count("X-Real-IP"))) {
+        refuse(refusal::unauthorized, "push to " + joined(ids) + " through a proxy, with open pushing");
+        return make_error(req, http::status::forbidden,
+                          "pushing is open (no publish token), so pushes through a proxy are refused: set "
+                          "--publish-token, or --trust-proxy if the proxy restricts who may push");
     }
     if (!authorized(state.options, req)) {
         refuse(refusal::unauthorized, "push to " + joined(ids) + " without a valid token");
@@ -903,9 +944,12 @@ void subscribe(State& state, Stream stream, request req, std::vector<std::string
 // One HTTP connection: requests until the peer leaves, or until one of them upgrades.
 template <class State, class Stream>
 net::awaitable<void> http_session(State& state, Stream stream) {
+    const pending_session counted(state);  // until it returns: after an upgrade, the manager counts it
+    const auto handshake_timeout = std::chrono::seconds(state.options.handshake_timeout_seconds);
+    bool first = true;
     beast::error_code ec;
     if constexpr (!std::is_same_v<Stream, beast::tcp_stream>) {
-        lowest(stream).expires_after(http_timeout);
+        lowest(stream).expires_after(handshake_timeout);
         co_await stream.async_handshake(ssl::stream_base::server, net::redirect_error(net::use_awaitable, ec));
         if (ec) co_return;  // not TLS, or a client that gave up: nothing to answer
     }
@@ -914,7 +958,9 @@ net::awaitable<void> http_session(State& state, Stream stream) {
         http::request_parser<http::string_body> parser;
         parser.header_limit(8 * 1024);
         parser.body_limit(state.options.max_message_bytes);
-        lowest(stream).expires_after(http_timeout);
+        // The first request must come soon (a silent connection is a probe or an attack); a
+        // keep-alive connection between pushes may wait longer.
+        lowest(stream).expires_after(std::exchange(first, false) ? handshake_timeout : http_timeout);
         co_await http::async_read(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
         if (ec == http::error::end_of_stream || ec == beast::error::timeout || ec == net::error::eof) break;
         if (ec) {
@@ -1000,6 +1046,13 @@ net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::accept
             log(log_level::error, "accept: " + ec.message());
             continue;
         }
+        if (state.pending.load(std::memory_order_relaxed) >= state.options.max_pending_connections) {
+            refuse(refusal::connection_limit, "connection: " + std::to_string(state.options.max_pending_connections) +
+                                                  " HTTP connections not upgraded yet (--max-pending-connections)");
+            socket.close(ec);
+            continue;
+        }
+        state.pending.fetch_add(1, std::memory_order_relaxed);  // let go by the session's pending_session
         auto executor = socket.get_executor();
         if constexpr (std::is_same_v<typename State::stream_type, beast::tcp_stream>) {
             net::co_spawn(executor, http_session(state, beast::tcp_stream(std::move(socket))),
@@ -1147,6 +1200,9 @@ int main(int argc, char** argv) {
     int exit_code = 0;
     const auto options = parse_options(argc, argv, exit_code);
     if (!options) return exit_code;
+    // The log's thread starts now, while the process has resources to spare, not at the first log
+    // line: that may be "accept: Too many open files".
+    log_output();
 
     beast::error_code ec;
     const auto address = net::ip::make_address(options->address, ec);

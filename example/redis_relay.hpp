@@ -427,7 +427,8 @@ private:
     // it once, wherever its keys' SUBSCRIBEs stand. The later copies are dropped.
     void deliver(std::string_view key, std::string_view payload) {
         const auto push = parse_relay_payload(payload);
-        if (!push) {
+        // Text frames must be UTF-8: a foreign publisher on the prefix must not fail every subscriber.
+        if (!push || !valid_utf8(push->data)) {
             if (counters_.malformed.fetch_add(1, std::memory_order_relaxed) == 0)
                 log_(true, "redis: dropping a message in an unknown format on channel " + prefix_ + std::string(key) +
                                " (an instance of another version on this prefix?)");

@@ -151,6 +151,16 @@ struct redis_address {
     unsigned db = 0;
 };
 
+/// `url` with its password replaced by "***", for messages: a bad --redis value is echoed without it.
+inline std::string redacted_redis_url(std::string_view url) {
+    const auto start = url.find("://");
+    const auto at = url.rfind('@');
+    if (start == url.npos || at == url.npos || at < start) return std::string(url);
+    const auto colon = url.find(':', start + 3);
+    if (colon == url.npos || colon > at) return std::string(url);
+    return std::string(url.substr(0, colon + 1)) + "***" + std::string(url.substr(at));
+}
+
 inline std::optional<redis_address> parse_redis_url(std::string_view url) {
     constexpr std::string_view scheme = "redis://";
     if (!url.starts_with(scheme)) return std::nullopt;
@@ -167,18 +177,19 @@ inline std::optional<redis_address> parse_redis_url(std::string_view url) {
         out = static_cast<std::remove_reference_t<decltype(out)>>(n);
         return true;
     };
-    if (const auto slash = url.find('/'); slash != url.npos) {
-        if (!digits(url.substr(slash + 1), a.db, 65535)) return std::nullopt;
-        url = url.substr(0, slash);
-    }
+    // The user and password first: a password may hold '/' (base64) and, percent-encoded, anything.
     if (const auto at = url.rfind('@'); at != url.npos) {
         const auto userinfo = url.substr(0, at);
         const auto colon = userinfo.find(':');
         if (colon == userinfo.npos) return std::nullopt;  // a user with no password says nothing
-        a.user = userinfo.substr(0, colon);
-        a.password = userinfo.substr(colon + 1);
+        a.user = url_decode(userinfo.substr(0, colon));
+        a.password = url_decode(userinfo.substr(colon + 1));
         if (a.password.empty()) return std::nullopt;
         url = url.substr(at + 1);
+    }
+    if (const auto slash = url.find('/'); slash != url.npos) {
+        if (!digits(url.substr(slash + 1), a.db, 65535)) return std::nullopt;
+        url = url.substr(0, slash);
     }
     if (url.starts_with('[')) {  // [::1]:6379
         const auto close = url.find(']');

@@ -201,6 +201,20 @@ TEST_CASE("--redis URLs") {
     CHECK(a->password == "pw");
     CHECK(a->host == "redis.internal");
 
+    // A password may hold '/' (base64) as it is, and anything percent-encoded; so may the user.
+    a = parse_redis_url("redis://:ab/c+d==@h:7/3");
+    REQUIRE(a);
+    CHECK(a->password == "ab/c+d==");
+    CHECK(a->host == "h");
+    CHECK(a->db == 3);
+    a = parse_redis_url("redis://us%3Aer:p%40ss%2Fw%3Ard@h");
+    REQUIRE(a);
+    CHECK(a->user == "us:er");
+    CHECK(a->password == "p@ss/w:rd");
+    CHECK(redacted_redis_url("redis://app:s3cret@h:6379/1") == "redis://app:***@h:6379/1");
+    CHECK(redacted_redis_url("redis://:a/b@c@h") == "redis://:***@h");
+    CHECK(redacted_redis_url("redis://h:6379") == "redis://h:6379");
+
     for (const char* bad : {"", "http://h:1", "redis://", "redis://:6379", "redis://h:0", "redis://h:65536",
                             "redis://h:12x", "redis://h/x", "redis://user@h", "redis://[::1", "redis://h:"}) {
         CAPTURE(bad);

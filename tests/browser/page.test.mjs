@@ -1,6 +1,6 @@
 // The reference server's page in a real browser (Debian's chromium, headless, driven by
 // playwright-core), built on the client module /wsbroadcast.js: open the page for an id, push over
-// HTTP, see the message appear; cut the page's connection (through a TCP proxy the test controls,
+// HTTP, see the message appear; push from another origin (CORS); cut the page's connection (through a TCP proxy the test controls,
 // as a dropped Wi-Fi would) while pushes go on, and see the page come back with every message
 // exactly once, in order; restart the server on the same port (its history is gone) and see the
 // page reconnect by itself, say that it could not recover, and receive again.
@@ -128,6 +128,16 @@ try {
   await page.waitForSelector('#log li:has-text("from the form")', { timeout: 10000 });
   check(true, "the page's form pushes a message that comes back to it");
 
+  // CORS: the page's origin is the proxy's port, so a fetch to the server's own port is a
+  // cross-origin push, with a preflight (it sends a JSON content type). With open publishing any
+  // origin may push and read the answer, as on LNbits.
+  const cross = await page.evaluate(async (url) => {
+    const res = await fetch(url, { method: "POST", body: "across origins", headers: { "Content-Type": "application/json" } });
+    return res.json();
+  }, `http://127.0.0.1:${port}/api/v1/ws/browser-test`);
+  check(cross.sent === true, `a page on another origin pushes and reads the answer (${JSON.stringify(cross)})`);
+  await page.waitForSelector('#log li:has-text("across origins")', { timeout: 10000 });
+
   // The page's network goes away while pushes go on: it resumes and misses nothing.
   proxy.cut();
   await page.waitForSelector('#state[data-state="reconnecting"]', { timeout: 10000 });
@@ -138,7 +148,7 @@ try {
   await page.waitForSelector('#log li:has-text("missed 3")', { timeout: 10000 });
   const seen = await messages(page);
   check(JSON.stringify(seen) ===
-          JSON.stringify(["first message", "from the form", "missed 1", "missed 2", "missed 3"]),
+          JSON.stringify(["first message", "from the form", "across origins", "missed 1", "missed 2", "missed 3"]),
         `after the drop the page has every message once, in order: ${JSON.stringify(seen)}`);
   check((await page.$$('#log li[data-kind="notice"]')).length === 0, "and it says nothing was lost");
 
