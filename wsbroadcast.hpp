@@ -637,6 +637,10 @@ struct options {
     /// Liveness (0: off): a peer heard nothing from for this long is torn down and unregistered.
     /// Where the socket has async_ping (as Beast's does), a peer silent for half of it is pinged,
     /// and its pong counts as hearing from it (seen through the socket's control_callback).
+    /// A peer that talks but does not read is no more alive: a write that makes no progress for
+    /// this long (no byte taken, over a batching_stream; else not completed) tears it down too,
+    /// whatever the overflow policy. Both are checked every half period (whole, without ping), so
+    /// a dead peer goes after between one and one and a half periods.
     std::chrono::steady_clock::duration idle_timeout{};
     /// A connection closed by the overflow policy leaves the manager at once; its close handshake
     /// gets this long before its socket is torn down.
@@ -732,6 +736,10 @@ public:
     const NextLayer& next_layer() const noexcept { return next_; }
     executor_type get_executor() noexcept { return next_.get_executor(); }
 
+    /// Changes whenever a write hands bytes to the next layer: how the manager tells a peer that
+    /// reads slowly from one that does not read at all.
+    std::uint64_t write_progress() const noexcept { return progress_; }
+
     template <class MutableBuffers, class Token>
     auto async_read_some(const MutableBuffers& buffers, Token&& token) {
         return next_.async_read_some(buffers, std::forward<Token>(token));
@@ -791,7 +799,13 @@ private:
 
     template <class ConstBuffers, class Handler>
     void write(const ConstBuffers& buffers, Handler&& handler) {
-        net::async_write(next_, buffers,
+        // The completion condition runs after each partial write: it notes the progress (through
+        // the shared queue, as the stream may be gone) and asks for the rest.
+        auto note_progress = [writes = writes_](const error_code& ec, std::size_t) -> std::size_t {
+            if (writes->owner) ++writes->owner->progress_;
+            return ec ? 0 : std::size_t{65536};
+        };
+        net::async_write(next_, buffers, std::move(note_progress),
                          [writes = writes_, fallback = next_.get_executor(), handler = std::move(handler)](
                              const error_code& ec, std::size_t n) mutable {
                              if (writes->owner) writes->owner->start_next();
@@ -823,6 +837,7 @@ private:
 
     NextLayer next_;
     std::shared_ptr<write_queue> writes_;
+    std::uint64_t progress_ = 0;
 };
 
 #if !defined(WSBROADCAST_STANDALONE_ASIO) && __has_include(<boost/beast/core/role.hpp>)
@@ -983,10 +998,17 @@ private:
 
 /// One connection's outbox: the messages waiting to be written, in order, and the batch being
 /// written. It applies the limits and the overflow policy (see outbox_options) and knows nothing
-/// of sockets, locks or keys: the connection owns one and guards it.
+/// of sockets, locks or keys: the connection owns one and guards it. What it holds is also kept
+/// in a total shared by all of a manager's outboxes, so that a metrics scrape costs O(1).
 class outbox {
 public:
-    explicit outbox(const outbox_options& limits) : limits_(limits) {}
+    using shared_total = std::shared_ptr<std::atomic<std::size_t>>;
+
+    explicit outbox(const outbox_options& limits, shared_total total = {})
+        : limits_(limits), total_(std::move(total)) {}
+    ~outbox() { less(bytes()); }
+    outbox(const outbox&) = delete;
+    outbox& operator=(const outbox&) = delete;
 
     struct offer_result {
         bool queued = false;      ///< the message is in the outbox
@@ -1035,13 +1057,13 @@ public:
 
     void done_writing() noexcept {
         for (; writing_ > 0; --writing_) ring_.pop_front();
-        writing_bytes_ = 0;
+        less(std::exchange(writing_bytes_, 0));
     }
 
     /// Drops every message not being written: the connection is closing without them.
     void discard_waiting() noexcept {
         while (ring_.size() > writing_) ring_.pop_back();
-        waiting_bytes_ = 0;
+        less(std::exchange(waiting_bytes_, 0));
     }
 
 private:
@@ -1055,14 +1077,22 @@ private:
     void push(const message& m) {
         ring_.push_back(m);
         waiting_bytes_ += m.size();
+        if (total_) total_->fetch_add(m.size(), std::memory_order_relaxed);
     }
 
     void drop_oldest_waiting() noexcept {
-        waiting_bytes_ -= ring_[writing_].size();
+        const auto n = ring_[writing_].size();
+        waiting_bytes_ -= n;
+        less(n);
         ring_.erase(writing_);
     }
 
+    void less(std::size_t n) noexcept {
+        if (total_ && n) total_->fetch_sub(n, std::memory_order_relaxed);
+    }
+
     outbox_options limits_;
+    shared_total total_;
     ring<message> ring_;  // the batch being written first, then the waiting messages
     std::size_t writing_ = 0, waiting_bytes_ = 0, writing_bytes_ = 0;
 };
@@ -1537,12 +1567,13 @@ class connection : public std::enable_shared_from_this<connection<Socket, Key>> 
 public:
     /// `resumable`: its client can resume from positions, so an overflow closes it, whatever the
     /// policy (a drop would be a silent gap), and its close says to resume.
-    connection(Socket&& s, const outbox_options& o, bool envelopes, std::size_t max_message_bytes, bool resumable)
+    connection(Socket&& s, const outbox_options& o, outbox::shared_total queued, bool envelopes,
+               std::size_t max_message_bytes, bool resumable)
         : socket(std::move(s)),
           envelopes(envelopes),
           resumable(resumable),
           read_buffer(read_storage, max_message_bytes),
-          outbox_(resumable ? with_close_policy(o) : o) {}
+          outbox_(resumable ? with_close_policy(o) : o, std::move(queued)) {}
 
     Socket socket;
     const bool envelopes;
@@ -1554,6 +1585,9 @@ public:
     bool heard_from_peer = false;                       // a message or a control frame arrived since the last check
     bool ping_in_flight = false;                        // the watchdog's ping has not completed yet
     bool close_deadline = false;                        // the watchdog now guards a close handshake
+    std::uint8_t stuck_checks = 0;                      // checks in a row that found a write and no progress
+    std::uint32_t writes_completed = 0;                 // with the socket's own write_progress(), if any:
+    std::uint64_t progress_seen = 0;                    //   what the watchdog saw at its last check
     std::vector<net::const_buffer> batch;               // the frames being written; empty when idle
     std::string read_storage;                           // serve(): the message being read, here
     detail::read_buffer read_buffer;                    // because the pending read refers to them
@@ -1616,11 +1650,6 @@ public:
     bool writing() const {
         std::lock_guard lock(mutex_);
         return outbox_.writing() > 0;
-    }
-
-    std::size_t queued_bytes() const {
-        std::lock_guard lock(mutex_);
-        return outbox_.bytes();
     }
 
     /// Whether `messages` more, of `bytes` in all, would fit the outbox's limits now.
@@ -2058,13 +2087,9 @@ public:
     }
 
     /// Bytes held by all outboxes right now (a message queued to N connections counts N times,
-    /// as the limits do). Walks every connection: meant for a metrics scrape, not a hot path.
-    std::size_t queued_bytes() const {
-        std::shared_lock lock(registry_mutex_);
-        std::size_t total = 0;
-        registry_.for_each_connection([&](const connection& c) { total += c.queued_bytes(); });
-        return total;
-    }
+    /// as the limits do), those of connections that have left but not finished writing included.
+    /// O(1), without a lock.
+    std::size_t queued_bytes() const noexcept { return queued_->load(std::memory_order_relaxed); }
 
     statistics stats() const noexcept {
         auto get = [](const std::atomic<std::uint64_t>& n) { return n.load(std::memory_order_relaxed); };
@@ -2231,7 +2256,7 @@ private:
     /// Builds a connection and applies the manager's socket-level limits where the socket has them.
     connection_ptr make_connection(Socket ws, const connection_options& o) {
         auto c =
-            std::make_shared<connection>(std::move(ws), o.outbox.value_or(options_.outbox), o.envelopes,
+            std::make_shared<connection>(std::move(ws), o.outbox.value_or(options_.outbox), queued_, o.envelopes,
                                          socket_limits_size ? std::string().max_size() : options_.max_message_bytes,
                                          o.envelopes && history_.enabled());
         auto& socket = c->socket;
@@ -2572,6 +2597,7 @@ private:
     /// cannot be closed politely, and its read loop must end too.
     void written(const connection_ptr& c, const error_code& ec) noexcept {
         c->written(static_cast<bool>(ec));
+        ++c->writes_completed;
         if (!ec) return flush(c);
         if (!detail::is_expected_ending(ec)) report({"write", ec, {}});
         detail::abort_socket(c->socket);
@@ -2646,6 +2672,12 @@ private:
             if (state == detail::connection_state::detached || state == detail::connection_state::aborting ||
                 c->close_deadline)
                 return;
+            // n checks in a row that find the same write stuck span n - 1 periods: a whole idle
+            // timeout is 3 checks half a period apart, or 2 a whole period apart.
+            if (write_stuck(*c) >= (can_ping ? 3 : 2)) {
+                detail::abort_socket(c->socket);
+                return remove(c, detail::connection_state::aborting);
+            }
             if (std::exchange(c->heard_from_peer, false)) return watch(std::move(c), false);
             if constexpr (can_ping) {
                 if (!pinged) {
@@ -2661,6 +2693,19 @@ private:
             detail::abort_socket(c->socket);
             remove(c, detail::connection_state::aborting);
         });
+    }
+
+    /// For the watchdog: how many of its checks in a row found a write in flight that made no
+    /// progress since the check before. A peer that sends now and then (a pong) but never reads
+    /// would otherwise look alive for ever under the drop policies.
+    static unsigned write_stuck(connection& c) {
+        std::uint64_t progress = c.writes_completed;
+        if constexpr (requires { c.socket.next_layer().write_progress(); })
+            progress += c.socket.next_layer().write_progress();
+        const bool stuck = c.writing() && progress == c.progress_seen;
+        c.progress_seen = progress;
+        c.stuck_checks = stuck ? static_cast<std::uint8_t>(c.stuck_checks + 1) : 0;
+        return c.stuck_checks;
     }
 
     /// Tells the relay, if any, that `key` got its first connection or lost its last. Called under
@@ -2925,6 +2970,8 @@ private:
         }
     };
     std::shared_ptr<flush_queue> flushes_ = std::make_shared<flush_queue>();
+    // What every outbox holds; shared with them, since a connection may outlive the manager.
+    detail::outbox::shared_total queued_ = std::make_shared<std::atomic<std::size_t>>(0);
 
     mutable std::mutex history_mutex_;        // taken after registry_mutex_, never before
     history_type history_{options_.history};  // guarded by history_mutex_

@@ -74,9 +74,10 @@ struct server_options {
     // HTTP connections not (yet) upgraded to a WebSocket: each costs a coroutine and its buffers
     // (over TLS tens of KiB) before it has sent a byte, so their number is bounded by default.
     std::size_t max_pending_connections = 1024;
-    unsigned handshake_timeout_seconds = 10;   // TLS handshake and first request
-    std::vector<std::string> allowed_origins;  // empty: any origin may open a WebSocket
-    std::vector<std::string> cors_origins;     // browser origins that may push; "*": any
+    unsigned handshake_timeout_seconds = 10;         // TLS handshake and first request
+    std::size_t max_requests_per_connection = 1000;  // then the answer says "Connection: close" (as nginx)
+    std::vector<std::string> allowed_origins;        // empty: any origin may open a WebSocket
+    std::vector<std::string> cors_origins;           // browser origins that may push; "*": any
     std::size_t max_message_bytes = 64 * 1024;
     std::size_t max_connections = 0;
     std::size_t max_connections_per_key = 0;
@@ -126,7 +127,11 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
                                  handshake, sending a request, or kept alive between pushes) at
                                  once (default 1024); over it a new connection is closed at once
   --handshake-timeout SECONDS    time for the TLS handshake and the first request (default 10)
-  --idle-timeout SECONDS         drop a client that answers no ping for this long (default 60)
+  --max-requests-per-connection N
+                                 HTTP requests one keep-alive connection may make, pipelined or
+                                 not; the last answer closes it (default 1000)
+  --idle-timeout SECONDS         drop a client that answers no ping, or takes no byte written to it,
+                                 for this long (default 60)
   --tls-cert FILE --tls-key FILE serve https:// and wss:// with this PEM certificate chain and key;
                                  SIGHUP reads them again for new connections (renewal)
   --max-queued-bytes N           per-connection outbox limit in bytes (default 1048576)
@@ -227,6 +232,7 @@ constexpr std::string_view value_options[] = {"address",
                                               "idle-timeout",
                                               "max-pending-connections",
                                               "handshake-timeout",
+                                              "max-requests-per-connection",
                                               "tls-cert",
                                               "tls-key",
                                               "max-queued-bytes",
@@ -325,6 +331,8 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             ok = parse_number(value, o.max_pending_connections) && o.max_pending_connections > 0;
         else if (arg == "--handshake-timeout")
             ok = parse_number(value, o.handshake_timeout_seconds) && o.handshake_timeout_seconds > 0;
+        else if (arg == "--max-requests-per-connection")
+            ok = parse_number(value, o.max_requests_per_connection) && o.max_requests_per_connection > 0;
         else if (arg == "--max-connections-per-key")
             ok = parse_number(value, o.max_connections_per_key);
         else if (arg == "--max-keys-per-connection")
@@ -954,7 +962,7 @@ net::awaitable<void> http_session(State& state, Stream stream) {
         if (ec) co_return;  // not TLS, or a client that gave up: nothing to answer
     }
     beast::flat_buffer buffer;
-    for (;;) {
+    for (std::size_t served = 0;; ++served) {
         http::request_parser<http::string_body> parser;
         parser.header_limit(8 * 1024);
         parser.body_limit(state.options.max_message_bytes);
@@ -972,6 +980,8 @@ net::awaitable<void> http_session(State& state, Stream stream) {
                 too_large ? make_error(bad_req, http::status::payload_too_large,
                                        "body larger than " + std::to_string(state.options.max_message_bytes) + " bytes")
                           : make_error(bad_req, http::status::bad_request, "malformed request: " + ec.message());
+            // A body too large comes after whole headers: a page on another origin may read why.
+            if (too_large) allow_cross_origin(state.options, parser.get(), res);
             res.keep_alive(false);
             co_await http::async_write(stream, res, net::redirect_error(net::use_awaitable, ec));
             break;
@@ -993,6 +1003,9 @@ net::awaitable<void> http_session(State& state, Stream stream) {
         }
         auto res = handle(state, req, r);
         allow_cross_origin(state.options, req, res);
+        // Bounded work per connection, pipelined or not: a client that keeps one open for ever
+        // must come back through the accept (and its limits) now and then.
+        if (served + 1 >= state.options.max_requests_per_connection) res.keep_alive(false);
         const bool keep_alive = res.keep_alive();
         co_await http::async_write(stream, res, net::redirect_error(net::use_awaitable, ec));
         if (ec || !keep_alive) break;

@@ -1080,6 +1080,28 @@ TEST_CASE("--max-message-bytes bounds push bodies (413, delivered to no one)") {
     CHECK(request(http::verb::post, "/api/v1/ws/small", std::string(1000, 'y'), server.port()).result() ==
           http::status::ok);
     CHECK(c->read() == std::string(1000, 'y'));  // the first one never arrived
+    const auto from_page = request(http::verb::post, "/api/v1/ws/small", std::string(1001, 'x'), server.port(),
+                                   {{"Origin", "https://shop.example"}});
+    CHECK(from_page.result() == http::status::payload_too_large);
+    CHECK(from_page[http::field::access_control_allow_origin] == "*");  // the page may read why
+}
+
+TEST_CASE("--max-requests-per-connection: the last answer a keep-alive connection gets closes it, pipelined or not") {
+    server_process server({"--max-requests-per-connection", "3"});
+    std::string five;
+    for (int i = 0; i < 5; ++i)  // pipelined in one write; the fifth would close it anyway
+        five += std::string("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n") + (i == 4 ? "Connection: close\r\n" : "") +
+                "\r\n";
+    const auto answer = raw_exchange(five, server.port());
+    std::size_t answers = 0;
+    for (auto at = answer.find("HTTP/1.1 200"); at != std::string::npos; at = answer.find("HTTP/1.1 200", at + 1))
+        ++answers;
+    CHECK(answers == 3);
+    CHECK(answer.rfind("Connection: close") > answer.rfind("HTTP/1.1 200"));  // said in the third
+    // One at a time on one connection, the same: the third answer says so, and the server hangs up.
+    publisher one_by_one(server.port());
+    for (int i = 0; i < 2; ++i) CHECK(one_by_one.post("/api/v1/ws/cap", "x").keep_alive());
+    CHECK_FALSE(one_by_one.post("/api/v1/ws/cap", "x").keep_alive());
 }
 
 TEST_CASE("liveness: a client that stops answering pings is dropped within the idle timeout") {
@@ -1117,6 +1139,24 @@ TEST_CASE("liveness: a client that stops reading is dropped even while a write t
     // Whether the outbox overflowed first depends on the build's speed (a sanitized server may be
     // torn down before): said, not asserted.
     MESSAGE("messages dropped before the teardown: " << metric(server, "wsbroadcast_dropped_messages_total"));
+}
+
+TEST_CASE("liveness: a client that sends pongs but never reads is dropped once writes to it make no progress") {
+    // Under drop-newest the outbox never closes it, and its pongs (some clients send them
+    // unasked, to keep a connection up) make it heard from: only the write deadline can tell.
+    server_process server({"--idle-timeout", "2", "--overflow", "drop-newest"});
+    auto chatty = subscriber("chatty", server.port());  // never reads again
+    publisher pushes(server.port());
+    const std::string big(60 * 1024, 'x');
+    for (int i = 0; i < 300; ++i) pushes.push("chatty", big);  // far more than the socket buffers hold
+    bool gone = false;
+    for (int i = 0; i < 40 && !gone; ++i) {  // 10 s at most; the deadline is 2 to 3 s
+        beast::error_code ec;
+        chatty->ws.pong({}, ec);
+        gone = metric(server, "wsbroadcast_connections") == 0;
+        std::this_thread::sleep_for(250ms);
+    }
+    CHECK(gone);
 }
 
 TEST_CASE("SIGPIPE does not kill the server: its log on a pipe whose reader is gone, it carries on") {

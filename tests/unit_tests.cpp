@@ -534,6 +534,23 @@ TEST_CASE_FIXTURE(fixture, "a full outbox closes the connection by default; the 
     CHECK(manager.stats().overflow_closes == 1);
 }
 
+TEST_CASE_FIXTURE(fixture, "queued_bytes counts what every outbox holds, and nothing once they are gone") {
+    manager_type manager;
+    auto slow = peer(), fast = peer();
+    slow->stalled = true;
+    auto s1 = manager.subscribe(fake_socket(slow), "k");
+    auto s2 = manager.subscribe(fake_socket(fast), "k");
+    manager.send("k", "12345");
+    CHECK(manager.queued_bytes() == 10);  // one message, queued to two connections
+    settle();
+    CHECK(fast->received == std::vector<std::string>{"12345"});
+    CHECK(manager.queued_bytes() == 5);  // the slow one's write is still stuck
+    s1 = {};                             // unsubscribed: its socket is torn down,
+    slow->unstall();                     // which ends the stuck write
+    settle();
+    CHECK(manager.queued_bytes() == 0);
+}
+
 TEST_CASE_FIXTURE(fixture, "an idle connection over its byte limit is closed with the overflow code") {
     wsbroadcast::options opts;
     opts.outbox.max_bytes = 10;
@@ -1187,6 +1204,28 @@ TEST_CASE("outbox: drop_oldest never evicts the batch being written") {
     CHECK(box.being_written(1).data() == "d");
 }
 
+TEST_CASE("outbox: the shared total follows every outbox, through writes, drops, discards and destruction") {
+    using wsbroadcast::detail::outbox;
+    auto total = std::make_shared<std::atomic<std::size_t>>(0);
+    {
+        outbox a({.max_messages = 1, .on_overflow = wsbroadcast::overflow_policy::drop_oldest}, total);
+        outbox b({.max_bytes = 100}, total);
+        a.offer(text("aaaa"));
+        b.offer(text("123456"));
+        a.start_writing(1);  // "aaaa" is being written: still held
+        a.offer(text("bb"));
+        CHECK(*total == 12);
+        a.offer(text("c"));  // evicts "bb"
+        CHECK(*total == 11);
+        a.done_writing();
+        CHECK(*total == 7);
+        b.discard_waiting();
+        CHECK(*total == 1);
+        CHECK(*total == a.bytes() + b.bytes());
+    }
+    CHECK(*total == 0);  // an outbox that goes takes what it held with it
+}
+
 // ---- the registry alone ---------------------------------------------------------------------
 
 namespace {
@@ -1781,6 +1820,32 @@ TEST_CASE_FIXTURE(fixture, "liveness without ping waits the whole idle period be
     CHECK(std::chrono::steady_clock::now() - start >= 400ms);
     settle();
     CHECK(manager.size() == 0);
+}
+
+TEST_CASE_FIXTURE(fixture, "liveness: a peer that talks but never reads is torn down once a write makes no progress") {
+    wsbroadcast::options opts;
+    opts.idle_timeout = 200ms;  // the fake cannot ping: checks a whole period apart
+    opts.outbox.on_overflow = wsbroadcast::overflow_policy::drop_newest;  // the outbox alone never closes it
+    manager_type manager(opts);
+    endpoint_result talk_result, reader_result;
+    auto talker = start_serve(*this, manager, "k", talk_result);
+    auto reader = start_serve(*this, manager, "k", reader_result);
+    ioc.restart();
+    talker->stalled = true;         // takes no byte from now on, but keeps sending
+    for (int i = 0; i < 20; ++i) {  // about 1 s: five idle periods
+        talker->client_send("still here");
+        reader->client_send("still here");
+        manager.send("k", "tick " + std::to_string(i));
+        ioc.run_for(50ms);
+    }
+    CHECK(talker->aborted);  // heard from all along: only its stuck write gives it away
+    CHECK(talk_result.ended.has_value());
+    CHECK_FALSE(reader->aborted);
+    REQUIRE_FALSE(reader->received.empty());
+    CHECK(reader->received.back() == "tick 19");  // the reader missed nothing at the end
+    CHECK(manager.count("k") == 1);
+    manager.close_all();
+    settle();
 }
 
 // ---- history and resume -------------------------------------------------------------------
