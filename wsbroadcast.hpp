@@ -2336,25 +2336,17 @@ private:
     /// history replays. Under the registry's unique lock, so no send to `key` comes in between:
     /// the replay ends where the live messages begin.
     void start_key(connection& c, const Key& key, const since& from) {
-        subscribed_info info;
         std::vector<message> replay;
-        if (history_.enabled()) {
-            std::lock_guard lock(history_mutex_);
-            std::size_t bytes = 0;
-            const auto start = history_.begin(key, from, clock::now(), [&](const message& m, const position& at) {
-                replay.push_back(c.envelopes && options_.envelope.wrap ? options_.envelope.wrap(key, m, at) : m);
-                bytes += replay.back().size();
-            });
-            info.position = start.at;
-            info.outcome = start.outcome;
-            if (!replay.empty() && !c.has_room(replay.size() + 1, bytes)) {  // + 1: the subscribed frame
-                replay.clear();
-                info.outcome = recovery::too_many;
-            }
-            info.replayed = replay.size();
-        } else if (from.asks_history()) {
-            info.outcome = recovery::no_history;
+        std::size_t bytes = 0;
+        auto info = read_history(key, from, [&](const message& m, const position& at) {
+            replay.push_back(c.envelopes && options_.envelope.wrap ? options_.envelope.wrap(key, m, at) : m);
+            bytes += replay.back().size();
+        });
+        if (!replay.empty() && !c.has_room(replay.size() + 1, bytes)) {  // + 1: the subscribed frame
+            replay.clear();
+            info.outcome = recovery::too_many;
         }
+        info.replayed = replay.size();
         if (from.asks_history())
             (info.outcome == recovery::recovered ? recovered_ : not_recovered_).fetch_add(1, std::memory_order_relaxed);
         send_result ignored;

@@ -153,7 +153,9 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
                                  least recently lose their messages first
   --history-key-bytes N          bytes kept per id (default 262144)
   --log-level LEVEL              error, warn, info (default: + every refusal) or debug (+ every
-                                 connection opening and closing)
+                                 connection opening and closing). Each kind of refusal logs at most
+                                 10 lines a second, then one "suppressed N" line; lines are written
+                                 by a thread of their own and dropped (and counted) past 1 MiB
   --help                         this text
 
 Every option can also come from the environment: --max-connections 100 is

@@ -283,6 +283,21 @@ std::string raw_exchange(const std::string& bytes, unsigned short port = shared_
 }
 
 // A keep-alive HTTP connection that pushes many messages without reconnecting.
+// One POST on an open HTTP connection, plain or TLS, and its answer.
+template <class Stream>
+http::response<http::string_body> post_on(net::io_context& ioc, Stream& stream, beast::flat_buffer& buffer,
+                                          const std::string& target, const std::string& body) {
+    http::request<http::string_body> req{http::verb::post, target, 11};
+    req.set(http::field::host, "127.0.0.1");
+    req.body() = body;
+    req.prepare_payload();
+    http::response<http::string_body> res;
+    beast::get_lowest_layer(stream).expires_after(io_timeout);
+    REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_write(stream, req, done); }));
+    REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_read(stream, buffer, res, done); }));
+    return res;
+}
+
 struct publisher {
     net::io_context ioc;
     beast::tcp_stream stream{ioc};
@@ -301,15 +316,7 @@ struct publisher {
         return std::stoi(res.body().substr(at + 1));
     }
     http::response<http::string_body> post(const std::string& target, const std::string& body) {
-        http::request<http::string_body> req{http::verb::post, target, 11};
-        req.set(http::field::host, "127.0.0.1");
-        req.body() = body;
-        req.prepare_payload();
-        http::response<http::string_body> res;
-        stream.expires_after(io_timeout);
-        REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_write(stream, req, done); }));
-        REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_read(stream, buffer, res, done); }));
-        return res;
+        return post_on(ioc, stream, buffer, target, body);
     }
 };
 
@@ -1352,16 +1359,8 @@ struct tls_client {
         return run(ioc, [&](auto done) { ws->async_handshake("127.0.0.1", target, done); });
     }
     http::response<http::string_body> post(const std::string& target, const std::string& body) {
-        http::request<http::string_body> req{http::verb::post, target, 11};
-        req.set(http::field::host, "127.0.0.1");
-        req.body() = body;
-        req.prepare_payload();
-        http::response<http::string_body> res;
         beast::flat_buffer buffer;
-        beast::get_lowest_layer(*ws).expires_after(io_timeout);
-        REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_write(ws->next_layer(), req, done); }));
-        REQUIRE_FALSE(run(ioc, [&](auto done) { http::async_read(ws->next_layer(), buffer, res, done); }));
-        return res;
+        return post_on(ioc, ws->next_layer(), buffer, target, body);
     }
     std::optional<std::string> read() {
         beast::flat_buffer buffer;
