@@ -20,6 +20,7 @@
 #include "environment.hpp"
 #include "log_writer.hpp"
 #include "page.hpp"
+#include "process_metrics.hpp"
 #include "protocol.hpp"
 #include "client_js.hpp"  // made by the build from example/wsbroadcast.js
 #include "redis_relay.hpp"
@@ -33,6 +34,9 @@
 #include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket.hpp>
 #include <boost/beast/websocket/ssl.hpp>
+#include <boost/version.hpp>
+
+#include <openssl/crypto.h>
 
 #include <algorithm>
 #include <atomic>
@@ -74,10 +78,10 @@ struct server_options {
     // HTTP connections not (yet) upgraded to a WebSocket: each costs a coroutine and its buffers
     // (over TLS tens of KiB) before it has sent a byte, so their number is bounded by default.
     std::size_t max_pending_connections = 1024;
-    unsigned handshake_timeout_seconds = 10;         // TLS handshake and first request
-    std::size_t max_requests_per_connection = 1000;  // then the answer says "Connection: close" (as nginx)
-    std::vector<std::string> allowed_origins;        // empty: any origin may open a WebSocket
-    std::vector<std::string> cors_origins;           // browser origins that may push; "*": any
+    unsigned handshake_timeout_seconds = 10;           // TLS handshake and first request
+    std::size_t max_requests_per_connection = 100000;  // then "Connection: close" (nginx: 1000)
+    std::vector<std::string> allowed_origins;          // empty: any origin may open a WebSocket
+    std::vector<std::string> cors_origins;             // browser origins that may push; "*": any
     std::size_t max_message_bytes = 64 * 1024;
     std::size_t max_connections = 0;
     std::size_t max_connections_per_key = 0;
@@ -129,7 +133,7 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
   --handshake-timeout SECONDS    time for the TLS handshake and the first request (default 10)
   --max-requests-per-connection N
                                  HTTP requests one keep-alive connection may make, pipelined or
-                                 not; the last answer closes it (default 1000)
+                                 not; the last answer closes it (default 100000)
   --idle-timeout SECONDS         drop a client that answers no ping, or takes no byte written to it,
                                  for this long (default 60)
   --tls-cert FILE --tls-key FILE serve https:// and wss:// with this PEM certificate chain and key;
@@ -172,7 +176,9 @@ Routes:
   GET  /api/v1/ws               WebSocket with the wsbroadcast.v1 subprotocol only
   GET  /                        a page to try it in a browser
   GET  /metrics                 counters and gauges, Prometheus text format
-  GET  /healthz                 {"status":"ok",...} while the server runs
+  GET  /healthz                 {"status":"ok",...} while the process runs (also HEAD)
+  GET  /readyz                  {"status":"ready"}, or 503 while draining or while Redis is away
+                                (also HEAD)
 
 An id is 1 to 128 characters of [A-Za-z0-9:_-]. {ids} is one id, or up to 64 separated by
 commas: the push reaches each connection once, however many of them it is subscribed to.
@@ -578,6 +584,7 @@ struct server_state {
     manager_type manager;
     tls_contexts* tls = nullptr;          // set when Stream is an ssl_stream
     std::atomic<std::size_t> pending{0};  // HTTP sessions not handed to the manager (--max-pending-connections)
+    std::atomic<bool> draining{false};    // SIGINT/SIGTERM: /readyz says 503 while connections close
 };
 
 // The accept loop counts a connection in State::pending as it accepts it (a burst of accepts must
@@ -609,8 +616,9 @@ std::string metrics_text(const State& state) {
         out += "# TYPE " + std::string(name) + " " + std::string(type) + "\n";
         for (auto& [labels, value] : samples) out += std::string(name) + labels + " " + std::to_string(value) + "\n";
     };
+    // A counter's name without _total must not be another metric's: hence "opened".
     metric("wsbroadcast_connections", "gauge", "WebSocket connections registered now.", {{"", manager.size()}});
-    metric("wsbroadcast_connections_total", "counter", "WebSocket connections registered since start.",
+    metric("wsbroadcast_connections_opened_total", "counter", "WebSocket connections registered since start.",
            {{"", stats.connections}});
     metric("wsbroadcast_keys", "gauge", "Ids with at least one connection.", {{"", manager.key_count()}});
     metric("wsbroadcast_pushes_total", "counter", "Push requests accepted.", {{"", pushes_accepted.load()}});
@@ -661,6 +669,28 @@ std::string metrics_text(const State& state) {
                "Bytes of pushes Redis has not answered yet (over 8 MiB, pushes get 503).",
                {{"", r.unacknowledged_bytes.load()}});
     }
+    out +=
+        "# HELP wsbroadcast_build_info The server's version and the libraries it was built with.\n"
+        "# TYPE wsbroadcast_build_info gauge\n"
+        "wsbroadcast_build_info{version=\"" +
+        std::to_string(WSBROADCAST_VERSION_MAJOR) + "." + std::to_string(WSBROADCAST_VERSION_MINOR) + "." +
+        std::to_string(WSBROADCAST_VERSION_PATCH) + "\",boost=\"" + std::to_string(BOOST_VERSION / 100000) + "." +
+        std::to_string(BOOST_VERSION / 100 % 1000) + "." + std::to_string(BOOST_VERSION % 100) + "\",openssl=\"" +
+        OpenSSL_version(OPENSSL_VERSION_STRING) + "\",hiredis=\"" + std::to_string(HIREDIS_MAJOR) + "." +
+        std::to_string(HIREDIS_MINOR) + "." + std::to_string(HIREDIS_PATCH) + "\"} 1\n";
+    // The names every Prometheus client library's process collector uses.
+    const auto p = read_process_figures();
+    auto real = [&out](std::string_view name, std::string_view type, std::string_view help, double value) {
+        out += "# HELP " + std::string(name) + " " + std::string(help) + "\n# TYPE " + std::string(name) + " " +
+               std::string(type) + "\n" + std::string(name) + " " + std::to_string(value) + "\n";
+    };
+    real("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", p.cpu_seconds);
+    metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", {{"", p.resident_bytes}});
+    metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", {{"", p.virtual_bytes}});
+    metric("process_open_fds", "gauge", "Number of open file descriptors.", {{"", p.open_fds}});
+    metric("process_max_fds", "gauge", "Maximum number of open file descriptors.", {{"", p.max_fds}});
+    real("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
+         p.start_time_seconds);
     return out;
 }
 
@@ -760,7 +790,17 @@ response handle(State& state, const request& req, const route& r) {
     case route_kind::client_module:
         return make_response(req, http::status::ok, std::string(client_js), "text/javascript; charset=utf-8");
     case route_kind::metrics:
-        return make_response(req, http::status::ok, metrics_text(state), "text/plain; version=0.0.4");
+        return make_response(req, http::status::ok, metrics_text(state), "text/plain; version=0.0.4; charset=utf-8");
+    case route_kind::ready: {
+        // Whether a load balancer should send new clients here: not while the connections are
+        // being closed, nor while Redis, which every push goes through, is away.
+        if (state.draining.load())
+            return make_response(req, http::status::service_unavailable, R"({"status":"draining"})");
+        if (state.relay && !state.relay->stats().connected)
+            return make_response(req, http::status::service_unavailable,
+                                 R"({"status":"unavailable","redis":"reconnecting"})");
+        return make_response(req, http::status::ok, R"({"status":"ready"})");
+    }
     case route_kind::health: {
         std::string relay;
         if (state.relay)
@@ -1005,6 +1045,11 @@ net::awaitable<void> http_session(State& state, Stream stream) {
         }
         auto res = handle(state, req, r);
         allow_cross_origin(state.options, req, res);
+        if (req.method() == http::verb::head) {  // the GET's headers, its length included, without the body
+            const auto length = res.body().size();
+            res.body().clear();
+            res.content_length(length);
+        }
         // Bounded work per connection, pipelined or not: a client that keeps one open for ever
         // must come back through the accept (and its limits) now and then.
         if (served + 1 >= state.options.max_requests_per_connection) res.keep_alive(false);
@@ -1159,6 +1204,7 @@ int run(const server_options& options, tls_contexts* tls) {
     net::signal_set signals(ioc, SIGINT, SIGTERM);
     signals.async_wait([&](const beast::error_code& ec, int signal) {
         if (ec) return;
+        state.draining = true;
         log(log_level::warn, std::string("received ") + (signal == SIGINT ? "SIGINT" : "SIGTERM") + ", closing " +
                                  std::to_string(state.manager.size()) + " connection(s) with 1001");
         net::post(acceptor.get_executor(), [&] {

@@ -263,7 +263,8 @@ enum class route_kind {
     page,           // GET /
     client_module,  // GET /wsbroadcast.js: the browser client for wsbroadcast.v1
     metrics,        // GET /metrics: Prometheus text format
-    health,         // GET /healthz
+    health,         // GET /healthz: the process is alive
+    ready,          // GET /readyz: it should be sent clients (not draining, Redis there)
     subscribe,      // GET /api/v1/ws/{id} or the bare /api/v1/ws, must be a WebSocket upgrade
     push_body,      // POST /api/v1/ws/{ids}: ?data= or the body
     push_path,      // GET /api/v1/ws/{ids}/{data}
@@ -295,12 +296,13 @@ inline route route_request(std::string_view method, std::string_view target) {
     route r;
     for (auto [fixed, kind] :
          {std::pair{"/", route_kind::page}, std::pair{"/wsbroadcast.js", route_kind::client_module},
-          std::pair{"/metrics", route_kind::metrics}, std::pair{"/healthz", route_kind::health}}) {
+          std::pair{"/metrics", route_kind::metrics}, std::pair{"/healthz", route_kind::health},
+          std::pair{"/readyz", route_kind::ready}}) {
         if (path != fixed) continue;
-        if (method == "GET")
+        if (method == "GET" || method == "HEAD")  // HEAD: what probes and monitors often send
             r.kind = kind;
         else
-            r.kind = route_kind::wrong_method, r.allow = "GET";
+            r.kind = route_kind::wrong_method, r.allow = "GET, HEAD";
         return r;
     }
     auto bad = [&r](std::string_view why) {

@@ -114,6 +114,10 @@ TEST_CASE("routing") {
     CHECK(route_request("GET", "/metrics").kind == route_kind::metrics);
     CHECK(route_request("GET", "/healthz?x=1").kind == route_kind::health);
     CHECK(route_request("POST", "/healthz").kind == route_kind::wrong_method);
+    CHECK(route_request("POST", "/healthz").allow == "GET, HEAD");
+    CHECK(route_request("HEAD", "/healthz").kind == route_kind::health);
+    CHECK(route_request("GET", "/readyz").kind == route_kind::ready);
+    CHECK(route_request("HEAD", "/readyz").kind == route_kind::ready);
     CHECK(route_request("POST", "/").kind == route_kind::wrong_method);
     CHECK(route_request("GET", "/favicon.ico").kind == route_kind::not_found);
     CHECK(route_request("GET", "/api/v1/wsx").kind == route_kind::not_found);

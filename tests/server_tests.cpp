@@ -32,6 +32,7 @@
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <ctime>
 
 #include "wsbroadcast.hpp"
 
@@ -283,11 +284,11 @@ std::string raw_exchange(const std::string& bytes, unsigned short port = shared_
 }
 
 // A keep-alive HTTP connection that pushes many messages without reconnecting.
-// One POST on an open HTTP connection, plain or TLS, and its answer.
+// One request on an open HTTP connection, plain or TLS, and its answer.
 template <class Stream>
-http::response<http::string_body> post_on(net::io_context& ioc, Stream& stream, beast::flat_buffer& buffer,
-                                          const std::string& target, const std::string& body) {
-    http::request<http::string_body> req{http::verb::post, target, 11};
+http::response<http::string_body> request_on(net::io_context& ioc, Stream& stream, beast::flat_buffer& buffer,
+                                             http::verb verb, const std::string& target, const std::string& body) {
+    http::request<http::string_body> req{verb, target, 11};
     req.set(http::field::host, "127.0.0.1");
     req.body() = body;
     req.prepare_payload();
@@ -316,7 +317,10 @@ struct publisher {
         return std::stoi(res.body().substr(at + 1));
     }
     http::response<http::string_body> post(const std::string& target, const std::string& body) {
-        return post_on(ioc, stream, buffer, target, body);
+        return request_on(ioc, stream, buffer, http::verb::post, target, body);
+    }
+    http::response<http::string_body> get(const std::string& target) {
+        return request_on(ioc, stream, buffer, http::verb::get, target, {});
     }
 };
 
@@ -1360,7 +1364,7 @@ struct tls_client {
     }
     http::response<http::string_body> post(const std::string& target, const std::string& body) {
         beast::flat_buffer buffer;
-        return post_on(ioc, ws->next_layer(), buffer, target, body);
+        return request_on(ioc, ws->next_layer(), buffer, http::verb::post, target, body);
     }
     std::optional<std::string> read() {
         beast::flat_buffer buffer;
@@ -1505,18 +1509,75 @@ TEST_CASE("/metrics counts connections, deliveries and refusals; /healthz answer
 
     const auto res = request(http::verb::get, "/metrics", {}, port);
     CHECK(res.result() == http::status::ok);
-    CHECK(res[http::field::content_type] == "text/plain; version=0.0.4");
+    CHECK(res[http::field::content_type] == "text/plain; version=0.0.4; charset=utf-8");
     const auto& m = res.body();
     for (const char* expected :
          {"# TYPE wsbroadcast_connections gauge\n", "\nwsbroadcast_connections 2\n",
-          "\nwsbroadcast_connections_total 2\n", "\nwsbroadcast_keys 1\n", "\nwsbroadcast_pushes_total 1\n",
-          "\nwsbroadcast_deliveries_total 2\n", "\nwsbroadcast_refusals_total{reason=\"bad_request\"} 1\n",
+          "\nwsbroadcast_connections_opened_total 2\n", "\nwsbroadcast_build_info{version=\"0.1.0\",boost=\"1.81.0\",",
+          "# TYPE process_cpu_seconds_total counter\n", "\nprocess_max_fds ", "\nwsbroadcast_keys 1\n",
+          "\nwsbroadcast_pushes_total 1\n", "\nwsbroadcast_deliveries_total 2\n",
+          "\nwsbroadcast_refusals_total{reason=\"bad_request\"} 1\n",
           "\nwsbroadcast_refusals_total{reason=\"unauthorized\"} 0\n",
           "\nwsbroadcast_policy_closes_total{reason=\"outbox_full\"} 0\n"}) {
         CAPTURE(expected);
         CHECK(m.find(expected) != std::string::npos);
     }
+    // The process' own figures are this process': at least its two WebSockets' descriptors, and memory.
+    auto value = [&](const std::string& name) {
+        const auto at = m.find("\n" + name + " ");
+        REQUIRE(at != std::string::npos);
+        return std::stod(m.substr(at + name.size() + 2));
+    };
+    CHECK(value("process_open_fds") >= 3);
+    CHECK(value("process_resident_memory_bytes") > 1e6);
+    CHECK(value("process_start_time_seconds") > 1.7e9);
+    CHECK(value("process_start_time_seconds") <= static_cast<double>(std::time(nullptr)));
+    // And Prometheus' own parser and linter find nothing to say about the whole exposition.
+    char path[] = "/tmp/wsbroadcast-metrics-XXXXXX";
+    const int fd = mkstemp(path);
+    REQUIRE(fd >= 0);
+    REQUIRE(write(fd, m.data(), m.size()) == static_cast<ssize_t>(m.size()));
+    close(fd);
+    FILE* lint = popen(("promtool check metrics < " + std::string(path) + " 2>&1").c_str(), "r");
+    REQUIRE(lint != nullptr);
+    std::string said;
+    for (char line[512]; fgets(line, sizeof line, lint);) said += line;
+    CHECK(pclose(lint) == 0);
+    CHECK(said == "");
+    unlink(path);
     CHECK(request(http::verb::get, "/healthz", {}, port).body() == R"({"status":"ok","connections":2})");
+}
+
+TEST_CASE("/readyz: ready, or 503 while draining or while Redis is away; /healthz stays 200; both answer HEAD") {
+    {
+        server_process server;
+        const auto port = server.port();
+        CHECK(request(http::verb::get, "/readyz", {}, port).body() == R"({"status":"ready"})");
+        for (const std::string path : {"/healthz", "/readyz"}) {
+            CAPTURE(path);
+            const auto answer =
+                raw_exchange("HEAD " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", port);
+            CHECK(answer.starts_with("HTTP/1.1 200"));
+            CHECK(answer.find("Content-Length: 0") == std::string::npos);  // the GET's length
+            CHECK(answer.find("Content-Length: ") != std::string::npos);
+            CHECK(answer.ends_with("\r\n\r\n"));  // and no body
+        }
+        auto deaf = subscriber("drain", port);  // never answers the close: the drain lasts
+        publisher probe(port);                  // a keep-alive connection from before the signal
+        CHECK(probe.get("/readyz").result() == http::status::ok);
+        kill(server.pid(), SIGTERM);
+        CHECK(eventually([&] { return probe.get("/readyz").body() == R"({"status":"draining"})"; }, 2s));
+        CHECK(probe.get("/readyz").result() == http::status::service_unavailable);
+        CHECK(probe.get("/healthz").result() == http::status::ok);  // alive all the same
+        CHECK(server.stop() == 0);
+    }
+    {
+        server_process server({"--redis", "redis://127.0.0.1:1"});  // nothing listens there
+        const auto ready = request(http::verb::get, "/readyz", {}, server.port());
+        CHECK(ready.result() == http::status::service_unavailable);
+        CHECK(ready.body() == R"({"status":"unavailable","redis":"reconnecting"})");
+        CHECK(request(http::verb::get, "/healthz", {}, server.port()).result() == http::status::ok);
+    }
 }
 
 TEST_CASE("options come from the environment, and the command line wins") {
