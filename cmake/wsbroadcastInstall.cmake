@@ -36,10 +36,16 @@ configure_package_config_file(
   "${CMAKE_CURRENT_LIST_DIR}/wsbroadcastConfig.cmake.in"
   "${PROJECT_BINARY_DIR}/wsbroadcastConfig.cmake"
   INSTALL_DESTINATION "${WSBROADCAST_INSTALL_CMAKEDIR}")
+if(PROJECT_VERSION_MAJOR EQUAL 0)
+  set(WSBROADCAST_COMPATIBILITY SameMinorVersion)
+else()
+  set(WSBROADCAST_COMPATIBILITY SameMajorVersion)
+endif()
 write_basic_package_version_file(
   "${PROJECT_BINARY_DIR}/wsbroadcastConfigVersion.cmake"
   VERSION "${PROJECT_VERSION}"
-  COMPATIBILITY SameMajorVersion
+  # While the version is 0.x a minor release may break the API: only the same 0.y is compatible.
+  COMPATIBILITY ${WSBROADCAST_COMPATIBILITY}
   ARCH_INDEPENDENT)
 install(FILES "${PROJECT_BINARY_DIR}/wsbroadcastConfig.cmake"
               "${PROJECT_BINARY_DIR}/wsbroadcastConfigVersion.cmake"

@@ -25,6 +25,8 @@ trap 'exit 130' INT TERM
 version=$(sed -n 's/^#define WSBROADCAST_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9][0-9]*\).*/\2/p' \
           "$repo/wsbroadcast.hpp" | paste -sd.)
 major=${version%%.*}
+minor=${version#*.}
+minor=${minor%%.*}
 archive=$work/wsbroadcast-$version.tar.gz  # the source archive (FetchContent, meson wrap, deb)
 prefix=$work/relocated                       # cmake --install goes elsewhere, then moves here
 
@@ -169,7 +171,7 @@ t_find_package_install_tree() {  # an install tree, moved after installing, foun
   cmp "$repo/wsbroadcast.hpp" "$prefix/include/wsbroadcast.hpp"
   dir=$(stage cmake-find-package-install-tree cmake-find-package)
   cmake_consumer "$dir" -DCMAKE_PREFIX_PATH="$prefix" -DWSBROADCAST_EXPECT_DIR="$prefix/share/cmake/wsbroadcast" \
-    -DWSBROADCAST_REQUEST="$major;COMPONENTS;boost;standalone"
+    -DWSBROADCAST_REQUEST="$major.$minor;COMPONENTS;boost;standalone"
 }
 
 t_find_package_rejects() {  # versions it is not compatible with, and unknown components, fail to configure
@@ -177,6 +179,7 @@ t_find_package_rejects() {  # versions it is not compatible with, and unknown co
   ensure_install
   dir=$(stage cmake-find-package-rejects cmake-find-package)
   while IFS='|' read -r request pattern; do
+    [ -n "$request" ] || continue  # a case that does not apply to this version
     n=$((n + 1))
     if cmake -S "$dir" -B "$dir/build-$n" "${cmake_args[@]}" -DCMAKE_PREFIX_PATH="$prefix" \
          -DWSBROADCAST_REQUEST="$request" >"$dir/build-$n.log" 2>&1; then
@@ -192,6 +195,8 @@ t_find_package_rejects() {  # versions it is not compatible with, and unknown co
   done <<EOF
 99.0|compatible with requested version
 $((major + 1)).0|compatible with requested version
+$major.$((minor + 1))|compatible with requested version
+$( [ "$major" = 0 ] && [ "$minor" -gt 0 ] && echo "0.$((minor - 1))|compatible with requested version" )
 $version;COMPONENTS;no_such_component|considered to be NOT FOUND
 EOF
 }
@@ -311,6 +316,20 @@ t_deb_install() {  # dpkg -i, consumers against /usr (pkg-config and find_packag
   echo "removed again"
 }
 
+t_user_build_warns() {  # a user's build of the project: warnings on, never -Werror (CI turns it on)
+  local dir=$work/user-build
+  cmake -S "$repo" -B "$dir" "${cmake_args[@]}" -DWSBROADCAST_BUILD_TESTS=OFF >/dev/null
+  if ! grep -q -- '-Wextra' "$dir"/build.ninja "$dir"/CMakeFiles/*/flags.make 2>/dev/null; then
+    echo "the user's build has no -Wextra"
+    return 1
+  fi
+  if grep -q -- '-Werror' "$dir"/build.ninja "$dir"/CMakeFiles/*/flags.make 2>/dev/null; then
+    echo "the user's build compiles with -Werror"
+    return 1
+  fi
+  echo "warnings on, -Werror off"
+}
+
 # ---- driver ----------------------------------------------------------------------------------
 
 passed=0 failed=0
@@ -335,6 +354,7 @@ run cmake-fetchcontent t_fetchcontent
 run cmake-find-package-build-tree t_find_package_build_tree
 run cmake-find-package-install-tree t_find_package_install_tree
 run cmake-find-package-rejects t_find_package_rejects
+run user-build-warns t_user_build_warns
 run pkg-config t_pkg_config
 run meson-install-pkg-config t_meson_install
 run meson-subproject t_meson_subproject

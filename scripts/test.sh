@@ -11,7 +11,7 @@ start=$SECONDS
 leg() { printf '\n==== [%4ds] %s\n' "$((SECONDS - start))" "$*"; }
 cmake_leg() {  # cmake_leg DIR [cmake args...]: configure, build, run every test
   local dir=$1; shift
-  cmake -S . -B "$dir" -G Ninja -DCMAKE_CXX_COMPILER_LAUNCHER=ccache "$@" >/dev/null
+  cmake -S . -B "$dir" -G Ninja -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DWSBROADCAST_WERROR=ON "$@" >/dev/null
   cmake --build "$dir" -j "$jobs"
   ctest --test-dir "$dir" --output-on-failure -j "$jobs"
 }
@@ -33,7 +33,8 @@ TSAN_OPTIONS=halt_on_error=1 \
   cmake_leg build/tsan "${sanitized[@]}" -DCMAKE_CXX_FLAGS="-O0 -gline-tables-only -fsanitize=thread"
 
 leg "meson + g++ 12: the second build system, both Asio flavours, -Werror"
-if [ ! -d build/meson ]; then CXX="ccache g++" meson setup build/meson --buildtype=debug >/dev/null; fi
+if [ ! -d build/meson ]; then CXX="ccache g++" meson setup build/meson --buildtype=debug -Dwerror=true >/dev/null; fi
+meson configure build/meson -Dwerror=true  # an older build/meson too: warnings are errors here
 meson test -C build/meson --print-errorlogs
 
 leg "packaging: copy the header, add_subdirectory, FetchContent, find_package, pkg-config, meson, .deb"
