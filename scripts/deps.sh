@@ -7,7 +7,8 @@ test_packages=("${server_packages[@]}" ccache libasio-dev doctest-dev openssl me
                clang-19 libclang-rt-19-dev llvm-19 clang-format-19
                build-essential debhelper dpkg-dev fakeroot  # packaging tests: the .deb
                chromium                                     # the browser test
-               redis-server)                                # scale-out tests: instances share a real Redis
+               redis-server                                 # scale-out tests: instances share a real Redis
+               prometheus)                                  # its promtool checks /metrics
 case "${1:-}" in
   server) packages=("${server_packages[@]}") ;;
   test) packages=("${test_packages[@]}") ;;
