@@ -18,6 +18,7 @@
 
 #include "cors.hpp"
 #include "environment.hpp"
+#include "log_format.hpp"
 #include "log_writer.hpp"
 #include "page.hpp"
 #include "process_metrics.hpp"
@@ -44,6 +45,9 @@
 #include <charconv>
 #include <csignal>
 #include <cstdlib>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <iostream>
@@ -72,7 +76,8 @@ struct server_options {
     std::string address = "127.0.0.1";
     unsigned short port = 8080;
     unsigned threads = std::max(1u, std::thread::hardware_concurrency());
-    std::string publish_token;  // empty: pushes are open (allowed on loopback only)
+    std::string publish_token;                            // empty: pushes are open (allowed on loopback only)
+    std::string publish_token_file, redis_password_file;  // secrets kept off the command line
     bool allow_open_publish = false;
     bool trust_proxy = false;  // open pushing: a proxy in front restricts who may push
     // HTTP connections not (yet) upgraded to a WebSocket: each costs a coroutine and its buffers
@@ -94,9 +99,9 @@ struct server_options {
     wsbroadcast::history_options history{.max_messages = 0, .ttl = 120s};  // --history-size 0: off
 };
 
-// error: failures; warn: start-up and shutdown; info: + every refusal; debug: + every connection.
-enum class log_level { error, warn, info, debug };
 log_level current_log_level = log_level::info;
+std::optional<log_format> chosen_log_format;  // --log-format; else journal or text, by stderr
+log_format current_log_format = log_format::text;
 
 constexpr auto http_timeout = 30s;
 constexpr auto shutdown_drain = 3s;
@@ -156,10 +161,19 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
   --history-max-bytes N          bytes kept in all ids together (default 67108864); the ids pushed to
                                  least recently lose their messages first
   --history-key-bytes N          bytes kept per id (default 262144)
+  --publish-token-file FILE      read the publish token from FILE (its first line), out of sight of
+                                 ps; under systemd the credential "publish-token"
+                                 ($CREDENTIALS_DIRECTORY/publish-token) is read when neither is given
+  --redis-password-file FILE     the Redis password, from FILE rather than the --redis URL; under
+                                 systemd, the credential "redis-password" when the URL has none
+  --log-format FORMAT            text (a UTC timestamp, the level, the line), journal (journald's
+                                 <N> priority prefixes) or json (one object per line); default:
+                                 journal when stderr is journald's ($JOURNAL_STREAM), else text
   --log-level LEVEL              error, warn, info (default: + every refusal) or debug (+ every
                                  connection opening and closing). Each kind of refusal logs at most
                                  10 lines a second, then one "suppressed N" line; lines are written
                                  by a thread of their own and dropped (and counted) past 1 MiB
+  --version                      the version, and those of Boost, OpenSSL and hiredis
   --help                         this text
 
 Every option can also come from the environment: --max-connections 100 is
@@ -252,7 +266,10 @@ constexpr std::string_view value_options[] = {"address",
                                               "history-ttl",
                                               "history-max-bytes",
                                               "history-key-bytes",
-                                              "log-level"};
+                                              "log-level",
+                                              "log-format",
+                                              "publish-token-file",
+                                              "redis-password-file"};
 
 // The options that take no value. From the environment each is a strict boolean (parse_boolean).
 constexpr std::string_view flag_options[] = {"allow-open-publish", "trust-proxy"};
@@ -293,6 +310,37 @@ std::vector<std::string> options_from_environment(std::string& problem) {
     return args;
 }
 
+std::string own_version() {
+    return std::to_string(WSBROADCAST_VERSION_MAJOR) + "." + std::to_string(WSBROADCAST_VERSION_MINOR) + "." +
+           std::to_string(WSBROADCAST_VERSION_PATCH);
+}
+std::string boost_version() {
+    return std::to_string(BOOST_VERSION / 100000) + "." + std::to_string(BOOST_VERSION / 100 % 1000) + "." +
+           std::to_string(BOOST_VERSION % 100);
+}
+std::string hiredis_version() {
+    return std::to_string(HIREDIS_MAJOR) + "." + std::to_string(HIREDIS_MINOR) + "." + std::to_string(HIREDIS_PATCH);
+}
+
+// A secret's file: its first line. `required`: a missing file is an error; otherwise (a systemd
+// credential that may not be set) it reads as nothing. An empty secret is always an error.
+std::optional<std::string> read_secret(const std::string& path, bool required, std::string& problem) {
+    std::ifstream in(path);
+    if (!in) {
+        if (!required) return std::string();
+        problem = "cannot read " + path + ": " + std::strerror(errno);
+        return std::nullopt;
+    }
+    std::string line;
+    std::getline(in, line);
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty()) {
+        problem = path + " is empty: a secret must not be";
+        return std::nullopt;
+    }
+    return line;
+}
+
 // Returns nullopt after printing why (or the help) when the server should not start.
 std::optional<server_options> parse_options(int argc, char** argv, int& exit_code) {
     server_options o;
@@ -309,6 +357,12 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
         const std::string_view arg = args[i];
         if (arg == "--help" || arg == "-h") {
             std::cout << usage;
+            exit_code = 0;
+            return std::nullopt;
+        }
+        if (arg == "--version") {
+            std::cout << "wsbroadcast-server " << own_version() << " (Boost " << boost_version() << ", "
+                      << OpenSSL_version(OPENSSL_VERSION) << ", hiredis " << hiredis_version() << ")\n";
             exit_code = 0;
             return std::nullopt;
         }
@@ -373,6 +427,12 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             ok = parse_number(value, o.history.max_bytes) && o.history.max_bytes > 0;
         else if (arg == "--log-level")
             ok = parse_level(value, current_log_level);
+        else if (arg == "--log-format")
+            ok = (chosen_log_format = parse_log_format(value)).has_value();
+        else if (arg == "--publish-token-file")
+            ok = !(o.publish_token_file = value).empty();
+        else if (arg == "--redis-password-file")
+            ok = !(o.redis_password_file = value).empty();
         else
             return fail("unknown option " + std::string(arg));
         if (!ok)
@@ -380,6 +440,27 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
                         (arg == "--redis" ? redacted_redis_url(value) : std::string(value)));
     }
     if (o.tls_cert.empty() != o.tls_key.empty()) return fail("--tls-cert and --tls-key go together");
+    // Secrets from files: those given, else systemd's credentials (LoadCredential=) when present.
+    const char* credentials = std::getenv("CREDENTIALS_DIRECTORY");
+    auto credential = [&](const char* name) { return credentials ? std::string(credentials) + "/" + name : ""; };
+    if (!o.publish_token_file.empty() && !o.publish_token.empty())
+        return fail("--publish-token and --publish-token-file: give one");
+    if (o.publish_token.empty()) {
+        const bool given = !o.publish_token_file.empty();
+        const auto path = given ? o.publish_token_file : credential("publish-token");
+        if (!path.empty()) {
+            auto secret = read_secret(path, given, problem);
+            if (!secret) return fail(problem);
+            o.publish_token = std::move(*secret);
+        }
+    }
+    if (!o.redis_password_file.empty() && !o.redis) return fail("--redis-password-file needs --redis");
+    if (o.redis && (!o.redis_password_file.empty() || (o.redis->password.empty() && credentials))) {
+        const bool given = !o.redis_password_file.empty();
+        auto secret = read_secret(given ? o.redis_password_file : credential("redis-password"), given, problem);
+        if (!secret) return fail(problem);
+        if (!secret->empty()) o.redis->password = std::move(*secret);
+    }
     // As LNbits: when anyone may push, any page may too. With a token, no other page may unless named.
     if (o.cors_origins.empty() && o.publish_token.empty()) o.cors_origins.emplace_back("*");
     // A push the outbox could never hold behind anything else would make every busy subscriber
@@ -402,9 +483,7 @@ log_writer& log_output() {
 // Queues the line: no thread serving connections ever waits on stderr.
 void log(log_level level, std::string_view what) {
     if (level > current_log_level) return;
-    static constexpr std::string_view names[] = {"error", "warn", "info", "debug"};
-    log_output().write("wsbroadcast-server: " + std::string(names[static_cast<int>(level)]) + ": " + std::string(what) +
-                       "\n");
+    log_output().write(format_log_line(current_log_format, level, what, std::chrono::system_clock::now()));
 }
 
 // A co_spawn completion handler that says what went wrong instead of dropping it.
@@ -673,11 +752,8 @@ std::string metrics_text(const State& state) {
         "# HELP wsbroadcast_build_info The server's version and the libraries it was built with.\n"
         "# TYPE wsbroadcast_build_info gauge\n"
         "wsbroadcast_build_info{version=\"" +
-        std::to_string(WSBROADCAST_VERSION_MAJOR) + "." + std::to_string(WSBROADCAST_VERSION_MINOR) + "." +
-        std::to_string(WSBROADCAST_VERSION_PATCH) + "\",boost=\"" + std::to_string(BOOST_VERSION / 100000) + "." +
-        std::to_string(BOOST_VERSION / 100 % 1000) + "." + std::to_string(BOOST_VERSION % 100) + "\",openssl=\"" +
-        OpenSSL_version(OPENSSL_VERSION_STRING) + "\",hiredis=\"" + std::to_string(HIREDIS_MAJOR) + "." +
-        std::to_string(HIREDIS_MINOR) + "." + std::to_string(HIREDIS_PATCH) + "\"} 1\n";
+        own_version() + "\",boost=\"" + boost_version() + "\",openssl=\"" + OpenSSL_version(OPENSSL_VERSION_STRING) +
+        "\",hiredis=\"" + hiredis_version() + "\"} 1\n";
     // The names every Prometheus client library's process collector uses.
     const auto p = read_process_figures();
     auto real = [&out](std::string_view name, std::string_view type, std::string_view help, double value) {
@@ -1261,6 +1337,8 @@ int main(int argc, char** argv) {
     int exit_code = 0;
     const auto options = parse_options(argc, argv, exit_code);
     if (!options) return exit_code;
+    current_log_format = chosen_log_format.value_or(
+        stderr_is_journal(std::getenv("JOURNAL_STREAM")) ? log_format::journal : log_format::text);
     // The log's thread starts now, while the process has resources to spare, not at the first log
     // line: that may be "accept: Too many open files".
     log_output();

@@ -3,6 +3,7 @@
 
 #include "cors.hpp"
 #include "environment.hpp"
+#include "log_format.hpp"
 #include "protocol.hpp"
 #include "relay_wire.hpp"
 #include "routes.hpp"
@@ -377,4 +378,35 @@ TEST_CASE("relay payloads: one tag each, a multi-key push names its id and keys;
     CHECK(recent.insert({1, 2}));        // forgets {1, 1}, the oldest
     CHECK_FALSE(recent.insert({2, 1}));
     CHECK(recent.insert({1, 1}));
+}
+
+TEST_CASE("log lines: text with a UTC timestamp, journald's priorities, and JSON any shipper parses") {
+    using namespace std::chrono;
+    const auto at = sys_days{year{2026} / 12 / 2} + 5h + 50min + 1s + 123ms;
+    CHECK(format_log_line(log_format::text, log_level::info, "refused (bad_request): x", at) ==
+          "2026-12-02T05:50:01.123Z wsbroadcast-server: info: refused (bad_request): x\n");
+    CHECK(format_log_line(log_format::journal, log_level::error, "e", at) == "<3>wsbroadcast-server: error: e\n");
+    CHECK(format_log_line(log_format::journal, log_level::warn, "w", at).starts_with("<4>"));
+    CHECK(format_log_line(log_format::journal, log_level::debug, "d", at).starts_with("<7>"));
+    // Quotes, control characters and bytes that are not UTF-8 (an id a client sent, say) still
+    // make one valid JSON object with what can be kept of the text.
+    for (const std::string what : {std::string("plain"), std::string("a \"quoted\"\nline\t\x01"),
+                                   std::string("caf\xc3\xa9"), std::string("bad \xff\xfe \xc3\x28 end")}) {
+        CAPTURE(what);
+        const auto line = format_log_line(log_format::json, log_level::warn, what, at);
+        REQUIRE(line.ends_with("}\n"));
+        CHECK(line.find('\n') == line.size() - 1);
+        const auto object = boost::json::parse(line).as_object();
+        CHECK(object.at("time").as_string() == "2026-12-02T05:50:01.123Z");
+        CHECK(object.at("level").as_string() == "warn");
+        const std::string message(object.at("message").as_string());
+        if (valid_utf8(what))
+            CHECK(message == what);
+        else
+            CHECK(message.starts_with("bad "));
+    }
+    CHECK(parse_log_format("json") == log_format::json);
+    CHECK_FALSE(parse_log_format("JSON").has_value());
+    CHECK_FALSE(stderr_is_journal(nullptr));
+    CHECK_FALSE(stderr_is_journal("garbage"));
 }

@@ -20,6 +20,7 @@
 #include <fstream>
 #include <memory>
 #include <optional>
+#include <regex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -31,6 +32,7 @@
 #include <poll.h>
 #include <spawn.h>
 #include <sys/wait.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <ctime>
 
@@ -1580,6 +1582,99 @@ TEST_CASE("/readyz: ready, or 503 while draining or while Redis is away; /health
     }
 }
 
+TEST_CASE("--version names the server's version and the libraries it was built with") {
+    const auto [status, out] = run_to_exit({}, "--version");
+    CHECK(status == 0);
+    CHECK(out.starts_with("wsbroadcast-server 0.1.0 (Boost 1.81.0, OpenSSL 3."));
+    CHECK(out.find(", hiredis 0.14.") != std::string::npos);
+}
+
+namespace {
+// A file in a fresh directory with `text` in it; the directory goes with it.
+struct secret_file {
+    std::string dir, path;
+    secret_file(const std::string& name, const std::string& text) {
+        char tmpl[] = "/tmp/wsbroadcast-secret-XXXXXX";
+        REQUIRE(mkdtemp(tmpl) != nullptr);
+        dir = tmpl;
+        path = dir + "/" + name;
+        std::ofstream(path) << text;
+    }
+    ~secret_file() { std::system(("rm -rf " + dir).c_str()); }
+};
+
+bool in_command_line(pid_t pid, const std::string& text) {
+    return file_text("/proc/" + std::to_string(pid) + "/cmdline").find(text) != std::string::npos;
+}
+}  // namespace
+
+TEST_CASE("secrets off the command line: --publish-token-file, or systemd's credential") {
+    const header_list bearer = {{"Authorization", "Bearer t0k3n-from-file"}};
+    {
+        secret_file token("token", "t0k3n-from-file\n");
+        server_process server({"--publish-token-file", token.path});
+        CHECK(request(http::verb::post, "/api/v1/ws/s", "x", server.port()).result() == http::status::unauthorized);
+        CHECK(request(http::verb::post, "/api/v1/ws/s", "x", server.port(), bearer).result() == http::status::ok);
+        CHECK_FALSE(in_command_line(server.pid(), "t0k3n"));  // what ps shows
+    }
+    {
+        // systemd's LoadCredential=publish-token:... puts it in $CREDENTIALS_DIRECTORY.
+        secret_file token("publish-token", "t0k3n-from-file");
+        server_process server({}, {"CREDENTIALS_DIRECTORY=" + token.dir});
+        CHECK(request(http::verb::post, "/api/v1/ws/s", "x", server.port()).result() == http::status::unauthorized);
+        CHECK(request(http::verb::post, "/api/v1/ws/s", "x", server.port(), bearer).result() == http::status::ok);
+    }
+    {
+        secret_file empty("token", "\n");
+        auto [status, out] = run_to_exit({}, "--port 0 --publish-token-file " + empty.path);
+        CHECK(status == 2);
+        CHECK(out.find(empty.path + " is empty") != std::string::npos);
+        std::tie(status, out) = run_to_exit({}, "--port 0 --publish-token-file /nonexistent/token");
+        CHECK(status == 2);
+        CHECK(out.find("cannot read /nonexistent/token") != std::string::npos);
+        std::tie(status, out) = run_to_exit({}, "--port 0 --publish-token x --publish-token-file " + empty.path);
+        CHECK(status == 2);
+        CHECK(out.find("give one") != std::string::npos);
+    }
+}
+
+TEST_CASE("log lines: a UTC timestamp and the level; journald's priorities under journald; JSON on request") {
+    secret_file log("log", "");
+    auto first_refusal = [&](std::vector<std::string> args, std::vector<std::string> env) {
+        server_process server(std::move(args), std::move(env), log.path);
+        CHECK(request(http::verb::post, "/api/v1/ws/bad.id", "x", server.port()).result() == http::status::bad_request);
+        std::string line;
+        CHECK(eventually([&] {
+            std::istringstream lines(file_text(log.path));
+            while (std::getline(lines, line))
+                if (line.find("refused") != std::string::npos) return true;
+            return false;
+        }));
+        return line;
+    };
+    const auto text = first_refusal({}, {});
+    CAPTURE(text);
+    CHECK(std::regex_search(
+        text,
+        std::regex(R"(^20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z wsbroadcast-server: info: refused \(bad_request\): )")));
+
+    // journald hands over stderr and says which stream it is: here, our log file.
+    struct stat st{};
+    REQUIRE(stat(log.path.c_str(), &st) == 0);
+    const auto journal =
+        first_refusal({}, {"JOURNAL_STREAM=" + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino)});
+    CHECK(journal.starts_with("<6>wsbroadcast-server: info: refused (bad_request): "));
+    // A JOURNAL_STREAM that is not our stderr (a shell redirected it since): plain text.
+    CHECK(first_refusal({}, {"JOURNAL_STREAM=1:2"}).starts_with("20"));
+
+    // One object per line (routes_tests.cpp parses them, odd bytes included).
+    CHECK(std::regex_match(
+        first_refusal({"--log-format", "json"}, {}),
+        std::regex(
+            R"(\{"time":"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z","level":"info","message":"refused \(bad_request\): [^"]*"\})")));
+    CHECK(run_to_exit({}, "--port 0 --log-format xml").first == 2);
+}
+
 TEST_CASE("options come from the environment, and the command line wins") {
     server_process server({"--threads", "2"}, {"WSBROADCAST_PUBLISH_TOKEN=from-env",
                                                "WSBROADCAST_MAX_CONNECTIONS_PER_KEY=1", "WSBROADCAST_THREADS=1"});
@@ -2076,6 +2171,19 @@ TEST_CASE("scale-out: a Redis with a password: the right one connects, a wrong o
         CHECK(redis.subscribers("wsbroadcast:locked") == 1);  // only the good instance
     }
     std::remove(path);
+}
+
+TEST_CASE("scale-out: --redis-password-file gives the password, out of sight of ps") {
+    redis_process redis("pa55-from-file");
+    const std::string address = "127.0.0.1:" + redis.url().substr(redis.url().rfind(':') + 1);
+    secret_file password("redis", "pa55-from-file\n");
+    server_process server({"--redis", "redis://" + address, "--redis-password-file", password.path});
+    auto c = subscriber("secret", server.port());
+    REQUIRE(eventually([&] { return relay_connected(server); }));
+    CHECK(push_to(server, "secret", "in").body() == relayed_answer("in"));
+    CHECK(c->read() == "in");
+    CHECK_FALSE(in_command_line(server.pid(), "pa55"));
+    CHECK(run_to_exit({}, "--port 0 --redis-password-file " + password.path).first == 2);  // no --redis
 }
 
 TEST_CASE("scale-out: a password with '/' or percent-escapes connects; a bad URL is echoed without its password") {
