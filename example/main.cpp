@@ -799,6 +799,19 @@ std::optional<std::string_view> since_in(const request& req) {
 // Checks an upgrade before it happens; a refusal is an HTTP answer, so browsers see the status.
 template <class State>
 std::optional<response> refuse_upgrade(State& state, const request& req, const route& r, bool multiplexed) {
+    // What Beast's accept would refuse, refused here, before the manager (and Redis) hear of the id.
+    const auto first = [&req](http::field name) -> std::optional<std::string_view> {
+        const auto it = req.find(name);
+        return it == req.end() ? std::nullopt : std::optional<std::string_view>(it->value());
+    };
+    if (const auto p = check_upgrade(req.count(http::field::host) > 0, first(http::field::sec_websocket_key),
+                                     first(http::field::sec_websocket_version));
+        p.status) {
+        refuse(refusal::bad_request, "WebSocket upgrade: " + std::string(p.reason));
+        auto res = make_error(req, static_cast<http::status>(p.status), p.reason);
+        if (p.status == 426) res.set(http::field::sec_websocket_version, "13");
+        return res;
+    }
     if (const auto since = since_in(req); since && multiplexed) {
         if (r.ids.empty() || !v1::parse_since(*since)) {  // a position or "last": nothing to decode
             const std::string why = r.ids.empty() ? "since needs an id in the URL (/api/v1/ws/{id}?since=...)"

@@ -2056,3 +2056,32 @@ TEST_CASE("scale-out: a push to two ids reaches a v1 client on both once, and ea
     }
     CHECK(eventually([&] { return metric(b, "wsbroadcast_relay_messages_out_total") == 4; }));  // a PUBLISH per id
 }
+
+TEST_CASE(
+    "scale-out: a handshake Beast would refuse (bad version, no key) gets Beast's answer and never reaches Redis") {
+    redis_process redis;
+    server_process s({"--redis", redis.url()});
+    REQUIRE(eventually([&] { return relay_connected(s); }));
+    auto handshake = [&](const std::string& headers) {
+        return raw_exchange(
+            "GET /api/v1/ws/refused HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" +
+                headers + "\r\n",
+            s.port());
+    };
+    const std::string key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    const auto bad_version = handshake(key + "Sec-WebSocket-Version: 12\r\n");
+    CHECK(bad_version.starts_with("HTTP/1.1 426 "));
+    CHECK(bad_version.find("\r\nSec-WebSocket-Version: 13\r\n") != std::string::npos);
+    CHECK(handshake("Sec-WebSocket-Version: 13\r\n").starts_with("HTTP/1.1 400 "));
+    CHECK(handshake("Sec-WebSocket-Key: " + std::string(25, 'k') + "\r\nSec-WebSocket-Version: 13\r\n")
+              .starts_with("HTTP/1.1 400 "));
+    CHECK(handshake(key).starts_with("HTTP/1.1 400 "));  // no version at all: Beast says 400 too
+
+    // Then one that succeeds: the relay sends one command at a time, so once Redis has its
+    // SUBSCRIBE, any the refused handshakes caused would have reached Redis before it.
+    auto accepted = subscriber("accepted", s.port());
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:accepted") == 1; }));
+    CHECK(redis.calls("subscribe") == 1);
+    CHECK(redis.calls("unsubscribe") == 0);
+    CHECK(metric(s, "wsbroadcast_connections_total") == 1);
+}

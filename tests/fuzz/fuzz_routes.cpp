@@ -120,6 +120,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (const auto since = v1::parse_since(target))
         require(target == "last" ? since->what() == wsbroadcast::since::kind::latest
                                  : since->what() == wsbroadcast::since::kind::after);
+    // An upgrade is refused exactly when Beast's accept would refuse it, with Beast's status.
+    const auto third = target.size() / 3;
+    const auto key = target.substr(0, third), version = target.substr(third);
+    const bool has_host = data[0] & 4, has_key = data[0] & 8, has_version = data[0] & 16;
+    const auto upgrade = check_upgrade(has_host, has_key ? std::optional(key) : std::nullopt,
+                                       has_version ? std::optional(version) : std::nullopt);
+    const int beast = !has_host || !has_key || key.size() > 24 || !has_version ? 400 : version != "13" ? 426 : 0;
+    require(upgrade.status == beast && (upgrade.status == 0) == upgrade.reason.empty());
     // A relay payload's keys and data lie inside it; one made from them reads back the same.
     if (const auto push = parse_relay_payload(target)) {
         require(push->data.size() < target.size());
