@@ -164,13 +164,7 @@ public:
 
     void interest(const std::string& key, bool needed) override {
         if (stopping_) return;  // detached: connections torn down with the io_context end here
-        boost::asio::post(*strand_, [self = this->shared_from_this(), key, needed] {
-            if (needed)
-                self->wanted_.insert(key);
-            else
-                self->wanted_.erase(key);
-            self->sync_subscriptions();
-        });
+        boost::asio::post(*strand_, [self = this->shared_from_this(), key, needed] { self->change(key, needed); });
     }
 
     /// One PUBLISH per key's channel. Refused while Redis is away, and while more than
@@ -307,20 +301,25 @@ private:
     // One connection is ready for commands; with both, the relay is.
     void up(redisAsyncContext* ac) {
         redisEnableKeepAlive(&ac->c);  // a peer gone without a word is noticed by TCP, eventually
-        const bool subscriber = ac == subscriber_;
-        (subscriber ? subscriber_up_ : publisher_up_) = true;
-        if (subscriber) sync_subscriptions();
+        if (ac == publisher_) {
+            publisher_up_ = true;
+            return ready_if_synced();
+        }
+        subscriber_up_ = true;
+        awaiting_ = wanted_;
+        sync_subscriptions();
         ready_if_synced();
     }
 
     // Pushes are taken only once Redis has confirmed a subscription for every key needed when the
-    // connection came up: otherwise this instance's own subscribers would miss the first ones.
+    // connection came up (and needed still): otherwise this instance's own subscribers would miss
+    // the first ones. Keys that come and go meanwhile are not waited for, so churn cannot hold it back.
     void ready_if_synced() {
-        if (counters_.connected.load(std::memory_order_relaxed) || !subscriber_up_ || !publisher_up_ || in_flight_ > 0)
-            return;
-        for (auto& key : wanted_)
-            if (!subscribed_.count(key)) return;
-        ready();
+        if (counters_.connected.load(std::memory_order_relaxed) || !subscriber_up_ || !publisher_up_) return;
+        // Connected: however long subscribing to every key takes now, no connect timeout applies
+        // (it would never let a large keyspace come up).
+        retry_timer_->cancel();
+        if (awaiting_.empty()) ready();
     }
 
     static void on_disconnected(const redisAsyncContext* ac, int status) {
@@ -366,7 +365,11 @@ private:
 
     void free_contexts() {
         subscriber_up_ = publisher_up_ = false;
+        // A new connection subscribes to everything wanted; while there is none, change() keeps it so.
         subscribed_.clear();
+        to_unsubscribe_.clear();
+        to_subscribe_ = wanted_;
+        awaiting_.clear();
         counters_.channels.store(0, std::memory_order_relaxed);
         in_flight_ = 0;
         // Cleared first: the disconnect callbacks these frees run must not take them for new failures.
@@ -376,22 +379,34 @@ private:
 
     // ---- subscriptions -------------------------------------------------------------------------
 
-    // Makes Redis' subscriptions follow wanted_, one command at a time. hiredis keeps one callback
-    // per channel and can lose it when a SUBSCRIBE and an UNSUBSCRIBE of one channel cross; with a
-    // single command in flight they never do.
+    // Each change of interest costs O(log n), whatever the number of keys: what is still to be sent
+    // is kept as its own sets (subscribed_ holds what the commands sent so far ask of Redis).
+    void change(const std::string& key, bool needed) {
+        if (needed ? !wanted_.insert(key).second : wanted_.erase(key) == 0) return;
+        const bool asked = subscribed_.count(key) > 0;
+        if (needed) {
+            asked ? (void)to_unsubscribe_.erase(key) : (void)to_subscribe_.insert(key);
+        } else {
+            asked ? (void)to_unsubscribe_.insert(key) : (void)to_subscribe_.erase(key);
+            awaiting_.erase(key);  // no longer needed: readiness does not wait for it
+        }
+        sync_subscriptions();
+        if (!needed) ready_if_synced();
+    }
+
+    // Sends what is still to be sent, SUBSCRIBEs first, one command at a time. hiredis keeps one
+    // callback per channel and can lose it when a SUBSCRIBE and an UNSUBSCRIBE of one channel
+    // cross; with a single command in flight they never do.
     void sync_subscriptions() {
         if (!subscriber_up_ || in_flight_ > 0) return;
-        std::vector<std::string> add, remove;
-        for (auto& key : wanted_)
-            if (!subscribed_.count(key) && add.size() < channels_per_command) add.push_back(key);
-        if (add.empty())
-            for (auto& key : subscribed_)
-                if (!wanted_.count(key) && remove.size() < channels_per_command) remove.push_back(key);
-        auto& keys = add.empty() ? remove : add;
-        if (keys.empty()) return;
+        const bool subscribing = !to_subscribe_.empty();
+        auto& pending = subscribing ? to_subscribe_ : to_unsubscribe_;
+        if (pending.empty()) return;
         std::vector<std::string> channels;
-        for (auto& key : keys) channels.push_back(prefix_ + key);
-        std::vector<const char*> argv{add.empty() ? "UNSUBSCRIBE" : "SUBSCRIBE"};
+        auto last = pending.begin();
+        for (; last != pending.end() && channels.size() < channels_per_command; ++last)
+            channels.push_back(prefix_ + *last);
+        std::vector<const char*> argv{subscribing ? "SUBSCRIBE" : "UNSUBSCRIBE"};
         std::vector<std::size_t> lengths{std::strlen(argv[0])};
         for (auto& c : channels) {
             argv.push_back(c.data());
@@ -401,8 +416,12 @@ private:
         if (redisAsyncCommandArgv(subscriber_, &redis_relay::on_channel, this, static_cast<int>(argv.size()),
                                   argv.data(), lengths.data()) != REDIS_OK)
             return;
-        in_flight_ = keys.size();
-        for (auto& key : keys) add.empty() ? (void)subscribed_.erase(key) : (void)subscribed_.insert(key);
+        in_flight_ = channels.size();
+        in_flight_subscribe_ = subscribing;
+        while (pending.begin() != last) {
+            auto node = pending.extract(pending.begin());
+            subscribing ? (void)subscribed_.insert(std::move(node)) : (void)subscribed_.erase(node.value());
+        }
         counters_.channels.store(subscribed_.size(), std::memory_order_relaxed);
     }
 
@@ -411,14 +430,15 @@ private:
         auto* r = static_cast<redisReply*>(reply);
         if (!r || ac != self->subscriber_ || r->type != REDIS_REPLY_ARRAY || r->elements < 3) return;
         const std::string_view kind(r->element[0]->str, r->element[0]->len);
+        std::string_view channel(r->element[1]->str, r->element[1]->len);
+        if (!channel.starts_with(self->prefix_)) return;
+        channel.remove_prefix(self->prefix_.size());
         if (kind == "message") {
-            std::string_view channel(r->element[1]->str, r->element[1]->len);
-            if (!channel.starts_with(self->prefix_)) return;
-            channel.remove_prefix(self->prefix_.size());
             self->counters_.messages_in.fetch_add(1, std::memory_order_relaxed);
             self->deliver(channel, std::string_view(r->element[2]->str, r->element[2]->len));
-        } else if ((kind == "subscribe" || kind == "unsubscribe") && self->in_flight_ > 0 && --self->in_flight_ == 0) {
-            self->sync_subscriptions();
+        } else if (kind == "subscribe" || kind == "unsubscribe") {
+            if (kind == "subscribe") self->awaiting_.erase(std::string(channel));  // confirmed, channel by channel
+            if (self->in_flight_ > 0 && --self->in_flight_ == 0) self->sync_subscriptions();
             self->ready_if_synced();
         }
     }
@@ -473,7 +493,11 @@ private:
     std::string last_error_;
     std::set<std::string> wanted_;                // keys with local connections, as the manager reported them
     std::set<std::string> subscribed_;            // keys Redis has (or is about to have) a SUBSCRIBE for
+    std::set<std::string> to_subscribe_;          // wanted, not in subscribed_: to be sent
+    std::set<std::string> to_unsubscribe_;        // in subscribed_, no longer wanted: to be sent
+    std::set<std::string> awaiting_;              // wanted when the subscriber came up, not confirmed yet
     std::size_t in_flight_ = 0;                   // replies still due for the one (UN)SUBSCRIBE in flight
+    bool in_flight_subscribe_ = false;            // which of the two it is
     recent_relay_ids recent_{remembered_pushes};  // multi-key pushes delivered lately
 };
 
