@@ -637,6 +637,9 @@ std::string metrics_text(const State& state) {
         metric("wsbroadcast_relay_failures_total", "counter", "Connections to Redis lost or not made.",
                {{"", r.failures.load()}});
         metric("wsbroadcast_relay_channels", "gauge", "Redis channels subscribed now.", {{"", r.channels.load()}});
+        metric("wsbroadcast_relay_refusals_total", "counter",
+               "Commands Redis refused (SUBSCRIBE, PUBLISH, AUTH: an ACL, a password), each a failure.",
+               {{"", r.refusals.load()}});
         metric("wsbroadcast_relay_messages_in_total", "counter", "Messages received from Redis for local delivery.",
                {{"", r.messages_in.load()}});
         metric("wsbroadcast_relay_duplicates_total", "counter",
@@ -704,9 +707,11 @@ response push(State& state, const request& req, const std::vector<std::string>& 
     }
     const auto result = state.manager.publish(ids, data);  // one send for every id: once per connection
     if (result.error) {
-        refuse(refusal::relay_unavailable, "push to " + joined(ids) + ": " + result.error.message());
-        auto res = make_error(req, http::status::service_unavailable,
-                              "not sent: " + result.error.message() + ", try again later");
+        // The relay's reason (Redis refusing a SUBSCRIBE, not answering) is what the pusher can act on.
+        const auto why = state.relay ? state.relay->problem() : std::string();
+        const auto reason = result.error.message() + (why.empty() ? std::string() : " (redis: " + why + ")");
+        refuse(refusal::relay_unavailable, "push to " + joined(ids) + ": " + reason);
+        auto res = make_error(req, http::status::service_unavailable, "not sent: " + reason + ", try again later");
         res.set(http::field::retry_after, "1");
         return res;
     }

@@ -7,6 +7,8 @@
 // connection, UNSUBSCRIBE on its last, so Redis sends a key's traffic only to the instances that
 // need it. A connection lost is retried with backoff; on success every key still needed is
 // subscribed again. While Redis is away publish() fails at once, and the server answers 503.
+// A command Redis refuses (an ACL without SUBSCRIBE, or without the channel) fails the relay like a
+// lost connection, by name.
 // A push is one PUBLISH on each of its keys' channels; relay_wire.hpp has the payload's format, and
 // how an instance subscribed to several of those channels delivers such a push only once.
 // Delivery across instances is at most once: a message published while an instance's subscriber
@@ -33,6 +35,7 @@
 #include <iterator>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <set>
@@ -132,6 +135,7 @@ public:
         std::atomic<std::uint64_t> malformed{0};           // of those, payloads in no known format (dropped)
         std::atomic<std::uint64_t> messages_out{0};        // PUBLISH commands Redis acknowledged
         std::atomic<std::uint64_t> channels{0};            // keys subscribed now
+        std::atomic<std::uint64_t> refusals{0};            // commands Redis refused (ACL, password): each a failure
         std::atomic<std::size_t> unacknowledged_bytes{0};  // pushes handed to Redis, not answered yet
     };
 
@@ -159,6 +163,12 @@ public:
 
     const counters& stats() const noexcept { return counters_; }
     std::string where() const { return address_.host + ":" + std::to_string(address_.port); }
+
+    /// While pushes are refused: why the relay is down, as logged (no secret in it); else empty.
+    std::string problem() const {
+        std::lock_guard lock(problem_mutex_);
+        return problem_;
+    }
 
     // ---- wsbroadcast::relay ------------------------------------------------------------------
 
@@ -294,7 +304,7 @@ private:
         auto* self = of(ac);
         auto* r = static_cast<redisReply*>(reply);
         if (!r || (ac != self->subscriber_ && ac != self->publisher_)) return;  // going away
-        if (r->type == REDIS_REPLY_ERROR) return self->fail(std::string("AUTH refused: ") + r->str);
+        if (r->type == REDIS_REPLY_ERROR) return self->refused("AUTH", r->str);
         self->up(ac);
     }
 
@@ -328,6 +338,10 @@ private:
         if (!subscriber && ac != self->publisher_) return;              // one we let go of on purpose
         (subscriber ? self->subscriber_ : self->publisher_) = nullptr;  // hiredis frees it when we return
         if (self->stopping_) return;
+        // An error reply with no callback waiting for it (a refused SUBSCRIBE or UNSUBSCRIBE: hiredis
+        // keeps none for those) makes hiredis 0.14 drop the connection, the error as its reason.
+        if (subscriber && ac->err == REDIS_ERR_OTHER && self->in_flight_ > 0)
+            return self->refused(self->in_flight_subscribe_ ? "SUBSCRIBE" : "UNSUBSCRIBE", ac->errstr);
         self->fail(status == REDIS_OK ? std::string("connection closed") : std::string(ac->errstr));
     }
 
@@ -335,7 +349,24 @@ private:
         retry_delay_ = first_retry;
         counters_.connects.fetch_add(1, std::memory_order_relaxed);
         counters_.connected.store(true, std::memory_order_release);
-        log_(false, "redis: connected to " + where() + ", " + std::to_string(wanted_.size()) + " key(s) to subscribe");
+        set_problem({});
+        const auto quiet = std::exchange(repeated_failures_, 0);
+        last_failure_.clear();
+        log_(false, "redis: connected to " + where() + ", " + std::to_string(wanted_.size()) + " key(s) to subscribe" +
+                        (quiet ? ", after " + std::to_string(quiet) + " more failed attempt(s) like the last logged"
+                               : std::string()));
+    }
+
+    // A command Redis answered with an error (NOPERM, NOAUTH, WRONGPASS): nothing this relay sends
+    // can work around it, so it fails and retries with backoff, and the operator is told which.
+    void refused(std::string_view command, std::string_view error) {
+        counters_.refusals.fetch_add(1, std::memory_order_relaxed);
+        fail(std::string(command) + " refused: " + std::string(error));
+    }
+
+    void set_problem(std::string why) {
+        std::lock_guard lock(problem_mutex_);
+        problem_ = std::move(why);
     }
 
     // Once per attempt: mark the relay down, let go of both connections, retry after a backoff.
@@ -349,14 +380,23 @@ private:
         const bool warning = was_connected || counters_.failures.fetch_add(1, std::memory_order_relaxed) == 0;
         if (was_connected) counters_.failures.fetch_add(1, std::memory_order_relaxed);
         subscriber_up_ = publisher_up_ = false;
+        set_problem(why);
         boost::asio::post(*strand_, [self = this->shared_from_this(), attempt = attempt_] {
             if (attempt == self->attempt_) self->free_contexts();
         });
         const auto delay = retry_delay_;
         retry_delay_ = std::min<clock::duration>(retry_delay_ * 2, last_retry);
-        log_(warning, std::string(was_connected ? "redis: connection to " : "redis: cannot connect to ") + where() +
-                          ": " + why + "; pushes are refused (503) until it is back; retrying in " +
-                          std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(delay).count()) + " ms");
+        // The same reason again (an ACL refusing every attempt) is counted, not logged: one line per
+        // retry would be a line every 5 s for as long as nobody fixes it.
+        if (!was_connected && why == last_failure_) {
+            ++repeated_failures_;
+        } else {
+            last_failure_ = why;
+            log_(warning, std::string(was_connected ? "redis: connection to " : "redis: cannot connect to ") + where() +
+                              ": " + why + "; pushes are refused (503) until it is back; retrying in " +
+                              std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(delay).count()) +
+                              " ms, with backoff up to " + std::to_string(last_retry.count()) + " s");
+        }
         retry_timer_->expires_after(delay);
         retry_timer_->async_wait([self = this->shared_from_this()](auto ec) {
             if (!ec) self->connect();
@@ -469,14 +509,15 @@ private:
         auto* r = static_cast<redisReply*>(reply);
         if (r && r->type == REDIS_REPLY_INTEGER) self->counters_.messages_out.fetch_add(1, std::memory_order_relaxed);
         // Refused (NOAUTH, an ACL without PUBLISH): pretending to relay would lose every push.
-        if (r && r->type == REDIS_REPLY_ERROR && ac == self->publisher_)
-            self->fail(std::string("PUBLISH refused: ") + r->str);
+        if (r && r->type == REDIS_REPLY_ERROR && ac == self->publisher_) self->refused("PUBLISH", r->str);
     }
 
     const redis_address address_;
     const std::string prefix_;
     const std::function<void(bool, const std::string&)> log_;
     Manager* manager_ = nullptr;
+    mutable std::mutex problem_mutex_;
+    std::string problem_;  // guarded by problem_mutex_: publish() runs on any thread
     counters counters_;
     const std::uint64_t instance_id_;
     std::atomic<std::uint64_t> next_counter_{0};
@@ -498,6 +539,8 @@ private:
     std::set<std::string> awaiting_;              // wanted when the subscriber came up, not confirmed yet
     std::size_t in_flight_ = 0;                   // replies still due for the one (UN)SUBSCRIBE in flight
     bool in_flight_subscribe_ = false;            // which of the two it is
+    std::string last_failure_;                    // the reason last logged, while the relay is down
+    std::uint64_t repeated_failures_ = 0;         // failures for that same reason since, not logged
     recent_relay_ids recent_{remembered_pushes};  // multi-key pushes delivered lately
 };
 

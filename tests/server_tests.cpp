@@ -1747,6 +1747,15 @@ public:
         with_reply({"PUBLISH", channel, payload}, [](redisReply*) {});
     }
 
+    // Any command: its status or string reply, or the error's text ("OK" for ACL SETUSER).
+    std::string run(std::vector<std::string> args) const {
+        std::string out;
+        with_reply(std::move(args), [&](redisReply* r) {
+            if (r->str) out.assign(r->str, r->len);
+        });
+        return out;
+    }
+
     // How many times Redis ran `command` (INFO commandstats).
     long long calls(const std::string& command) const {
         long long n = 0;
@@ -2086,6 +2095,42 @@ TEST_CASE(
     CHECK(redis.calls("subscribe") == 1);
     CHECK(redis.calls("unsubscribe") == 0);
     CHECK(metric(s, "wsbroadcast_connections_total") == 1);
+}
+
+TEST_CASE("scale-out: a SUBSCRIBE Redis refuses (an ACL) is a failure: logged once, counted, pushes 503 saying why") {
+    redis_process redis;
+    // May PUBLISH but not SUBSCRIBE; may use other:* channels only.
+    REQUIRE(redis.run({"ACL", "SETUSER", "nosub", "on", ">pw", "~*", "&*", "+@all", "-subscribe"}) == "OK");
+    REQUIRE(redis.run({"ACL", "SETUSER", "elsewhere", "on", ">pw", "~*", "resetchannels", "&other:*", "+@all"}) ==
+            "OK");
+    const std::string address = "127.0.0.1:" + redis.url().substr(redis.url().rfind(':') + 1);
+    for (const std::string user : {"nosub", "elsewhere"}) {
+        CAPTURE(user);
+        char path[] = "/tmp/wsbroadcast-redis-acl-XXXXXX";
+        const int fd = mkstemp(path);
+        REQUIRE(fd >= 0);
+        close(fd);
+        {
+            server_process s({"--redis", "redis://" + user + ":pw@" + address}, {}, path);
+            REQUIRE(eventually([&] { return relay_connected(s); }));  // no id yet: nothing to refuse
+            auto c = subscriber("acl", s.port());
+            http::response<http::string_body> refused;
+            CHECK(eventually([&] {
+                refused = push_to(s, "acl", "x");
+                return refused.result() == http::status::service_unavailable &&
+                       refused.body().find("SUBSCRIBE refused: NOPERM") != std::string::npos;
+            }));
+            std::this_thread::sleep_for(1500ms);  // retrying meanwhile, with backoff
+            CHECK(push_to(s, "acl", "x").result() == http::status::service_unavailable);
+            CHECK(metric(s, "wsbroadcast_relay_refusals_total") >= 3);
+            // The relay's own line, once: the retries are counted, quietly (refused pushes log their own).
+            CHECK(lines_with(file_text(path), address + ": SUBSCRIBE refused: NOPERM") == 1);
+            // Once no id needs what Redis refuses, the relay is up again.
+            c->close();
+            CHECK(eventually([&] { return relay_connected(s); }));
+        }
+        std::remove(path);
+    }
 }
 
 namespace {
