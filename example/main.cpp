@@ -86,6 +86,7 @@ struct server_options {
     wsbroadcast::outbox_options outbox;
     std::optional<redis_address> redis;  // set: pushes go through Redis to every instance
     std::string redis_prefix = "wsbroadcast:";
+    redis_liveness redis_timing;
     wsbroadcast::history_options history{.max_messages = 0, .ttl = 120s};  // --history-size 0: off
 };
 
@@ -141,6 +142,10 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
                                  Delivery across instances is at most once. (Pub/sub ignores /DB.)
   --redis-prefix PREFIX          channel name prefix, to share one Redis between deployments
                                  (default "wsbroadcast:"; the channel for id X is PREFIX + X)
+  --redis-ping-interval SECONDS  PING Redis this often (default 5)
+  --redis-ping-timeout SECONDS   a Redis that answers no PING for this long is taken as gone, as
+                                 if its connection had closed (default 5): a stopped Redis
+                                 keeps its connections open
   --history-size N               messages kept per id for wsbroadcast.v1 clients that resume
                                  (?since=POSITION, docs/protocol.md); 0 turns history off (default 0)
   --history-ttl SECONDS          how long a kept message can be resumed (default 120)
@@ -234,6 +239,8 @@ constexpr std::string_view value_options[] = {"address",
                                               "overflow",
                                               "redis",
                                               "redis-prefix",
+                                              "redis-ping-interval",
+                                              "redis-ping-timeout",
                                               "history-size",
                                               "history-ttl",
                                               "history-max-bytes",
@@ -345,7 +352,12 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             ok = (o.redis = parse_redis_url(value)).has_value();
         else if (arg == "--redis-prefix")
             o.redis_prefix = value;
-        else if (arg == "--history-size")
+        else if (arg == "--redis-ping-interval" || arg == "--redis-ping-timeout") {
+            unsigned seconds = 0;
+            ok = parse_number(value, seconds) && seconds > 0;
+            (arg == "--redis-ping-interval" ? o.redis_timing.ping_interval : o.redis_timing.ping_timeout) =
+                std::chrono::seconds(seconds);
+        } else if (arg == "--history-size")
             ok = parse_number(value, o.history.max_messages);
         else if (arg == "--history-ttl") {
             unsigned seconds = 0;
@@ -640,6 +652,9 @@ std::string metrics_text(const State& state) {
         metric("wsbroadcast_relay_refusals_total", "counter",
                "Commands Redis refused (SUBSCRIBE, PUBLISH, AUTH: an ACL, a password), each a failure.",
                {{"", r.refusals.load()}});
+        metric("wsbroadcast_relay_ping_timeouts_total", "counter",
+               "PINGs Redis did not answer within --redis-ping-timeout, each a failure.",
+               {{"", r.ping_timeouts.load()}});
         metric("wsbroadcast_relay_messages_in_total", "counter", "Messages received from Redis for local delivery.",
                {{"", r.messages_in.load()}});
         metric("wsbroadcast_relay_duplicates_total", "counter",
@@ -1131,7 +1146,8 @@ int run(const server_options& options, tls_contexts* tls) {
     if (options.redis) {
         relay = std::make_shared<typename state_type::relay_type>(
             *options.redis, options.redis_prefix,
-            [](bool warning, const std::string& what) { log(warning ? log_level::warn : log_level::info, what); });
+            [](bool warning, const std::string& what) { log(warning ? log_level::warn : log_level::info, what); },
+            options.redis_timing);
         manager_options.relay = relay;
     }
     // Before the io_context: the manager must outlive every connection.

@@ -7,8 +7,9 @@
 // connection, UNSUBSCRIBE on its last, so Redis sends a key's traffic only to the instances that
 // need it. A connection lost is retried with backoff; on success every key still needed is
 // subscribed again. While Redis is away publish() fails at once, and the server answers 503.
-// A command Redis refuses (an ACL without SUBSCRIBE, or without the channel) fails the relay like a
-// lost connection, by name.
+// A Redis that keeps its connections but stops answering (stopped, swapped out, a dead peer behind
+// a NAT that still says yes) is noticed by a PING on the publisher with a deadline; a command Redis
+// refuses (an ACL without SUBSCRIBE, or without the channel) fails the relay the same way, by name.
 // A push is one PUBLISH on each of its keys' channels; relay_wire.hpp has the payload's format, and
 // how an instance subscribed to several of those channels delivers such a push only once.
 // Delivery across instances is at most once: a message published while an instance's subscriber
@@ -117,6 +118,13 @@ private:
 
 }  // namespace redis_detail
 
+/// How often the relay PINGs Redis on its publisher connection, and how long an answer may take
+/// before Redis is taken as gone (pushes 503, reconnect).
+struct redis_liveness {
+    std::chrono::milliseconds ping_interval{std::chrono::seconds(5)};
+    std::chrono::milliseconds ping_timeout{std::chrono::seconds(5)};
+};
+
 /// The relay. Call attach() once the io_context exists and detach() after it stopped running, before
 /// it is destroyed; in between it connects, and reconnects, by itself.
 template <class Manager>
@@ -136,17 +144,24 @@ public:
         std::atomic<std::uint64_t> messages_out{0};        // PUBLISH commands Redis acknowledged
         std::atomic<std::uint64_t> channels{0};            // keys subscribed now
         std::atomic<std::uint64_t> refusals{0};            // commands Redis refused (ACL, password): each a failure
+        std::atomic<std::uint64_t> ping_timeouts{0};       // PINGs unanswered by their deadline: each a failure
         std::atomic<std::size_t> unacknowledged_bytes{0};  // pushes handed to Redis, not answered yet
     };
 
     /// `log(warning, text)`: warning for trouble, otherwise information.
-    redis_relay(redis_address address, std::string prefix, std::function<void(bool, const std::string&)> log)
-        : address_(std::move(address)), prefix_(std::move(prefix)), log_(std::move(log)), instance_id_(random_id()) {}
+    redis_relay(redis_address address, std::string prefix, std::function<void(bool, const std::string&)> log,
+                redis_liveness timing = {})
+        : address_(std::move(address)),
+          prefix_(std::move(prefix)),
+          log_(std::move(log)),
+          timing_(timing),
+          instance_id_(random_id()) {}
 
     void attach(boost::asio::any_io_executor executor, Manager& manager) {
         manager_ = &manager;
         strand_.emplace(boost::asio::make_strand(executor));
         retry_timer_.emplace(*strand_);
+        ping_timer_.emplace(*strand_);
         resolver_.emplace(*strand_);
         boost::asio::post(*strand_, [self = this->shared_from_this()] { self->connect(); });
     }
@@ -157,6 +172,7 @@ public:
         counters_.connected.store(false);
         free_contexts();
         resolver_.reset();
+        ping_timer_.reset();
         retry_timer_.reset();
         strand_.reset();
     }
@@ -308,13 +324,11 @@ private:
         self->up(ac);
     }
 
-    // One connection is ready for commands; with both, the relay is.
+    // One connection is ready for commands; with both, the relay is. The publisher is up once
+    // Redis has answered a PING on it: one that accepts connections but answers nothing is not.
     void up(redisAsyncContext* ac) {
         redisEnableKeepAlive(&ac->c);  // a peer gone without a word is noticed by TCP, eventually
-        if (ac == publisher_) {
-            publisher_up_ = true;
-            return ready_if_synced();
-        }
+        if (ac == publisher_) return ping();
         subscriber_up_ = true;
         awaiting_ = wanted_;
         sync_subscriptions();
@@ -326,10 +340,38 @@ private:
     // the first ones. Keys that come and go meanwhile are not waited for, so churn cannot hold it back.
     void ready_if_synced() {
         if (counters_.connected.load(std::memory_order_relaxed) || !subscriber_up_ || !publisher_up_) return;
-        // Connected: however long subscribing to every key takes now, no connect timeout applies
-        // (it would never let a large keyspace come up).
+        // Connected: however long subscribing to every key takes now, the PING deadline watches
+        // Redis meanwhile. (A connect timeout over it would never let a large keyspace come up.)
         retry_timer_->cancel();
         if (awaiting_.empty()) ready();
+    }
+
+    // ---- liveness ------------------------------------------------------------------------------
+
+    // hiredis 0.14 gives no callback for a PING on a subscribed connection: the publisher is asked.
+    // Its answer comes after every PUBLISH sent before it, so the deadline bounds those too.
+    void ping() {
+        if (!publisher_ || failed_attempt_ == attempt_ ||
+            redisAsyncCommand(publisher_, &redis_relay::on_pong, nullptr, "PING") != REDIS_OK)
+            return;
+        ping_timer_->expires_after(timing_.ping_timeout);
+        ping_timer_->async_wait([self = this->shared_from_this(), attempt = attempt_](auto ec) {
+            if (ec || attempt != self->attempt_) return;
+            self->counters_.ping_timeouts.fetch_add(1, std::memory_order_relaxed);
+            self->fail("no answer to PING within " + std::to_string(self->timing_.ping_timeout.count()) + " ms");
+        });
+    }
+
+    static void on_pong(redisAsyncContext* ac, void* reply, void*) {
+        auto* self = of(ac);
+        auto* r = static_cast<redisReply*>(reply);
+        if (!r || ac != self->publisher_) return;  // going away
+        if (r->type == REDIS_REPLY_ERROR) return self->refused("PING", r->str);
+        self->ping_timer_->expires_after(self->timing_.ping_interval);  // the deadline is met: cancelled
+        self->ping_timer_->async_wait([self = self->shared_from_this(), attempt = self->attempt_](auto ec) {
+            if (!ec && attempt == self->attempt_) self->ping();
+        });
+        if (!std::exchange(self->publisher_up_, true)) self->ready_if_synced();
     }
 
     static void on_disconnected(const redisAsyncContext* ac, int status) {
@@ -375,6 +417,7 @@ private:
         if (failed_attempt_ == attempt_ || stopping_) return;
         failed_attempt_ = attempt_;
         resolver_->cancel();
+        ping_timer_->cancel();
         const bool was_connected = counters_.connected.exchange(false, std::memory_order_acq_rel);
         // A warning when the relay goes down (or first fails to come up); the retries after it are information.
         const bool warning = was_connected || counters_.failures.fetch_add(1, std::memory_order_relaxed) == 0;
@@ -515,6 +558,7 @@ private:
     const redis_address address_;
     const std::string prefix_;
     const std::function<void(bool, const std::string&)> log_;
+    const redis_liveness timing_;
     Manager* manager_ = nullptr;
     mutable std::mutex problem_mutex_;
     std::string problem_;  // guarded by problem_mutex_: publish() runs on any thread
@@ -525,6 +569,7 @@ private:
     // Everything below is touched only on the strand (or by detach(), once nothing runs).
     std::optional<strand> strand_;
     std::optional<boost::asio::steady_timer> retry_timer_;
+    std::optional<boost::asio::steady_timer> ping_timer_;  // the next PING, or the deadline of the one sent
     std::optional<boost::asio::ip::tcp::resolver> resolver_;
     redisAsyncContext* subscriber_ = nullptr;
     redisAsyncContext* publisher_ = nullptr;

@@ -1918,8 +1918,11 @@ TEST_CASE("scale-out: while Redis is away pushes get 503; it comes back, deliver
 
 TEST_CASE("scale-out: a stalled Redis gets no more than 8 MiB of pushes; then 503; all accepted arrive, in order") {
     redis_process redis;
-    server_process a({"--redis", redis.url(), "--max-queued-bytes", "100000000", "--max-queued-messages", "100000"}),
-        b({"--redis", redis.url()});
+    // Redis slower than its pushers, not gone: the stall stays within a PING deadline set longer
+    // than it can take here (a stopped Redis, past the deadline, is the next test).
+    server_process a({"--redis", redis.url(), "--max-queued-bytes", "100000000", "--max-queued-messages", "100000",
+                      "--redis-ping-timeout", "60"}),
+        b({"--redis", redis.url(), "--redis-ping-timeout", "60"});
     auto on_a = subscriber("stall", a.port());
     REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:stall") == 1; }));
     REQUIRE(eventually([&] { return relay_connected(b); }));
@@ -1945,6 +1948,38 @@ TEST_CASE("scale-out: a stalled Redis gets no more than 8 MiB of pushes; then 50
     CHECK(eventually([&] { return metric(b, "wsbroadcast_relay_unacknowledged_bytes") == 0; }));
     CHECK(push_to(b, "stall", "flowing again").result() == http::status::ok);
     CHECK(on_a->read() == "flowing again");
+}
+
+TEST_CASE("scale-out: a stopped Redis (SIGSTOP) makes pushes 503 within the PING deadline; after SIGCONT they flow") {
+    redis_process redis;
+    server_process s({"--redis", redis.url(), "--redis-ping-interval", "1", "--redis-ping-timeout", "1"});
+    auto c = subscriber("paused", s.port());
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:paused") == 1 && relay_connected(s); }));
+    CHECK(push_to(s, "paused", "before").body() == relayed_answer("before"));
+    CHECK(c->read() == "before");
+
+    redis.pause();  // its connections stay open: only an unanswered PING tells
+    const auto paused = std::chrono::steady_clock::now();
+    http::response<http::string_body> refused;
+    CHECK(eventually(
+        [&] {
+            refused = push_to(s, "paused", "during");
+            return refused.result() == http::status::service_unavailable;
+        },
+        5s));
+    const auto took = std::chrono::steady_clock::now() - paused;
+    MESSAGE("pushes refused " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                              << " ms after SIGSTOP");
+    CHECK(took < 3s);  // a PING every second, answered within one: 2 s at most, and some slack
+    CHECK(refused.body().find("no answer to PING within 1000 ms") != std::string::npos);
+    CHECK(metric(s, "wsbroadcast_relay_ping_timeouts_total") >= 1);
+
+    redis.resume();
+    CHECK(eventually([&] { return push_to(s, "paused", "after").result() == http::status::ok; }));
+    // Pushes accepted before the deadline went to a Redis that was not reading: at most once.
+    std::optional<std::string> got;
+    for (int i = 0; i < 1000 && (got = c->read()) && *got == "during";) ++i;
+    CHECK(got == "after");  // the same WebSocket, subscribed again by the relay
 }
 
 TEST_CASE("scale-out: deployments with different prefixes share one Redis without crossing") {
