@@ -96,6 +96,7 @@ struct server_options {
     wsbroadcast::outbox_options outbox;
     std::optional<redis_address> redis;  // set: pushes go through Redis to every instance
     std::string redis_prefix = "wsbroadcast:";
+    redis_liveness redis_timing;
     wsbroadcast::history_options history{.max_messages = 0, .ttl = 120s};  // --history-size 0: off
 };
 
@@ -155,6 +156,10 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
                                  Delivery across instances is at most once. (Pub/sub ignores /DB.)
   --redis-prefix PREFIX          channel name prefix, to share one Redis between deployments
                                  (default "wsbroadcast:"; the channel for id X is PREFIX + X)
+  --redis-ping-interval SECONDS  PING Redis this often (default 5)
+  --redis-ping-timeout SECONDS   a Redis that answers no PING for this long is taken as gone, as
+                                 if its connection had closed (default 5): a stopped Redis
+                                 keeps its connections open
   --history-size N               messages kept per id for wsbroadcast.v1 clients that resume
                                  (?since=POSITION, docs/protocol.md); 0 turns history off (default 0)
   --history-ttl SECONDS          how long a kept message can be resumed (default 120)
@@ -262,6 +267,8 @@ constexpr std::string_view value_options[] = {"address",
                                               "overflow",
                                               "redis",
                                               "redis-prefix",
+                                              "redis-ping-interval",
+                                              "redis-ping-timeout",
                                               "history-size",
                                               "history-ttl",
                                               "history-max-bytes",
@@ -415,7 +422,12 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
             ok = (o.redis = parse_redis_url(value)).has_value();
         else if (arg == "--redis-prefix")
             o.redis_prefix = value;
-        else if (arg == "--history-size")
+        else if (arg == "--redis-ping-interval" || arg == "--redis-ping-timeout") {
+            unsigned seconds = 0;
+            ok = parse_number(value, seconds) && seconds > 0;
+            (arg == "--redis-ping-interval" ? o.redis_timing.ping_interval : o.redis_timing.ping_timeout) =
+                std::chrono::seconds(seconds);
+        } else if (arg == "--history-size")
             ok = parse_number(value, o.history.max_messages);
         else if (arg == "--history-ttl") {
             unsigned seconds = 0;
@@ -734,6 +746,12 @@ std::string metrics_text(const State& state) {
         metric("wsbroadcast_relay_failures_total", "counter", "Connections to Redis lost or not made.",
                {{"", r.failures.load()}});
         metric("wsbroadcast_relay_channels", "gauge", "Redis channels subscribed now.", {{"", r.channels.load()}});
+        metric("wsbroadcast_relay_refusals_total", "counter",
+               "Commands Redis refused (SUBSCRIBE, PUBLISH, AUTH: an ACL, a password), each a failure.",
+               {{"", r.refusals.load()}});
+        metric("wsbroadcast_relay_ping_timeouts_total", "counter",
+               "PINGs Redis did not answer within --redis-ping-timeout, each a failure.",
+               {{"", r.ping_timeouts.load()}});
         metric("wsbroadcast_relay_messages_in_total", "counter", "Messages received from Redis for local delivery.",
                {{"", r.messages_in.load()}});
         metric("wsbroadcast_relay_duplicates_total", "counter",
@@ -820,9 +838,11 @@ response push(State& state, const request& req, const std::vector<std::string>& 
     }
     const auto result = state.manager.publish(ids, data);  // one send for every id: once per connection
     if (result.error) {
-        refuse(refusal::relay_unavailable, "push to " + joined(ids) + ": " + result.error.message());
-        auto res = make_error(req, http::status::service_unavailable,
-                              "not sent: " + result.error.message() + ", try again later");
+        // The relay's reason (Redis refusing a SUBSCRIBE, not answering) is what the pusher can act on.
+        const auto why = state.relay ? state.relay->problem() : std::string();
+        const auto reason = result.error.message() + (why.empty() ? std::string() : " (redis: " + why + ")");
+        refuse(refusal::relay_unavailable, "push to " + joined(ids) + ": " + reason);
+        auto res = make_error(req, http::status::service_unavailable, "not sent: " + reason + ", try again later");
         res.set(http::field::retry_after, "1");
         return res;
     }
@@ -925,6 +945,19 @@ std::optional<std::string_view> since_in(const request& req) {
 // Checks an upgrade before it happens; a refusal is an HTTP answer, so browsers see the status.
 template <class State>
 std::optional<response> refuse_upgrade(State& state, const request& req, const route& r, bool multiplexed) {
+    // What Beast's accept would refuse, refused here, before the manager (and Redis) hear of the id.
+    const auto first = [&req](http::field name) -> std::optional<std::string_view> {
+        const auto it = req.find(name);
+        return it == req.end() ? std::nullopt : std::optional<std::string_view>(it->value());
+    };
+    if (const auto p = check_upgrade(req.count(http::field::host) > 0, first(http::field::sec_websocket_key),
+                                     first(http::field::sec_websocket_version));
+        p.status) {
+        refuse(refusal::bad_request, "WebSocket upgrade: " + std::string(p.reason));
+        auto res = make_error(req, static_cast<http::status>(p.status), p.reason);
+        if (p.status == 426) res.set(http::field::sec_websocket_version, "13");
+        return res;
+    }
     if (const auto since = since_in(req); since && multiplexed) {
         if (r.ids.empty() || !v1::parse_since(*since)) {  // a position or "last": nothing to decode
             const std::string why = r.ids.empty() ? "since needs an id in the URL (/api/v1/ws/{id}?since=...)"
@@ -1249,7 +1282,8 @@ int run(const server_options& options, tls_contexts* tls) {
     if (options.redis) {
         relay = std::make_shared<typename state_type::relay_type>(
             *options.redis, options.redis_prefix,
-            [](bool warning, const std::string& what) { log(warning ? log_level::warn : log_level::info, what); });
+            [](bool warning, const std::string& what) { log(warning ? log_level::warn : log_level::info, what); },
+            options.redis_timing);
         manager_options.relay = relay;
     }
     // Before the io_context: the manager must outlive every connection.

@@ -7,6 +7,9 @@
 // connection, UNSUBSCRIBE on its last, so Redis sends a key's traffic only to the instances that
 // need it. A connection lost is retried with backoff; on success every key still needed is
 // subscribed again. While Redis is away publish() fails at once, and the server answers 503.
+// A Redis that keeps its connections but stops answering (stopped, swapped out, a dead peer behind
+// a NAT that still says yes) is noticed by a PING on the publisher with a deadline; a command Redis
+// refuses (an ACL without SUBSCRIBE, or without the channel) fails the relay the same way, by name.
 // A push is one PUBLISH on each of its keys' channels; relay_wire.hpp has the payload's format, and
 // how an instance subscribed to several of those channels delivers such a push only once.
 // Delivery across instances is at most once: a message published while an instance's subscriber
@@ -33,6 +36,7 @@
 #include <iterator>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <set>
@@ -114,6 +118,13 @@ private:
 
 }  // namespace redis_detail
 
+/// How often the relay PINGs Redis on its publisher connection, and how long an answer may take
+/// before Redis is taken as gone (pushes 503, reconnect).
+struct redis_liveness {
+    std::chrono::milliseconds ping_interval{std::chrono::seconds(5)};
+    std::chrono::milliseconds ping_timeout{std::chrono::seconds(5)};
+};
+
 /// The relay. Call attach() once the io_context exists and detach() after it stopped running, before
 /// it is destroyed; in between it connects, and reconnects, by itself.
 template <class Manager>
@@ -132,17 +143,25 @@ public:
         std::atomic<std::uint64_t> malformed{0};           // of those, payloads in no known format (dropped)
         std::atomic<std::uint64_t> messages_out{0};        // PUBLISH commands Redis acknowledged
         std::atomic<std::uint64_t> channels{0};            // keys subscribed now
+        std::atomic<std::uint64_t> refusals{0};            // commands Redis refused (ACL, password): each a failure
+        std::atomic<std::uint64_t> ping_timeouts{0};       // PINGs unanswered by their deadline: each a failure
         std::atomic<std::size_t> unacknowledged_bytes{0};  // pushes handed to Redis, not answered yet
     };
 
     /// `log(warning, text)`: warning for trouble, otherwise information.
-    redis_relay(redis_address address, std::string prefix, std::function<void(bool, const std::string&)> log)
-        : address_(std::move(address)), prefix_(std::move(prefix)), log_(std::move(log)), instance_id_(random_id()) {}
+    redis_relay(redis_address address, std::string prefix, std::function<void(bool, const std::string&)> log,
+                redis_liveness timing = {})
+        : address_(std::move(address)),
+          prefix_(std::move(prefix)),
+          log_(std::move(log)),
+          timing_(timing),
+          instance_id_(random_id()) {}
 
     void attach(boost::asio::any_io_executor executor, Manager& manager) {
         manager_ = &manager;
         strand_.emplace(boost::asio::make_strand(executor));
         retry_timer_.emplace(*strand_);
+        ping_timer_.emplace(*strand_);
         resolver_.emplace(*strand_);
         boost::asio::post(*strand_, [self = this->shared_from_this()] { self->connect(); });
     }
@@ -153,6 +172,7 @@ public:
         counters_.connected.store(false);
         free_contexts();
         resolver_.reset();
+        ping_timer_.reset();
         retry_timer_.reset();
         strand_.reset();
     }
@@ -160,17 +180,17 @@ public:
     const counters& stats() const noexcept { return counters_; }
     std::string where() const { return address_.host + ":" + std::to_string(address_.port); }
 
+    /// While pushes are refused: why the relay is down, as logged (no secret in it); else empty.
+    std::string problem() const {
+        std::lock_guard lock(problem_mutex_);
+        return problem_;
+    }
+
     // ---- wsbroadcast::relay ------------------------------------------------------------------
 
     void interest(const std::string& key, bool needed) override {
         if (stopping_) return;  // detached: connections torn down with the io_context end here
-        boost::asio::post(*strand_, [self = this->shared_from_this(), key, needed] {
-            if (needed)
-                self->wanted_.insert(key);
-            else
-                self->wanted_.erase(key);
-            self->sync_subscriptions();
-        });
+        boost::asio::post(*strand_, [self = this->shared_from_this(), key, needed] { self->change(key, needed); });
     }
 
     /// One PUBLISH per key's channel. Refused while Redis is away, and while more than
@@ -300,27 +320,58 @@ private:
         auto* self = of(ac);
         auto* r = static_cast<redisReply*>(reply);
         if (!r || (ac != self->subscriber_ && ac != self->publisher_)) return;  // going away
-        if (r->type == REDIS_REPLY_ERROR) return self->fail(std::string("AUTH refused: ") + r->str);
+        if (r->type == REDIS_REPLY_ERROR) return self->refused("AUTH", r->str);
         self->up(ac);
     }
 
-    // One connection is ready for commands; with both, the relay is.
+    // One connection is ready for commands; with both, the relay is. The publisher is up once
+    // Redis has answered a PING on it: one that accepts connections but answers nothing is not.
     void up(redisAsyncContext* ac) {
         redisEnableKeepAlive(&ac->c);  // a peer gone without a word is noticed by TCP, eventually
-        const bool subscriber = ac == subscriber_;
-        (subscriber ? subscriber_up_ : publisher_up_) = true;
-        if (subscriber) sync_subscriptions();
+        if (ac == publisher_) return ping();
+        subscriber_up_ = true;
+        awaiting_ = wanted_;
+        sync_subscriptions();
         ready_if_synced();
     }
 
     // Pushes are taken only once Redis has confirmed a subscription for every key needed when the
-    // connection came up: otherwise this instance's own subscribers would miss the first ones.
+    // connection came up (and needed still): otherwise this instance's own subscribers would miss
+    // the first ones. Keys that come and go meanwhile are not waited for, so churn cannot hold it back.
     void ready_if_synced() {
-        if (counters_.connected.load(std::memory_order_relaxed) || !subscriber_up_ || !publisher_up_ || in_flight_ > 0)
+        if (counters_.connected.load(std::memory_order_relaxed) || !subscriber_up_ || !publisher_up_) return;
+        // Connected: however long subscribing to every key takes now, the PING deadline watches
+        // Redis meanwhile. (A connect timeout over it would never let a large keyspace come up.)
+        retry_timer_->cancel();
+        if (awaiting_.empty()) ready();
+    }
+
+    // ---- liveness ------------------------------------------------------------------------------
+
+    // hiredis 0.14 gives no callback for a PING on a subscribed connection: the publisher is asked.
+    // Its answer comes after every PUBLISH sent before it, so the deadline bounds those too.
+    void ping() {
+        if (!publisher_ || failed_attempt_ == attempt_ ||
+            redisAsyncCommand(publisher_, &redis_relay::on_pong, nullptr, "PING") != REDIS_OK)
             return;
-        for (auto& key : wanted_)
-            if (!subscribed_.count(key)) return;
-        ready();
+        ping_timer_->expires_after(timing_.ping_timeout);
+        ping_timer_->async_wait([self = this->shared_from_this(), attempt = attempt_](auto ec) {
+            if (ec || attempt != self->attempt_) return;
+            self->counters_.ping_timeouts.fetch_add(1, std::memory_order_relaxed);
+            self->fail("no answer to PING within " + std::to_string(self->timing_.ping_timeout.count()) + " ms");
+        });
+    }
+
+    static void on_pong(redisAsyncContext* ac, void* reply, void*) {
+        auto* self = of(ac);
+        auto* r = static_cast<redisReply*>(reply);
+        if (!r || ac != self->publisher_) return;  // going away
+        if (r->type == REDIS_REPLY_ERROR) return self->refused("PING", r->str);
+        self->ping_timer_->expires_after(self->timing_.ping_interval);  // the deadline is met: cancelled
+        self->ping_timer_->async_wait([self = self->shared_from_this(), attempt = self->attempt_](auto ec) {
+            if (!ec && attempt == self->attempt_) self->ping();
+        });
+        if (!std::exchange(self->publisher_up_, true)) self->ready_if_synced();
     }
 
     static void on_disconnected(const redisAsyncContext* ac, int status) {
@@ -329,6 +380,10 @@ private:
         if (!subscriber && ac != self->publisher_) return;              // one we let go of on purpose
         (subscriber ? self->subscriber_ : self->publisher_) = nullptr;  // hiredis frees it when we return
         if (self->stopping_) return;
+        // An error reply with no callback waiting for it (a refused SUBSCRIBE or UNSUBSCRIBE: hiredis
+        // keeps none for those) makes hiredis 0.14 drop the connection, the error as its reason.
+        if (subscriber && ac->err == REDIS_ERR_OTHER && self->in_flight_ > 0)
+            return self->refused(self->in_flight_subscribe_ ? "SUBSCRIBE" : "UNSUBSCRIBE", ac->errstr);
         self->fail(status == REDIS_OK ? std::string("connection closed") : std::string(ac->errstr));
     }
 
@@ -336,7 +391,24 @@ private:
         retry_delay_ = first_retry;
         counters_.connects.fetch_add(1, std::memory_order_relaxed);
         counters_.connected.store(true, std::memory_order_release);
-        log_(false, "redis: connected to " + where() + ", " + std::to_string(wanted_.size()) + " key(s) to subscribe");
+        set_problem({});
+        const auto quiet = std::exchange(repeated_failures_, 0);
+        last_failure_.clear();
+        log_(false, "redis: connected to " + where() + ", " + std::to_string(wanted_.size()) + " key(s) to subscribe" +
+                        (quiet ? ", after " + std::to_string(quiet) + " more failed attempt(s) like the last logged"
+                               : std::string()));
+    }
+
+    // A command Redis answered with an error (NOPERM, NOAUTH, WRONGPASS): nothing this relay sends
+    // can work around it, so it fails and retries with backoff, and the operator is told which.
+    void refused(std::string_view command, std::string_view error) {
+        counters_.refusals.fetch_add(1, std::memory_order_relaxed);
+        fail(std::string(command) + " refused: " + std::string(error));
+    }
+
+    void set_problem(std::string why) {
+        std::lock_guard lock(problem_mutex_);
+        problem_ = std::move(why);
     }
 
     // Once per attempt: mark the relay down, let go of both connections, retry after a backoff.
@@ -345,19 +417,29 @@ private:
         if (failed_attempt_ == attempt_ || stopping_) return;
         failed_attempt_ = attempt_;
         resolver_->cancel();
+        ping_timer_->cancel();
         const bool was_connected = counters_.connected.exchange(false, std::memory_order_acq_rel);
         // A warning when the relay goes down (or first fails to come up); the retries after it are information.
         const bool warning = was_connected || counters_.failures.fetch_add(1, std::memory_order_relaxed) == 0;
         if (was_connected) counters_.failures.fetch_add(1, std::memory_order_relaxed);
         subscriber_up_ = publisher_up_ = false;
+        set_problem(why);
         boost::asio::post(*strand_, [self = this->shared_from_this(), attempt = attempt_] {
             if (attempt == self->attempt_) self->free_contexts();
         });
         const auto delay = retry_delay_;
         retry_delay_ = std::min<clock::duration>(retry_delay_ * 2, last_retry);
-        log_(warning, std::string(was_connected ? "redis: connection to " : "redis: cannot connect to ") + where() +
-                          ": " + why + "; pushes are refused (503) until it is back; retrying in " +
-                          std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(delay).count()) + " ms");
+        // The same reason again (an ACL refusing every attempt) is counted, not logged: one line per
+        // retry would be a line every 5 s for as long as nobody fixes it.
+        if (!was_connected && why == last_failure_) {
+            ++repeated_failures_;
+        } else {
+            last_failure_ = why;
+            log_(warning, std::string(was_connected ? "redis: connection to " : "redis: cannot connect to ") + where() +
+                              ": " + why + "; pushes are refused (503) until it is back; retrying in " +
+                              std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(delay).count()) +
+                              " ms, with backoff up to " + std::to_string(last_retry.count()) + " s");
+        }
         retry_timer_->expires_after(delay);
         retry_timer_->async_wait([self = this->shared_from_this()](auto ec) {
             if (!ec) self->connect();
@@ -366,7 +448,11 @@ private:
 
     void free_contexts() {
         subscriber_up_ = publisher_up_ = false;
+        // A new connection subscribes to everything wanted; while there is none, change() keeps it so.
         subscribed_.clear();
+        to_unsubscribe_.clear();
+        to_subscribe_ = wanted_;
+        awaiting_.clear();
         counters_.channels.store(0, std::memory_order_relaxed);
         in_flight_ = 0;
         // Cleared first: the disconnect callbacks these frees run must not take them for new failures.
@@ -376,22 +462,34 @@ private:
 
     // ---- subscriptions -------------------------------------------------------------------------
 
-    // Makes Redis' subscriptions follow wanted_, one command at a time. hiredis keeps one callback
-    // per channel and can lose it when a SUBSCRIBE and an UNSUBSCRIBE of one channel cross; with a
-    // single command in flight they never do.
+    // Each change of interest costs O(log n), whatever the number of keys: what is still to be sent
+    // is kept as its own sets (subscribed_ holds what the commands sent so far ask of Redis).
+    void change(const std::string& key, bool needed) {
+        if (needed ? !wanted_.insert(key).second : wanted_.erase(key) == 0) return;
+        const bool asked = subscribed_.count(key) > 0;
+        if (needed) {
+            asked ? (void)to_unsubscribe_.erase(key) : (void)to_subscribe_.insert(key);
+        } else {
+            asked ? (void)to_unsubscribe_.insert(key) : (void)to_subscribe_.erase(key);
+            awaiting_.erase(key);  // no longer needed: readiness does not wait for it
+        }
+        sync_subscriptions();
+        if (!needed) ready_if_synced();
+    }
+
+    // Sends what is still to be sent, SUBSCRIBEs first, one command at a time. hiredis keeps one
+    // callback per channel and can lose it when a SUBSCRIBE and an UNSUBSCRIBE of one channel
+    // cross; with a single command in flight they never do.
     void sync_subscriptions() {
         if (!subscriber_up_ || in_flight_ > 0) return;
-        std::vector<std::string> add, remove;
-        for (auto& key : wanted_)
-            if (!subscribed_.count(key) && add.size() < channels_per_command) add.push_back(key);
-        if (add.empty())
-            for (auto& key : subscribed_)
-                if (!wanted_.count(key) && remove.size() < channels_per_command) remove.push_back(key);
-        auto& keys = add.empty() ? remove : add;
-        if (keys.empty()) return;
+        const bool subscribing = !to_subscribe_.empty();
+        auto& pending = subscribing ? to_subscribe_ : to_unsubscribe_;
+        if (pending.empty()) return;
         std::vector<std::string> channels;
-        for (auto& key : keys) channels.push_back(prefix_ + key);
-        std::vector<const char*> argv{add.empty() ? "UNSUBSCRIBE" : "SUBSCRIBE"};
+        auto last = pending.begin();
+        for (; last != pending.end() && channels.size() < channels_per_command; ++last)
+            channels.push_back(prefix_ + *last);
+        std::vector<const char*> argv{subscribing ? "SUBSCRIBE" : "UNSUBSCRIBE"};
         std::vector<std::size_t> lengths{std::strlen(argv[0])};
         for (auto& c : channels) {
             argv.push_back(c.data());
@@ -401,8 +499,12 @@ private:
         if (redisAsyncCommandArgv(subscriber_, &redis_relay::on_channel, this, static_cast<int>(argv.size()),
                                   argv.data(), lengths.data()) != REDIS_OK)
             return;
-        in_flight_ = keys.size();
-        for (auto& key : keys) add.empty() ? (void)subscribed_.erase(key) : (void)subscribed_.insert(key);
+        in_flight_ = channels.size();
+        in_flight_subscribe_ = subscribing;
+        while (pending.begin() != last) {
+            auto node = pending.extract(pending.begin());
+            subscribing ? (void)subscribed_.insert(std::move(node)) : (void)subscribed_.erase(node.value());
+        }
         counters_.channels.store(subscribed_.size(), std::memory_order_relaxed);
     }
 
@@ -411,14 +513,15 @@ private:
         auto* r = static_cast<redisReply*>(reply);
         if (!r || ac != self->subscriber_ || r->type != REDIS_REPLY_ARRAY || r->elements < 3) return;
         const std::string_view kind(r->element[0]->str, r->element[0]->len);
+        std::string_view channel(r->element[1]->str, r->element[1]->len);
+        if (!channel.starts_with(self->prefix_)) return;
+        channel.remove_prefix(self->prefix_.size());
         if (kind == "message") {
-            std::string_view channel(r->element[1]->str, r->element[1]->len);
-            if (!channel.starts_with(self->prefix_)) return;
-            channel.remove_prefix(self->prefix_.size());
             self->counters_.messages_in.fetch_add(1, std::memory_order_relaxed);
             self->deliver(channel, std::string_view(r->element[2]->str, r->element[2]->len));
-        } else if ((kind == "subscribe" || kind == "unsubscribe") && self->in_flight_ > 0 && --self->in_flight_ == 0) {
-            self->sync_subscriptions();
+        } else if (kind == "subscribe" || kind == "unsubscribe") {
+            if (kind == "subscribe") self->awaiting_.erase(std::string(channel));  // confirmed, channel by channel
+            if (self->in_flight_ > 0 && --self->in_flight_ == 0) self->sync_subscriptions();
             self->ready_if_synced();
         }
     }
@@ -449,14 +552,16 @@ private:
         auto* r = static_cast<redisReply*>(reply);
         if (r && r->type == REDIS_REPLY_INTEGER) self->counters_.messages_out.fetch_add(1, std::memory_order_relaxed);
         // Refused (NOAUTH, an ACL without PUBLISH): pretending to relay would lose every push.
-        if (r && r->type == REDIS_REPLY_ERROR && ac == self->publisher_)
-            self->fail(std::string("PUBLISH refused: ") + r->str);
+        if (r && r->type == REDIS_REPLY_ERROR && ac == self->publisher_) self->refused("PUBLISH", r->str);
     }
 
     const redis_address address_;
     const std::string prefix_;
     const std::function<void(bool, const std::string&)> log_;
+    const redis_liveness timing_;
     Manager* manager_ = nullptr;
+    mutable std::mutex problem_mutex_;
+    std::string problem_;  // guarded by problem_mutex_: publish() runs on any thread
     counters counters_;
     const std::uint64_t instance_id_;
     std::atomic<std::uint64_t> next_counter_{0};
@@ -464,6 +569,7 @@ private:
     // Everything below is touched only on the strand (or by detach(), once nothing runs).
     std::optional<strand> strand_;
     std::optional<boost::asio::steady_timer> retry_timer_;
+    std::optional<boost::asio::steady_timer> ping_timer_;  // the next PING, or the deadline of the one sent
     std::optional<boost::asio::ip::tcp::resolver> resolver_;
     redisAsyncContext* subscriber_ = nullptr;
     redisAsyncContext* publisher_ = nullptr;
@@ -473,7 +579,13 @@ private:
     std::string last_error_;
     std::set<std::string> wanted_;                // keys with local connections, as the manager reported them
     std::set<std::string> subscribed_;            // keys Redis has (or is about to have) a SUBSCRIBE for
+    std::set<std::string> to_subscribe_;          // wanted, not in subscribed_: to be sent
+    std::set<std::string> to_unsubscribe_;        // in subscribed_, no longer wanted: to be sent
+    std::set<std::string> awaiting_;              // wanted when the subscriber came up, not confirmed yet
     std::size_t in_flight_ = 0;                   // replies still due for the one (UN)SUBSCRIBE in flight
+    bool in_flight_subscribe_ = false;            // which of the two it is
+    std::string last_failure_;                    // the reason last logged, while the relay is down
+    std::uint64_t repeated_failures_ = 0;         // failures for that same reason since, not logged
     recent_relay_ids recent_{remembered_pushes};  // multi-key pushes delivered lately
 };
 

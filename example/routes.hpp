@@ -226,6 +226,27 @@ inline bool offers_subprotocol(std::string_view header, std::string_view protoco
     return false;
 }
 
+/// What Beast's accept would refuse in an upgrade request that websocket::is_upgrade() let through
+/// (HTTP/1.1, GET, Connection: upgrade, Upgrade: websocket), answered the same way, but before the
+/// manager registers the connection: a handshake that fails there has already told the relay about
+/// its id (a SUBSCRIBE and an UNSUBSCRIBE in Redis for nothing). Each header is its first value,
+/// as Beast reads it; nullopt when absent.
+struct upgrade_problem {
+    int status = 0;  // 0: Beast accepts it; 400, or 426 (answered with Sec-WebSocket-Version: 13)
+    std::string_view reason;
+};
+
+inline upgrade_problem check_upgrade(bool has_host, std::optional<std::string_view> key,
+                                     std::optional<std::string_view> version) {
+    constexpr std::size_t max_key_length = 24;  // base64 of 16 bytes: Beast's buffer for the key
+    if (!has_host) return {400, "a WebSocket upgrade needs a Host header"};
+    if (!key) return {400, "a WebSocket upgrade needs Sec-WebSocket-Key"};
+    if (key->size() > max_key_length) return {400, "Sec-WebSocket-Key is longer than 24 characters"};
+    if (!version) return {400, "a WebSocket upgrade needs Sec-WebSocket-Version"};
+    if (*version != "13") return {426, "unsupported Sec-WebSocket-Version: this server speaks 13"};
+    return {};
+}
+
 /// A push may name several ids, "a,b,c" (',' is not an id character); at most this many, as written.
 constexpr std::size_t max_ids_per_push = 64;
 

@@ -260,6 +260,23 @@ TEST_CASE("a push may name several ids: each valid, repeats dropped, at most 64,
     CHECK(route_request("DELETE", "/api/v1/ws/a,b").allow == "GET, POST");
 }
 
+TEST_CASE("a WebSocket upgrade is checked as Beast's accept checks it: 400 without Host or key, 426 for a version") {
+    constexpr std::string_view key = "dGhlIHNhbXBsZSBub25jZQ==";
+    CHECK(check_upgrade(true, key, "13").status == 0);
+    CHECK(check_upgrade(true, "", "13").status == 0);  // Beast takes an empty key; so do we
+    CHECK(check_upgrade(true, std::string(24, 'k'), "13").status == 0);
+    CHECK(check_upgrade(false, key, "13").status == 400);
+    CHECK(check_upgrade(true, std::nullopt, "13").status == 400);
+    CHECK(check_upgrade(true, std::string(25, 'k'), "13").status == 400);
+    CHECK(check_upgrade(true, key, std::nullopt).status == 400);  // absent: Beast says 400, not 426
+    for (const char* version : {"12", "8", "13 ", " 13", "", "13, 8"}) {
+        CAPTURE(version);
+        const auto p = check_upgrade(true, key, std::string_view(version));
+        CHECK(p.status == 426);
+        CHECK_FALSE(p.reason.empty());
+    }
+}
+
 TEST_CASE("Sec-WebSocket-Protocol: the offered tokens, comma-separated, trimmed, compared exactly") {
     CHECK(offers_subprotocol("wsbroadcast.v1", v1::subprotocol));
     CHECK(offers_subprotocol("arduino, wsbroadcast.v1", v1::subprotocol));

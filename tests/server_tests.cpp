@@ -13,11 +13,13 @@
 #include <boost/asio/ssl.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <regex>
@@ -1940,6 +1942,15 @@ public:
         with_reply({"PUBLISH", channel, payload}, [](redisReply*) {});
     }
 
+    // Any command: its status or string reply, or the error's text ("OK" for ACL SETUSER).
+    std::string run(std::vector<std::string> args) const {
+        std::string out;
+        with_reply(std::move(args), [&](redisReply* r) {
+            if (r->str) out.assign(r->str, r->len);
+        });
+        return out;
+    }
+
     // How many times Redis ran `command` (INFO commandstats).
     long long calls(const std::string& command) const {
         long long n = 0;
@@ -2102,8 +2113,11 @@ TEST_CASE("scale-out: while Redis is away pushes get 503; it comes back, deliver
 
 TEST_CASE("scale-out: a stalled Redis gets no more than 8 MiB of pushes; then 503; all accepted arrive, in order") {
     redis_process redis;
-    server_process a({"--redis", redis.url(), "--max-queued-bytes", "100000000", "--max-queued-messages", "100000"}),
-        b({"--redis", redis.url()});
+    // Redis slower than its pushers, not gone: the stall stays within a PING deadline set longer
+    // than it can take here (a stopped Redis, past the deadline, is the next test).
+    server_process a({"--redis", redis.url(), "--max-queued-bytes", "100000000", "--max-queued-messages", "100000",
+                      "--redis-ping-timeout", "60"}),
+        b({"--redis", redis.url(), "--redis-ping-timeout", "60"});
     auto on_a = subscriber("stall", a.port());
     REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:stall") == 1; }));
     REQUIRE(eventually([&] { return relay_connected(b); }));
@@ -2129,6 +2143,38 @@ TEST_CASE("scale-out: a stalled Redis gets no more than 8 MiB of pushes; then 50
     CHECK(eventually([&] { return metric(b, "wsbroadcast_relay_unacknowledged_bytes") == 0; }));
     CHECK(push_to(b, "stall", "flowing again").result() == http::status::ok);
     CHECK(on_a->read() == "flowing again");
+}
+
+TEST_CASE("scale-out: a stopped Redis (SIGSTOP) makes pushes 503 within the PING deadline; after SIGCONT they flow") {
+    redis_process redis;
+    server_process s({"--redis", redis.url(), "--redis-ping-interval", "1", "--redis-ping-timeout", "1"});
+    auto c = subscriber("paused", s.port());
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:paused") == 1 && relay_connected(s); }));
+    CHECK(push_to(s, "paused", "before").body() == relayed_answer("before"));
+    CHECK(c->read() == "before");
+
+    redis.pause();  // its connections stay open: only an unanswered PING tells
+    const auto paused = std::chrono::steady_clock::now();
+    http::response<http::string_body> refused;
+    CHECK(eventually(
+        [&] {
+            refused = push_to(s, "paused", "during");
+            return refused.result() == http::status::service_unavailable;
+        },
+        5s));
+    const auto took = std::chrono::steady_clock::now() - paused;
+    MESSAGE("pushes refused " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                              << " ms after SIGSTOP");
+    CHECK(took < 3s);  // a PING every second, answered within one: 2 s at most, and some slack
+    CHECK(refused.body().find("no answer to PING within 1000 ms") != std::string::npos);
+    CHECK(metric(s, "wsbroadcast_relay_ping_timeouts_total") >= 1);
+
+    redis.resume();
+    CHECK(eventually([&] { return push_to(s, "paused", "after").result() == http::status::ok; }));
+    // Pushes accepted before the deadline went to a Redis that was not reading: at most once.
+    std::optional<std::string> got;
+    for (int i = 0; i < 1000 && (got = c->read()) && *got == "during";) ++i;
+    CHECK(got == "after");  // the same WebSocket, subscribed again by the relay
 }
 
 TEST_CASE("scale-out: deployments with different prefixes share one Redis without crossing") {
@@ -2263,4 +2309,259 @@ TEST_CASE("scale-out: a push to two ids reaches a v1 client on both once, and ea
         CHECK(metric(*s, "wsbroadcast_relay_duplicates_total") == 2);
     }
     CHECK(eventually([&] { return metric(b, "wsbroadcast_relay_messages_out_total") == 4; }));  // a PUBLISH per id
+}
+
+TEST_CASE(
+    "scale-out: a handshake Beast would refuse (bad version, no key) gets Beast's answer and never reaches Redis") {
+    redis_process redis;
+    server_process s({"--redis", redis.url()});
+    REQUIRE(eventually([&] { return relay_connected(s); }));
+    auto handshake = [&](const std::string& headers) {
+        return raw_exchange(
+            "GET /api/v1/ws/refused HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" +
+                headers + "\r\n",
+            s.port());
+    };
+    const std::string key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    const auto bad_version = handshake(key + "Sec-WebSocket-Version: 12\r\n");
+    CHECK(bad_version.starts_with("HTTP/1.1 426 "));
+    CHECK(bad_version.find("\r\nSec-WebSocket-Version: 13\r\n") != std::string::npos);
+    CHECK(handshake("Sec-WebSocket-Version: 13\r\n").starts_with("HTTP/1.1 400 "));
+    CHECK(handshake("Sec-WebSocket-Key: " + std::string(25, 'k') + "\r\nSec-WebSocket-Version: 13\r\n")
+              .starts_with("HTTP/1.1 400 "));
+    CHECK(handshake(key).starts_with("HTTP/1.1 400 "));  // no version at all: Beast says 400 too
+
+    // Then one that succeeds: the relay sends one command at a time, so once Redis has its
+    // SUBSCRIBE, any the refused handshakes caused would have reached Redis before it.
+    auto accepted = subscriber("accepted", s.port());
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:accepted") == 1; }));
+    CHECK(redis.calls("subscribe") == 1);
+    CHECK(redis.calls("unsubscribe") == 0);
+    CHECK(metric(s, "wsbroadcast_connections_total") == 1);
+}
+
+TEST_CASE("scale-out: a SUBSCRIBE Redis refuses (an ACL) is a failure: logged once, counted, pushes 503 saying why") {
+    redis_process redis;
+    // May PUBLISH but not SUBSCRIBE; may use other:* channels only.
+    REQUIRE(redis.run({"ACL", "SETUSER", "nosub", "on", ">pw", "~*", "&*", "+@all", "-subscribe"}) == "OK");
+    REQUIRE(redis.run({"ACL", "SETUSER", "elsewhere", "on", ">pw", "~*", "resetchannels", "&other:*", "+@all"}) ==
+            "OK");
+    const std::string address = "127.0.0.1:" + redis.url().substr(redis.url().rfind(':') + 1);
+    for (const std::string user : {"nosub", "elsewhere"}) {
+        CAPTURE(user);
+        char path[] = "/tmp/wsbroadcast-redis-acl-XXXXXX";
+        const int fd = mkstemp(path);
+        REQUIRE(fd >= 0);
+        close(fd);
+        {
+            server_process s({"--redis", "redis://" + user + ":pw@" + address}, {}, path);
+            REQUIRE(eventually([&] { return relay_connected(s); }));  // no id yet: nothing to refuse
+            auto c = subscriber("acl", s.port());
+            http::response<http::string_body> refused;
+            CHECK(eventually([&] {
+                refused = push_to(s, "acl", "x");
+                return refused.result() == http::status::service_unavailable &&
+                       refused.body().find("SUBSCRIBE refused: NOPERM") != std::string::npos;
+            }));
+            std::this_thread::sleep_for(1500ms);  // retrying meanwhile, with backoff
+            CHECK(push_to(s, "acl", "x").result() == http::status::service_unavailable);
+            CHECK(metric(s, "wsbroadcast_relay_refusals_total") >= 3);
+            // The relay's own line, once: the retries are counted, quietly (refused pushes log their own).
+            CHECK(lines_with(file_text(path), address + ": SUBSCRIBE refused: NOPERM") == 1);
+            // Once no id needs what Redis refuses, the relay is up again.
+            c->close();
+            CHECK(eventually([&] { return relay_connected(s); }));
+        }
+        std::remove(path);
+    }
+}
+
+namespace {
+
+// Subscribes a wsbroadcast.v1 connection to many keys in few system calls: the commands written
+// as frames straight to its socket (masked with a zero key, which RFC 6455 allows), the answers
+// counted as they arrive, each checked to be a subscribed frame. subscribe_to checks one at a time.
+void subscribe_many(ws_client& c, const std::vector<std::string>& keys) {
+    auto& stream = beast::get_lowest_layer(c.ws);
+    constexpr std::size_t batch = 1000;  // answers the outbox holds (1024 messages by default)
+    std::string in;
+    for (std::size_t first = 0; first < keys.size(); first += batch) {
+        const auto last = std::min(keys.size(), first + batch);
+        std::string out;
+        for (auto i = first; i < last; ++i) {
+            const auto text = command("subscribe", keys[i]);
+            REQUIRE(text.size() < 126);  // a one-byte length
+            out += '\x81';
+            out += static_cast<char>(0x80 | text.size());
+            out.append(4, '\0');
+            out += text;
+        }
+        stream.expires_after(io_timeout);
+        REQUIRE_FALSE(run(c.ioc, [&](auto done) { net::async_write(stream, net::buffer(out), done); }));
+        for (auto answered = first; answered < last;) {
+            char chunk[65536];
+            std::size_t got = 0;
+            stream.expires_after(io_timeout);
+            REQUIRE_FALSE(run(c.ioc, [&](auto done) {
+                stream.async_read_some(net::buffer(chunk), [&, done](beast::error_code ec, std::size_t n) {
+                    got = n;
+                    done(ec);
+                });
+            }));
+            in.append(chunk, got);
+            std::size_t at = 0;  // the server's frames: unmasked text, a one-byte length
+            while (in.size() - at >= 2 && in.size() - at >= std::size_t{2} + static_cast<unsigned char>(in[at + 1])) {
+                const auto length = static_cast<unsigned char>(in[at + 1]);
+                REQUIRE(in[at] == '\x81');
+                REQUIRE(in.compare(at + 2, length, subscribed(keys[answered])) == 0);
+                at += 2 + length;
+                ++answered;
+            }
+            in.erase(0, at);
+        }
+    }
+}
+
+// A wsbroadcast.v1 client that subscribes to 50 ids and unsubscribes from them again, over and
+// over, on a thread of its own for at most 30 s: commands are written while answers are read, at
+// most 200 unanswered, so the server's interest in those ids never stops changing.
+class churner {
+public:
+    churner(unsigned short port, std::string prefix)
+        : client_(multiplexed("/api/v1/ws", port)), prefix_(std::move(prefix)) {
+        beast::get_lowest_layer(client_->ws).expires_never();  // the thread's deadline bounds it
+        thread_ = std::thread([this] { churn(30s); });
+    }
+    ~churner() {
+        stop_ = true;
+        thread_.join();
+    }
+    long answered() const { return answered_; }
+    long errors() const { return errors_; }
+
+private:
+    void write() {
+        if (writing_ || stop_ || sent_ - answered_ >= 200) return;
+        writing_ = true;
+        const long n = sent_++;
+        next_ = command((n / 50) % 2 ? "unsubscribe" : "subscribe", prefix_ + std::to_string(n % 50));
+        client_->ws.async_write(net::buffer(next_), [this](beast::error_code ec, std::size_t) {
+            writing_ = false;
+            if (ec) {
+                if (!stop_) ++errors_;
+                return;
+            }
+            write();
+        });
+    }
+    void read() {
+        client_->ws.async_read(in_, [this](beast::error_code ec, std::size_t) {
+            if (ec) {
+                if (!stop_) ++errors_;
+                return;
+            }
+            if (beast::buffers_to_string(in_.data()).find(R"("type":"error")") != std::string::npos) ++errors_;
+            in_.clear();
+            ++answered_;
+            write();
+            read();
+        });
+    }
+    void churn(std::chrono::seconds limit) {
+        const auto deadline = std::chrono::steady_clock::now() + limit;
+        net::steady_timer poll(client_->ioc);
+        std::function<void()> check = [&] {
+            poll.expires_after(10ms);
+            poll.async_wait([&](beast::error_code) {
+                if (!stop_ && std::chrono::steady_clock::now() < deadline) return check();
+                stop_ = true;
+                beast::get_lowest_layer(client_->ws).close();  // ends the read and write in progress
+            });
+        };
+        check();
+        write();
+        read();
+        client_->ioc.restart();
+        client_->ioc.run();
+    }
+
+    std::unique_ptr<ws_client> client_;
+    const std::string prefix_;
+    std::atomic<bool> stop_{false};
+    std::atomic<long> answered_{0}, errors_{0};
+    long sent_ = 0;
+    bool writing_ = false;
+    std::string next_;
+    beast::flat_buffer in_;
+    std::thread thread_;
+};
+
+}  // namespace
+
+TEST_CASE("scale-out: 100,000 ids on one instance: after a Redis restart pushes are accepted again within seconds") {
+    redis_process redis;
+    server_process s({"--redis", redis.url(), "--max-keys-per-connection", "1000"});
+    REQUIRE(eventually([&] { return relay_connected(s); }));
+    // wsbroadcast.v1 lets one connection hold many ids: 100 of them hold 1,000 each. (Not fewer
+    // connections with more ids: the library finds a connection's own keys by a linear search.)
+    constexpr int connections = 100, per_connection = 1000;
+    std::vector<std::unique_ptr<ws_client>> clients;
+    for (int c = 0; c < connections; ++c) {
+        clients.push_back(multiplexed("/api/v1/ws", s.port()));
+        std::vector<std::string> keys;
+        for (int i = 0; i < per_connection; ++i) keys.push_back("id-" + std::to_string(c) + "-" + std::to_string(i));
+        subscribe_many(*clients.back(), keys);
+    }
+    REQUIRE(eventually([&] { return metric(s, "wsbroadcast_relay_channels") == connections * per_connection; }, 30s));
+
+    redis.stop();
+    REQUIRE(eventually([&] { return !relay_connected(s); }));
+    const auto restarted = std::chrono::steady_clock::now();
+    redis.start();  // empty: every id is subscribed again
+    const std::string last = "id-99-999";
+    CHECK(eventually([&] { return push_to(s, last, "back").result() == http::status::ok; }));
+    const auto took = std::chrono::steady_clock::now() - restarted;
+    MESSAGE("ready again with " << connections * per_connection << " ids "
+                                << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                                << " ms after Redis restarted");
+    CHECK(took < 5s);
+    CHECK(clients.back()->read() == enveloped(last, "back"));
+    CHECK(redis.subscribers("wsbroadcast:id-0-0") == 1);
+}
+
+TEST_CASE("scale-out: with subscribe/unsubscribe churn all the while, the relay is ready again after a Redis restart") {
+    redis_process redis;
+    server_process s({"--redis", redis.url(), "--max-keys-per-connection", "0"});
+    auto steady = subscriber("steady", s.port());
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:steady") == 1 && relay_connected(s); }));
+
+    std::vector<std::unique_ptr<churner>> churners;
+    for (int i = 0; i < 3; ++i)
+        churners.push_back(std::make_unique<churner>(s.port(), "churn-" + std::to_string(i) + "-"));
+    auto answered = [&] {
+        long n = 0;
+        for (auto& c : churners) n += c->answered();
+        return n;
+    };
+    REQUIRE(eventually([&] { return answered() > 1000; }));
+    redis.stop();
+    const bool went_down = eventually([&] { return !relay_connected(s); });
+    const auto restarted = std::chrono::steady_clock::now();
+    const auto answered_at_restart = answered();
+    redis.start();
+    const bool back = eventually([&] { return push_to(s, "steady", "back").result() == http::status::ok; });
+    const auto took = std::chrono::steady_clock::now() - restarted;
+    const auto answered_meanwhile = answered() - answered_at_restart;
+    long errors = 0;
+    for (auto& c : churners) errors += c->errors();
+    churners.clear();
+
+    CHECK(went_down);
+    CHECK(back);
+    MESSAGE("ready again " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                           << " ms after Redis restarted, with " << answered_meanwhile
+                           << " subscribe/unsubscribe commands meanwhile");
+    CHECK(answered_meanwhile > 100);  // the churn went on until then
+    CHECK(errors == 0);
+    if (back) CHECK(steady->read() == "back");
 }

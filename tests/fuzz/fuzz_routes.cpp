@@ -1,6 +1,6 @@
 // libFuzzer target: the reference server's request routing, id validation, lenient URL decoding and the
 // small parsers around them (UTF-8, id lists, Sec-WebSocket-Protocol, wsbroadcast.v1 commands, relay
-// payloads). Byte 0 picks the method; the rest is the request target, and the input of the others.
+// payloads, --redis URLs). Byte 0 picks the method; the rest is the request target, and the input of the others.
 // Every invariant below is something the server relies on; a violation traps.
 #include "cors.hpp"
 #include "protocol.hpp"
@@ -13,6 +13,7 @@
 #include <cctype>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 using namespace wsbroadcast_server;
@@ -45,6 +46,49 @@ bool utf8_by_reencoding(std::string_view s) {
         i += n;
     }
     return true;
+}
+// Every byte but letters and digits as %XX: what url_decode reads back exactly.
+std::string percent_encoded(std::string_view s) {
+    static constexpr char digits[] = "0123456789ABCDEF";
+    std::string out;
+    for (unsigned char c : s) {
+        if (std::isalnum(c)) {
+            out += static_cast<char>(c);
+        } else {
+            out += '%';
+            out += digits[c >> 4];
+            out += digits[c & 15];
+        }
+    }
+    return out;
+}
+
+// A --redis value: what parses is usable, is echoed without its password, and reads back the
+// same when written out again.
+void check_redis_url(std::string_view url) {
+    const auto a = parse_redis_url(url);
+    const auto redacted = redacted_redis_url(url);
+    if (!a) return;
+    require(!a->host.empty() && a->port != 0 && a->db <= 65535);
+    require(a->host.find('/') == a->host.npos && a->host.find('@') == a->host.npos);
+    if (a->password.empty()) {
+        require(a->user.empty() && url.find('@') == url.npos && redacted == url);
+    } else {
+        // The password's text is gone: the echo is the scheme, the raw user, "***", and all from '@'.
+        const auto at = url.rfind('@');
+        const auto colon = url.find(':', 8);
+        require(colon < at);
+        require(redacted == std::string(url.substr(0, colon)) + ":***" + std::string(url.substr(at)));
+    }
+    std::string again = "redis://";
+    if (!a->password.empty()) again += percent_encoded(a->user) + ":" + percent_encoded(a->password) + "@";
+    // In brackets when it must be: a ':' in it (IPv6), or a '[' first ("redis://[[x]" names "[x").
+    const bool bracketed = a->host.find(':') != a->host.npos || a->host.starts_with('[');
+    again += (bracketed ? "[" : "") + a->host + (bracketed ? "]" : "") + ":" + std::to_string(a->port) + "/" +
+             std::to_string(a->db);
+    const auto b = parse_redis_url(again);
+    require(b && b->host == a->host && b->port == a->port && b->user == a->user && b->password == a->password &&
+            b->db == a->db);
 }
 }  // namespace
 
@@ -120,6 +164,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (const auto since = v1::parse_since(target))
         require(target == "last" ? since->what() == wsbroadcast::since::kind::latest
                                  : since->what() == wsbroadcast::since::kind::after);
+    // An upgrade is refused exactly when Beast's accept would refuse it, with Beast's status.
+    const auto third = target.size() / 3;
+    const auto key = target.substr(0, third), version = target.substr(third);
+    const bool has_host = data[0] & 4, has_key = data[0] & 8, has_version = data[0] & 16;
+    const auto upgrade = check_upgrade(has_host, has_key ? std::optional(key) : std::nullopt,
+                                       has_version ? std::optional(version) : std::nullopt);
+    const int beast = !has_host || !has_key || key.size() > 24 || !has_version ? 400 : version != "13" ? 426 : 0;
+    require(upgrade.status == beast && (upgrade.status == 0) == upgrade.reason.empty());
+    check_redis_url(target);
+    check_redis_url("redis://" + std::string(target));  // past the scheme, where the parsing is
     // A relay payload's keys and data lie inside it; one made from them reads back the same.
     if (const auto push = parse_relay_payload(target)) {
         require(push->data.size() < target.size());
