@@ -896,7 +896,7 @@ struct subscriber {
 struct publisher {
     unsigned index = 0;
     std::vector<std::uint32_t> sent;  // per id: messages sent (= next sequence number)
-    std::uint64_t published = 0, answered = 0, connections = 0, relayed = 0, errors = 0;
+    std::uint64_t published = 0, answered = 0, connections = 0, relayed = 0, errors = 0, reconnects = 0;
     std::uint64_t max_late_ns = 0;  // rate: how far behind its schedule it fell
     std::string error;
     std::atomic<bool> connected{false}, done{false};
@@ -1038,8 +1038,8 @@ net::awaitable<void> run_subscriber(subscriber& s, run_state& rs) {
 
 // ---- publishers ----------------------------------------------------------------------------------
 
-// Finds `name` (case-insensitive) in an HTTP header block and returns its numeric value.
-std::optional<std::size_t> header_number(std::string_view head, std::string_view name) {
+// Finds `name` (case-insensitive) in an HTTP header block and returns its value.
+std::optional<std::string_view> header_value(std::string_view head, std::string_view name) {
     for (std::size_t pos = head.find("\r\n"); pos != std::string_view::npos; pos = head.find("\r\n", pos + 2)) {
         const auto line = head.substr(pos + 2, head.find("\r\n", pos + 2) - pos - 2);
         if (line.size() <= name.size() || line[name.size()] != ':') continue;
@@ -1050,30 +1050,65 @@ std::optional<std::size_t> header_number(std::string_view head, std::string_view
         if (!same) continue;
         auto value = line.substr(name.size() + 1);
         while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
-        std::size_t n = 0;
-        if (parse_number(value, n)) return n;
-        return std::nullopt;
+        return value;
     }
     return std::nullopt;
+}
+
+std::optional<std::size_t> header_number(std::string_view head, std::string_view name) {
+    const auto value = header_value(head, name);
+    std::size_t n = 0;
+    if (value && parse_number(*value, n)) return n;
+    return std::nullopt;
+}
+
+// "Connection: close" (the server's answer after --max-requests-per-connection pushes).
+bool says_close(std::string_view head) {
+    const auto value = header_value(head, "connection");
+    if (!value || value->size() != 5) return false;
+    for (std::size_t i = 0; i < 5; ++i)
+        if (std::tolower(static_cast<unsigned char>((*value)[i])) != "close"[i]) return false;
+    return true;
+}
+
+// A publisher's connection to the first server: a new stream, connected and (with TLS) shaken hands.
+template <bool Tls>
+net::awaitable<void> connect_publisher(std::optional<http_stream<Tls>>& stream, run_state& rs, beast::error_code& ec) {
+    if constexpr (Tls)
+        stream.emplace(co_await net::this_coro::executor, *rs.tls);
+    else
+        stream.emplace(co_await net::this_coro::executor);
+    auto& tcp_layer = beast::get_lowest_layer(*stream);
+    tcp_layer.expires_after(10s);
+    co_await tcp_layer.async_connect(rs.endpoints[0], net::redirect_error(net::use_awaitable, ec));
+    if (!ec) co_await client_handshake<Tls>(*stream, ec);
+    tcp_layer.expires_never();
+}
+
+// Ends a publisher's connection: with TLS a close_notify (without one the server reports a truncated
+// request), then the TCP shutdown.
+template <bool Tls>
+net::awaitable<void> close_publisher(http_stream<Tls>& stream) {
+    beast::error_code ec;
+    auto& tcp_layer = beast::get_lowest_layer(stream);
+    tcp_layer.expires_after(2s);
+    if constexpr (Tls) co_await stream.async_shutdown(net::redirect_error(net::use_awaitable, ec));
+    tcp_layer.socket().shutdown(tcp::socket::shutdown_send, ec);
 }
 
 template <bool Tls>
 net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
     const auto& cfg = rs.cfg;
     const auto& pl = rs.pl;
-    auto stream = make_stream<Tls, http_stream<Tls>>(co_await net::this_coro::executor, rs);
-    auto& tcp_layer = beast::get_lowest_layer(stream);
+    std::optional<http_stream<Tls>> stream;
     beast::error_code ec;
-    tcp_layer.expires_after(10s);
-    co_await tcp_layer.async_connect(rs.endpoints[0], net::redirect_error(net::use_awaitable, ec));
-    if (!ec) co_await client_handshake<Tls>(stream, ec);
+    co_await connect_publisher<Tls>(stream, rs, ec);
     if (ec) {
         ps.error = "connect: " + ec.message();
         ++ps.errors;
         ps.done.store(true);
         co_return;
     }
-    tcp_layer.expires_never();
     ps.connected.store(true);
 
     net::steady_timer timer(co_await net::this_coro::executor);
@@ -1128,8 +1163,8 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
         stamp_payload(p, ps.index, seq, stamp);
         ++ps.published;
 
-        tcp_layer.expires_after(10s);
-        co_await net::async_write(stream, net::buffer(request), net::redirect_error(net::use_awaitable, ec));
+        beast::get_lowest_layer(*stream).expires_after(10s);
+        co_await net::async_write(*stream, net::buffer(request), net::redirect_error(net::use_awaitable, ec));
         // The answer: read into `in` until the header and Content-Length bytes of body are there.
         std::size_t head = 0, total = 0;
         for (int reads = 0; !ec && reads < 1000; ++reads) {
@@ -1154,8 +1189,8 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
                 ps.error = "answer header too large";
                 break;
             }
-            used += co_await stream.async_read_some(net::buffer(in.data() + used, in.size() - used),
-                                                    net::redirect_error(net::use_awaitable, ec));
+            used += co_await stream->async_read_some(net::buffer(in.data() + used, in.size() - used),
+                                                     net::redirect_error(net::use_awaitable, ec));
         }
         if (ec || total == 0 || used < total) {
             if (ec) ps.error = "push: " + ec.message();
@@ -1183,12 +1218,21 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
         used -= total;
         ps.connections += n;
         ++ps.answered;
+        // The server answers "Connection: close" after --max-requests-per-connection (default 1000)
+        // pushes on one connection and then closes it: carry on over a new one, as a client would.
+        if (says_close(std::string_view(in.data(), head))) {
+            co_await close_publisher<Tls>(*stream);
+            used = 0;
+            co_await connect_publisher<Tls>(stream, rs, ec);
+            ++ps.reconnects;
+            if (ec) {
+                ps.error = "reconnect: " + ec.message();
+                ++ps.errors;
+                break;
+            }
+        }
     }
-    tcp_layer.expires_after(2s);
-    if constexpr (Tls)  // a close_notify: without one the server reports a truncated request
-        co_await stream.async_shutdown(net::redirect_error(net::use_awaitable, ec));
-    else
-        tcp_layer.socket().shutdown(tcp::socket::shutdown_send, ec);
+    co_await close_publisher<Tls>(*stream);
     ps.done.store(true);
 }
 
@@ -1516,8 +1560,9 @@ int run(const config& cfg) {
     for (auto& s : subs)
         if (!s.slow && s.connected) ++fast_connected_on[s.id];
     std::uint64_t expected_total = 0, published = 0, publish_errors = 0, server_queued = 0, max_late_ns = 0;
-    std::uint64_t relayed_answers = 0;
+    std::uint64_t relayed_answers = 0, publisher_reconnects = 0;
     for (auto& p : pubs) {
+        publisher_reconnects += p.reconnects;
         published += p.published;
         publish_errors += p.errors;
         server_queued += p.connections;
@@ -1691,6 +1736,7 @@ int run(const config& cfg) {
     field("client_threads", num(cfg.client_threads));
     field("tls", cfg.tls ? "true" : "false");
     field("server_queued", num(server_queued));
+    field("publisher_reconnects", num(publisher_reconnects));
     if (cfg.relay) field("relayed_answers", num(relayed_answers));
     field("client_cpu_us_per_delivery", fixed(own_per_delivery, 3));
     field("rss_kib_end", maybe(rss_end));
