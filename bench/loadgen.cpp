@@ -6,6 +6,10 @@
 // The relay scenario also starts a redis-server of its own and two server instances relaying through
 // it (--redis): subscribers alternate between the two, the pushes all go to the first.
 //
+// --tls makes a self-signed certificate for 127.0.0.1 in a fresh temporary directory (with the
+// openssl command), starts the server with --tls-cert/--tls-key, and connects over wss:// and
+// https://, verifying the server against that certificate.
+//
 // Every message is exactly --size bytes of ASCII:
 //
 //   pppp:ssssssss:tttttttttttttttt:xxxx...
@@ -18,8 +22,11 @@
 // whole run takes longer than --max-seconds, so the program always terminates.
 
 #include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
+#include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket.hpp>
+#include <boost/beast/websocket/ssl.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -46,6 +53,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <arpa/inet.h>
@@ -55,6 +63,7 @@
 #include <spawn.h>
 #include <sys/socket.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -63,6 +72,7 @@ extern char** environ;
 namespace beast = boost::beast;
 namespace websocket = beast::websocket;
 namespace net = boost::asio;
+namespace ssl = net::ssl;
 using tcp = net::ip::tcp;
 using namespace std::chrono_literals;
 
@@ -212,6 +222,10 @@ Options:
                          [$WSBROADCAST_PUBLISH_TOKEN, which the server also reads]
   --server-arg ARG       one more argument for the server (repeatable), e.g. --server-arg --overflow
                          --server-arg drop-oldest
+  --tls                  (no value) wss:// and https://: makes a self-signed certificate for
+                         127.0.0.1 in a temporary directory with the openssl command, passes it to
+                         the server as --tls-cert/--tls-key, verifies the server against it. Every
+                         scenario but relay
   --redis-server PATH    the redis-server binary for the relay scenario [redis-server, from PATH]
   --max-seconds SECONDS  watchdog for the whole run [600]
   --help                 this text
@@ -235,6 +249,7 @@ struct config {
     unsigned batch = 200;
     double deadline = 30;
     double max_seconds = 600;
+    bool tls = false;
 
     // Resolved from the scenario.
     unsigned n_subscribers = 0, n_ids = 0, n_messages = 0, n_size = 0;
@@ -257,6 +272,11 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
             std::cout << usage;
             exit_code = 0;
             return std::nullopt;
+        }
+        if (arg == "--tls") {  // the one option without a value
+            c.tls = true;
+            --i;
+            continue;
         }
         if (i + 1 >= argc) return fail(std::string(arg) + " needs a value");
         const std::string_view v = argv[i + 1];
@@ -340,6 +360,8 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
     } else {
         return fail("--scenario must be fanout, targeted, rate, idle, slow or relay");
     }
+    // relay's readiness check speaks plain HTTP to /healthz; TLS there is not implemented.
+    if (c.tls && c.relay) return fail("--tls does not apply to the relay scenario");
     c.n_subscribers = subs;
     c.n_ids = std::min(ids, subs);
     c.n_messages = messages;
@@ -349,12 +371,13 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
 
 // ---- child processes -----------------------------------------------------------------------------
 
-// The processes this run started (server instance A, instance B, redis-server), for the signal
-// handler, the watchdog and std::terminate: the loadgen never leaves one behind. A slot is set right
-// after the process is spawned and cleared once it has been reaped.
-constexpr std::size_t child_slots = 3;
-std::atomic<pid_t> g_child_pids[child_slots] = {-1, -1, -1};
+// The processes this run started (server instance A, instance B, redis-server, openssl for --tls),
+// for the signal handler, the watchdog and std::terminate: the loadgen never leaves one behind. A
+// slot is set right after the process is spawned and cleared once it has been reaped.
+constexpr std::size_t child_slots = 4;
+std::atomic<pid_t> g_child_pids[child_slots] = {-1, -1, -1, -1};
 constexpr std::size_t redis_slot = 2;
+constexpr std::size_t openssl_slot = 3;
 
 // The servers' default --redis-prefix: the channel of id X is this + X.
 constexpr std::string_view redis_prefix = "wsbroadcast:";
@@ -486,6 +509,84 @@ private:
     pid_t pid_ = -1;
     int out_fd_ = -1;
     unsigned short port_ = 0;
+};
+
+// ---- --tls: a self-signed certificate for 127.0.0.1 ---------------------------------------------
+
+// Made at run time in a fresh directory with the openssl command, as tests/server_tests.cpp does;
+// the files and the directory are removed when this object goes away (not when a signal ends the
+// loadgen: then /tmp/wsbroadcast-loadgen-tls-* stays behind).
+class tls_certificate {
+public:
+    tls_certificate() = default;
+    tls_certificate(const tls_certificate&) = delete;
+    tls_certificate& operator=(const tls_certificate&) = delete;
+    ~tls_certificate() {
+        if (dir_.empty()) return;
+        unlink(cert_.c_str());
+        unlink(key_.c_str());
+        rmdir(dir_.c_str());
+    }
+
+    bool make(std::string& error) {
+        std::string dir = "/tmp/wsbroadcast-loadgen-tls-XXXXXX";
+        if (!mkdtemp(dir.data())) {
+            error = std::string("mkdtemp failed: ") + std::strerror(errno);
+            return false;
+        }
+        dir_ = dir;
+        cert_ = dir_ + "/cert.pem";
+        key_ = dir_ + "/key.pem";
+        std::vector<std::string> args = {"openssl",  "req",
+                                         "-x509",    "-newkey",
+                                         "rsa:2048", "-nodes",
+                                         "-days",    "2",
+                                         "-subj",    "/CN=127.0.0.1",
+                                         "-addext",  "subjectAltName=IP:127.0.0.1",
+                                         "-keyout",  key_,
+                                         "-out",     cert_};
+        std::vector<char*> argv;
+        for (auto& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        posix_spawn_file_actions_t actions;
+        posix_spawn_file_actions_init(&actions);
+        posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+        posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+        posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+        pid_t pid = -1;
+        const int rc = posix_spawnp(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+        posix_spawn_file_actions_destroy(&actions);
+        if (rc != 0) {
+            error = std::string("cannot start openssl: ") + std::strerror(rc);
+            return false;
+        }
+        g_child_pids[openssl_slot].store(pid);
+        // A 2048-bit RSA key takes well under a second; 60 s is a hang.
+        const int status = stop_after(pid, 60s);
+        g_child_pids[openssl_slot].store(-1);
+        struct stat st{};
+        if (status != 0 || stat(cert_.c_str(), &st) != 0 || stat(key_.c_str(), &st) != 0) {
+            error = "openssl req could not make a certificate in " + dir_ + " (exit " + std::to_string(status) + ")";
+            return false;
+        }
+        return true;
+    }
+    const std::string& cert() const { return cert_; }
+    const std::string& key() const { return key_; }
+
+private:
+    // Waits up to `limit` for `pid` to exit; SIGKILL after that. The exit status, or -1.
+    static int stop_after(pid_t pid, std::chrono::milliseconds limit) {
+        const auto deadline = steady::now() + limit;
+        while (steady::now() < deadline) {
+            int status = 0;
+            if (waitpid(pid, &status, WNOHANG) == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+            std::this_thread::sleep_for(10ms);
+        }
+        kill_child(pid);
+        return -1;
+    }
+    std::string dir_, cert_, key_;
 };
 
 // ---- short loopback exchanges: Redis commands, /healthz ------------------------------------------
@@ -795,7 +896,7 @@ struct subscriber {
 struct publisher {
     unsigned index = 0;
     std::vector<std::uint32_t> sent;  // per id: messages sent (= next sequence number)
-    std::uint64_t published = 0, answered = 0, connections = 0, relayed = 0, errors = 0;
+    std::uint64_t published = 0, answered = 0, connections = 0, relayed = 0, errors = 0, reconnects = 0;
     std::uint64_t max_late_ns = 0;  // rate: how far behind its schedule it fell
     std::string error;
     std::atomic<bool> connected{false}, done{false};
@@ -808,8 +909,34 @@ struct run_state {
     std::vector<std::string> hosts;        // per server instance: 127.0.0.1:PORT
     std::vector<std::string> targets;      // per id: /api/v1/ws/{id}
     std::atomic<bool> go{false}, stop_publishing{false}, drain_slow{false}, shutting_down{false};
-    std::uint64_t t0_ns = 0;  // rate: when message 0 is due; written before `go`
+    std::uint64_t t0_ns = 0;      // rate: when message 0 is due; written before `go`
+    ssl::context* tls = nullptr;  // --tls: the client context, which trusts the run's certificate
 };
+
+// The client streams, plain or TLS (--tls), and how to make one.
+template <bool Tls>
+using http_stream = std::conditional_t<Tls, beast::ssl_stream<beast::tcp_stream>, beast::tcp_stream>;
+template <bool Tls>
+using ws_stream = websocket::stream<http_stream<Tls>>;
+
+template <bool Tls, class Stream>
+Stream make_stream(const net::any_io_executor& ex, run_state& rs) {
+    if constexpr (Tls)
+        return Stream(ex, *rs.tls);
+    else
+        return Stream(ex);
+}
+
+// The TLS handshake on a connected stream, verifying the certificate against 127.0.0.1; nothing
+// without TLS.
+template <bool Tls>
+net::awaitable<void> client_handshake(http_stream<Tls>& stream, beast::error_code& ec) {
+    if constexpr (Tls) {
+        stream.set_verify_callback(ssl::host_name_verification("127.0.0.1"));
+        co_await stream.async_handshake(ssl::stream_base::client, net::redirect_error(net::use_awaitable, ec));
+    }
+    co_return;
+}
 
 void report_exception(std::exception_ptr e) {
     if (!e) return;
@@ -849,13 +976,15 @@ void on_message(subscriber& s, run_state& rs, const char* p, std::size_t n) {
     w.last_delivery_ns.store(now, std::memory_order_relaxed);
 }
 
+template <bool Tls>
 net::awaitable<void> run_subscriber(subscriber& s, run_state& rs) {
     worker& w = *s.w;
-    websocket::stream<beast::tcp_stream> ws(co_await net::this_coro::executor);
+    auto ws = make_stream<Tls, ws_stream<Tls>>(co_await net::this_coro::executor, rs);
     auto& stream = beast::get_lowest_layer(ws);
     beast::error_code ec;
-    stream.expires_after(15s);
+    stream.expires_after(15s);  // connecting, the TLS handshake and the WebSocket handshake
     co_await stream.async_connect(rs.endpoints[s.instance], net::redirect_error(net::use_awaitable, ec));
+    if (!ec) co_await client_handshake<Tls>(ws.next_layer(), ec);
     if (!ec) {
         co_await ws.async_handshake(rs.hosts[s.instance], rs.targets[s.id],
                                     net::redirect_error(net::use_awaitable, ec));
@@ -909,8 +1038,8 @@ net::awaitable<void> run_subscriber(subscriber& s, run_state& rs) {
 
 // ---- publishers ----------------------------------------------------------------------------------
 
-// Finds `name` (case-insensitive) in an HTTP header block and returns its numeric value.
-std::optional<std::size_t> header_number(std::string_view head, std::string_view name) {
+// Finds `name` (case-insensitive) in an HTTP header block and returns its value.
+std::optional<std::string_view> header_value(std::string_view head, std::string_view name) {
     for (std::size_t pos = head.find("\r\n"); pos != std::string_view::npos; pos = head.find("\r\n", pos + 2)) {
         const auto line = head.substr(pos + 2, head.find("\r\n", pos + 2) - pos - 2);
         if (line.size() <= name.size() || line[name.size()] != ':') continue;
@@ -921,27 +1050,65 @@ std::optional<std::size_t> header_number(std::string_view head, std::string_view
         if (!same) continue;
         auto value = line.substr(name.size() + 1);
         while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
-        std::size_t n = 0;
-        if (parse_number(value, n)) return n;
-        return std::nullopt;
+        return value;
     }
     return std::nullopt;
 }
 
+std::optional<std::size_t> header_number(std::string_view head, std::string_view name) {
+    const auto value = header_value(head, name);
+    std::size_t n = 0;
+    if (value && parse_number(*value, n)) return n;
+    return std::nullopt;
+}
+
+// "Connection: close" (the server's answer after --max-requests-per-connection pushes).
+bool says_close(std::string_view head) {
+    const auto value = header_value(head, "connection");
+    if (!value || value->size() != 5) return false;
+    for (std::size_t i = 0; i < 5; ++i)
+        if (std::tolower(static_cast<unsigned char>((*value)[i])) != "close"[i]) return false;
+    return true;
+}
+
+// A publisher's connection to the first server: a new stream, connected and (with TLS) shaken hands.
+template <bool Tls>
+net::awaitable<void> connect_publisher(std::optional<http_stream<Tls>>& stream, run_state& rs, beast::error_code& ec) {
+    if constexpr (Tls)
+        stream.emplace(co_await net::this_coro::executor, *rs.tls);
+    else
+        stream.emplace(co_await net::this_coro::executor);
+    auto& tcp_layer = beast::get_lowest_layer(*stream);
+    tcp_layer.expires_after(10s);
+    co_await tcp_layer.async_connect(rs.endpoints[0], net::redirect_error(net::use_awaitable, ec));
+    if (!ec) co_await client_handshake<Tls>(*stream, ec);
+    tcp_layer.expires_never();
+}
+
+// Ends a publisher's connection: with TLS a close_notify (without one the server reports a truncated
+// request), then the TCP shutdown.
+template <bool Tls>
+net::awaitable<void> close_publisher(http_stream<Tls>& stream) {
+    beast::error_code ec;
+    auto& tcp_layer = beast::get_lowest_layer(stream);
+    tcp_layer.expires_after(2s);
+    if constexpr (Tls) co_await stream.async_shutdown(net::redirect_error(net::use_awaitable, ec));
+    tcp_layer.socket().shutdown(tcp::socket::shutdown_send, ec);
+}
+
+template <bool Tls>
 net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
     const auto& cfg = rs.cfg;
     const auto& pl = rs.pl;
-    beast::tcp_stream stream(co_await net::this_coro::executor);
+    std::optional<http_stream<Tls>> stream;
     beast::error_code ec;
-    stream.expires_after(10s);
-    co_await stream.async_connect(rs.endpoints[0], net::redirect_error(net::use_awaitable, ec));
+    co_await connect_publisher<Tls>(stream, rs, ec);
     if (ec) {
         ps.error = "connect: " + ec.message();
         ++ps.errors;
         ps.done.store(true);
         co_return;
     }
-    stream.expires_never();
     ps.connected.store(true);
 
     net::steady_timer timer(co_await net::this_coro::executor);
@@ -996,8 +1163,8 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
         stamp_payload(p, ps.index, seq, stamp);
         ++ps.published;
 
-        stream.expires_after(10s);
-        co_await net::async_write(stream, net::buffer(request), net::redirect_error(net::use_awaitable, ec));
+        beast::get_lowest_layer(*stream).expires_after(10s);
+        co_await net::async_write(*stream, net::buffer(request), net::redirect_error(net::use_awaitable, ec));
         // The answer: read into `in` until the header and Content-Length bytes of body are there.
         std::size_t head = 0, total = 0;
         for (int reads = 0; !ec && reads < 1000; ++reads) {
@@ -1022,8 +1189,8 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
                 ps.error = "answer header too large";
                 break;
             }
-            used += co_await stream.async_read_some(net::buffer(in.data() + used, in.size() - used),
-                                                    net::redirect_error(net::use_awaitable, ec));
+            used += co_await stream->async_read_some(net::buffer(in.data() + used, in.size() - used),
+                                                     net::redirect_error(net::use_awaitable, ec));
         }
         if (ec || total == 0 || used < total) {
             if (ec) ps.error = "push: " + ec.message();
@@ -1051,9 +1218,21 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
         used -= total;
         ps.connections += n;
         ++ps.answered;
+        // The server answers "Connection: close" after --max-requests-per-connection (default 1000)
+        // pushes on one connection and then closes it: carry on over a new one, as a client would.
+        if (says_close(std::string_view(in.data(), head))) {
+            co_await close_publisher<Tls>(*stream);
+            used = 0;
+            co_await connect_publisher<Tls>(stream, rs, ec);
+            ++ps.reconnects;
+            if (ec) {
+                ps.error = "reconnect: " + ec.message();
+                ++ps.errors;
+                break;
+            }
+        }
     }
-    stream.expires_after(2s);
-    stream.socket().shutdown(tcp::socket::shutdown_send, ec);
+    co_await close_publisher<Tls>(*stream);
     ps.done.store(true);
 }
 
@@ -1181,23 +1360,37 @@ int run(const config& cfg) {
 
     watchdog dog(cfg.max_seconds);
 
+    // --tls: the certificate, the server's options for it, and a client context that trusts it.
+    tls_certificate certificate;
+    std::optional<ssl::context> client_tls;
+    std::vector<std::string> server_extra;
+    std::string error;
+    if (cfg.tls) {
+        if (!certificate.make(error)) {
+            say(error);
+            return 3;
+        }
+        server_extra = {"--tls-cert", certificate.cert(), "--tls-key", certificate.key()};
+        client_tls.emplace(ssl::context::tls_client);
+        client_tls->load_verify_file(certificate.cert());
+        client_tls->set_verify_mode(ssl::verify_peer);
+    }
+
     // relay: a redis-server of our own, then two instances relaying through it. Redis is declared
     // before the servers, so on every way out of this function the servers are stopped first.
     redis_process redis(&g_child_pids[redis_slot]);
-    std::string error;
-    std::vector<std::string> redis_args;
     if (cfg.relay) {
         if (!redis.start(cfg.redis_server_path, error)) {
             say(error);
             return 3;
         }
-        redis_args = {"--redis", "redis://127.0.0.1:" + std::to_string(redis.port())};
+        server_extra = {"--redis", "redis://127.0.0.1:" + std::to_string(redis.port())};
     }
     const unsigned instances = cfg.relay ? 2 : 1;
     std::vector<std::unique_ptr<server_process>> servers;
     for (unsigned i = 0; i < instances; ++i) {
         servers.push_back(std::make_unique<server_process>(&g_child_pids[i]));
-        if (!servers.back()->start(cfg, redis_args, error)) {
+        if (!servers.back()->start(cfg, server_extra, error)) {
             say(error);
             return 3;
         }
@@ -1209,11 +1402,12 @@ int run(const config& cfg) {
             "), redis-server pid " + std::to_string(redis.pid()) + " on port " + std::to_string(redis.port()) +
             ", scenario " + cfg.scenario + ", RLIMIT_NOFILE " + std::to_string(lim.rlim_cur));
     else
-        say("server pid " + std::to_string(server.pid()) + " on port " + std::to_string(server.port()) + ", scenario " +
-            cfg.scenario + ", RLIMIT_NOFILE " + std::to_string(lim.rlim_cur));
+        say("server pid " + std::to_string(server.pid()) + " on port " + std::to_string(server.port()) +
+            (cfg.tls ? " (TLS)" : "") + ", scenario " + cfg.scenario + ", RLIMIT_NOFILE " +
+            std::to_string(lim.rlim_cur));
 
     const plan pl = make_plan(cfg);
-    run_state rs{cfg, pl, {}, {}, {}, {}, {}, {}, {}, 0};
+    run_state rs{cfg, pl, {}, {}, {}, {}, {}, {}, {}, 0, client_tls ? &*client_tls : nullptr};
     for (auto& sp : servers) {
         rs.endpoints.emplace_back(net::ip::make_address("127.0.0.1"), sp->port());
         rs.hosts.push_back("127.0.0.1:" + std::to_string(sp->port()));
@@ -1274,7 +1468,9 @@ int run(const config& cfg) {
         const unsigned end = std::min(total_subs, start + cfg.batch);
         const auto connected_before = sum(&worker::connected);
         for (unsigned i = start; i < end; ++i)
-            net::co_spawn(subs[i].w->ioc, run_subscriber(subs[i], rs), report_exception);
+            net::co_spawn(subs[i].w->ioc,
+                          cfg.tls ? run_subscriber<true>(subs[i], rs) : run_subscriber<false>(subs[i], rs),
+                          report_exception);
         const double left = connect_limit - seconds_since(connect_start);
         if (!wait_for([&] { return sum(&worker::connected) + sum(&worker::failed) >= end; }, std::min(30.0, left))) {
             say("connecting is stuck or took longer than " + fixed(connect_limit, 0) + " s; not connecting the rest");
@@ -1326,7 +1522,8 @@ int run(const config& cfg) {
     for (unsigned p = 0; p < cfg.publishers; ++p) {
         pubs[p].index = p;
         pubs[p].sent.assign(pl.ids, 0);
-        net::co_spawn(publishing.ioc, run_publisher(pubs[p], rs), report_exception);
+        net::co_spawn(publishing.ioc, cfg.tls ? run_publisher<true>(pubs[p], rs) : run_publisher<false>(pubs[p], rs),
+                      report_exception);
     }
     wait_for(
         [&] {
@@ -1363,8 +1560,9 @@ int run(const config& cfg) {
     for (auto& s : subs)
         if (!s.slow && s.connected) ++fast_connected_on[s.id];
     std::uint64_t expected_total = 0, published = 0, publish_errors = 0, server_queued = 0, max_late_ns = 0;
-    std::uint64_t relayed_answers = 0;
+    std::uint64_t relayed_answers = 0, publisher_reconnects = 0;
     for (auto& p : pubs) {
+        publisher_reconnects += p.reconnects;
         published += p.published;
         publish_errors += p.errors;
         server_queued += p.connections;
@@ -1536,7 +1734,9 @@ int run(const config& cfg) {
     }
     field("server_threads", num(cfg.server_threads));
     field("client_threads", num(cfg.client_threads));
+    field("tls", cfg.tls ? "true" : "false");
     field("server_queued", num(server_queued));
+    field("publisher_reconnects", num(publisher_reconnects));
     if (cfg.relay) field("relayed_answers", num(relayed_answers));
     field("client_cpu_us_per_delivery", fixed(own_per_delivery, 3));
     field("rss_kib_end", maybe(rss_end));
