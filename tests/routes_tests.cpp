@@ -407,8 +407,8 @@ TEST_CASE("log lines: text with a UTC timestamp, journald's priorities, and JSON
     CHECK(format_log_line(log_format::journal, log_level::debug, "d", at).starts_with("<7>"));
     // Quotes, control characters and bytes that are not UTF-8 (an id a client sent, say) still
     // make one valid JSON object with what can be kept of the text.
-    for (const std::string what : {std::string("plain"), std::string("a \"quoted\"\nline\t\x01"),
-                                   std::string("caf\xc3\xa9"), std::string("bad \xff\xfe \xc3\x28 end")}) {
+    for (const std::string& what : {std::string("plain"), std::string("a \"quoted\"\nline\t\x01"),
+                                    std::string("caf\xc3\xa9"), std::string("bad \xff\xfe \xc3\x28 end")}) {
         CAPTURE(what);
         const auto line = format_log_line(log_format::json, log_level::warn, what, at);
         REQUIRE(line.ends_with("}\n"));

@@ -2337,7 +2337,7 @@ TEST_CASE(
     REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:accepted") == 1; }));
     CHECK(redis.calls("subscribe") == 1);
     CHECK(redis.calls("unsubscribe") == 0);
-    CHECK(metric(s, "wsbroadcast_connections_total") == 1);
+    CHECK(metric(s, "wsbroadcast_connections_opened_total") == 1);
 }
 
 TEST_CASE("scale-out: a SUBSCRIBE Redis refuses (an ACL) is a failure: logged once, counted, pushes 503 saying why") {
