@@ -760,6 +760,10 @@ std::string metrics_text(const State& state) {
         metric("wsbroadcast_relay_malformed_total", "counter",
                "Messages from Redis in no known format (another version on this prefix?), dropped.",
                {{"", r.malformed.load()}});
+        metric("wsbroadcast_relay_too_large_total", "counter",
+               "Messages from Redis over this instance's --max-message-bytes (another instance's limit is larger), "
+               "dropped.",
+               {{"", r.too_large.load()}});
         metric("wsbroadcast_relay_messages_out_total", "counter",
                "PUBLISH commands Redis acknowledged (one per id of a push).", {{"", r.messages_out.load()}});
         metric("wsbroadcast_relay_unacknowledged_bytes", "gauge",
@@ -1283,7 +1287,7 @@ int run(const server_options& options, tls_contexts* tls) {
         relay = std::make_shared<typename state_type::relay_type>(
             *options.redis, options.redis_prefix,
             [](bool warning, const std::string& what) { log(warning ? log_level::warn : log_level::info, what); },
-            options.redis_timing);
+            options.redis_timing, options.max_message_bytes);
         manager_options.relay = relay;
     }
     // Before the io_context: the manager must outlive every connection.

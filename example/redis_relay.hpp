@@ -141,6 +141,7 @@ public:
         std::atomic<std::uint64_t> messages_in{0};         // messages Redis brought for local delivery
         std::atomic<std::uint64_t> duplicates{0};          // of those, copies of a multi-key push already delivered
         std::atomic<std::uint64_t> malformed{0};           // of those, payloads in no known format (dropped)
+        std::atomic<std::uint64_t> too_large{0};           // of those, larger than this instance takes (dropped)
         std::atomic<std::uint64_t> messages_out{0};        // PUBLISH commands Redis acknowledged
         std::atomic<std::uint64_t> channels{0};            // keys subscribed now
         std::atomic<std::uint64_t> refusals{0};            // commands Redis refused (ACL, password): each a failure
@@ -149,12 +150,16 @@ public:
     };
 
     /// `log(warning, text)`: warning for trouble, otherwise information.
+    /// `max_message_bytes`: what this instance takes in a push; a larger message from another
+    /// instance (with a larger limit) is dropped rather than sent to subscribers whose outboxes
+    /// are sized for this one's.
     redis_relay(redis_address address, std::string prefix, std::function<void(bool, const std::string&)> log,
-                redis_liveness timing = {})
+                redis_liveness timing = {}, std::size_t max_message_bytes = std::size_t(-1))
         : address_(std::move(address)),
           prefix_(std::move(prefix)),
           log_(std::move(log)),
           timing_(timing),
+          max_message_bytes_(max_message_bytes),
           instance_id_(random_id()) {}
 
     void attach(boost::asio::any_io_executor executor, Manager& manager) {
@@ -537,6 +542,13 @@ private:
                                " (an instance of another version on this prefix?)");
             return;
         }
+        if (push->data.size() > max_message_bytes_) {
+            if (counters_.too_large.fetch_add(1, std::memory_order_relaxed) == 0)
+                log_(true, "redis: dropping a message of " + std::to_string(push->data.size()) + " bytes on channel " +
+                               prefix_ + std::string(key) + ": over this instance's --max-message-bytes (" +
+                               std::to_string(max_message_bytes_) + "); give every instance the same limits");
+            return;
+        }
         if (!push->id) {
             manager_->send(key, push->data);
         } else if (recent_.insert(*push->id)) {
@@ -559,6 +571,7 @@ private:
     const std::string prefix_;
     const std::function<void(bool, const std::string&)> log_;
     const redis_liveness timing_;
+    const std::size_t max_message_bytes_;
     Manager* manager_ = nullptr;
     mutable std::mutex problem_mutex_;
     std::string problem_;  // guarded by problem_mutex_: publish() runs on any thread

@@ -2264,6 +2264,25 @@ TEST_CASE("scale-out: a message on the prefix that is not UTF-8 is dropped and c
     CHECK(metric(s, "wsbroadcast_relay_malformed_total") == 1);
 }
 
+TEST_CASE("scale-out: a message over this instance's --max-message-bytes from another instance is dropped, counted") {
+    // Instances with different limits on one prefix: B's outboxes are sized for its own limit, so
+    // a message only A would take must not reach B's subscribers (busy ones would all overflow).
+    redis_process redis;
+    server_process a({"--redis", redis.url()});
+    server_process b({"--redis", redis.url(), "--max-message-bytes", "1000"});
+    auto on_b = subscriber("big", b.port());
+    auto on_a = subscriber("big", a.port());
+    REQUIRE(eventually(
+        [&] { return redis.subscribers("wsbroadcast:big") == 2 && relay_connected(a) && relay_connected(b); }));
+    const std::string big(10 * 1024, 'x');
+    CHECK(push_to(a, "big", big).body() == relayed_answer(big));
+    CHECK(on_a->read() == big);
+    CHECK(push_to(a, "big", "after").body() == relayed_answer("after"));
+    CHECK(on_b->read() == "after");  // the first it gets: the big one never reached it, and it is still open
+    CHECK(metric(b, "wsbroadcast_relay_too_large_total") == 1);
+    CHECK(metric(a, "wsbroadcast_relay_too_large_total") == 0);
+}
+
 TEST_CASE("scale-out: a server started before its Redis refuses pushes, then connects; bad URLs exit 2") {
     redis_process redis;
     const auto url = redis.url();
