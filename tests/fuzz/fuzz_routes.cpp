@@ -114,7 +114,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     case route_kind::page:
     case route_kind::client_module:
     case route_kind::metrics:
-    case route_kind::health: require(method == "GET"); break;
+    case route_kind::health:
+    case route_kind::ready: require(method == "GET" || method == "HEAD"); break;
     case route_kind::preflight: require(method == "OPTIONS" && r.ids.empty()); break;
     case route_kind::wrong_method: require(!r.allow.empty()); break;
     case route_kind::bad_request: require(!r.problem.empty()); break;
