@@ -420,6 +420,23 @@ void kill_child(pid_t& pid) {
     pid = -1;
 }
 
+// Starts args[0] (found in PATH) with no input and its output and errors discarded: a helper
+// process (redis-server, openssl) whose chatter would mix with the JSON line. Returns
+// posix_spawnp's error, 0 when started.
+int spawn_silent(std::vector<std::string> args, pid_t& pid) {
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+    const int rc = posix_spawnp(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    return rc;
+}
+
 class server_process {
 public:
     explicit server_process(std::atomic<pid_t>* slot = nullptr) : slot_(slot) {}
@@ -545,18 +562,8 @@ public:
                                          "-addext",  "subjectAltName=IP:127.0.0.1",
                                          "-keyout",  key_,
                                          "-out",     cert_};
-        std::vector<char*> argv;
-        for (auto& a : args) argv.push_back(a.data());
-        argv.push_back(nullptr);
-        posix_spawn_file_actions_t actions;
-        posix_spawn_file_actions_init(&actions);
-        posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-        posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
-        posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
         pid_t pid = -1;
-        const int rc = posix_spawnp(&pid, argv[0], &actions, nullptr, argv.data(), environ);
-        posix_spawn_file_actions_destroy(&actions);
-        if (rc != 0) {
+        if (const int rc = spawn_silent(args, pid); rc != 0) {
             error = std::string("cannot start openssl: ") + std::strerror(rc);
             return false;
         }
@@ -726,16 +733,7 @@ public:
             }
             std::vector<std::string> args = {path,     "--save",    "",       "--appendonly",       "no",
                                              "--bind", "127.0.0.1", "--port", std::to_string(port_)};
-            std::vector<char*> argv;
-            for (auto& a : args) argv.push_back(a.data());
-            argv.push_back(nullptr);
-            posix_spawn_file_actions_t actions;
-            posix_spawn_file_actions_init(&actions);
-            posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
-            posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
-            const int rc = posix_spawnp(&pid_, argv[0], &actions, nullptr, argv.data(), environ);
-            posix_spawn_file_actions_destroy(&actions);
-            if (rc != 0) {
+            if (const int rc = spawn_silent(args, pid_); rc != 0) {
                 pid_ = -1;
                 error = "cannot start " + path + ": " + std::strerror(rc);
                 return false;
