@@ -26,6 +26,7 @@
 #include "client_js.hpp"  // made by the build from example/wsbroadcast.js
 #include "redis_relay.hpp"
 #include "routes.hpp"
+#include "systemd.hpp"
 
 #include <boost/json/src.hpp>  // Boost.JSON, compiled here (header-only use): protocol.hpp reads commands
 
@@ -36,6 +37,8 @@
 #include <boost/beast/websocket.hpp>
 #include <boost/beast/websocket/ssl.hpp>
 #include <boost/version.hpp>
+
+#include <CLI/CLI.hpp>
 
 #include <openssl/crypto.h>
 
@@ -53,6 +56,7 @@
 #include <iostream>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -181,11 +185,13 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
   --version                      the version, and those of Boost, OpenSSL and hiredis
   --help                         this text
 
-Every option can also come from the environment: --max-connections 100 is
-WSBROADCAST_MAX_CONNECTIONS=100, --allow-open-publish is WSBROADCAST_ALLOW_OPEN_PUBLISH=1, and
-WSBROADCAST_ALLOWED_ORIGIN and WSBROADCAST_CORS_ORIGIN take comma-separated lists. The command line wins. A flag's variable
-takes 1, true, yes or on, or 0, false, no or off (any case); any other value, empty included, is
-refused at start-up (exit 2).
+An option's value may follow it (--port 8080) or be joined to it (--port=8080); given twice, the
+last one wins; -- ends the options. Every option can also come from the environment:
+--max-connections 100 is WSBROADCAST_MAX_CONNECTIONS=100, --allow-open-publish is
+WSBROADCAST_ALLOW_OPEN_PUBLISH=1, and WSBROADCAST_ALLOWED_ORIGIN and WSBROADCAST_CORS_ORIGIN take
+comma-separated lists. The command line wins. A flag takes 1, true, yes or on, or 0, false, no or
+off (any case), as --flag=VALUE or from its variable; any other value, or a variable set but empty,
+is refused at start-up (exit 2), naming the variable it came from.
 
 Routes:
   GET  /api/v1/ws/{id}          WebSocket: receive every message pushed to {id}
@@ -245,76 +251,11 @@ bool parse_level(std::string_view text, log_level& out) {
     return true;
 }
 
-// The options that take a value; the environment may set any of them.
-constexpr std::string_view value_options[] = {"address",
-                                              "port",
-                                              "threads",
-                                              "publish-token",
-                                              "allowed-origin",
-                                              "cors-origin",
-                                              "max-message-bytes",
-                                              "max-connections",
-                                              "max-connections-per-key",
-                                              "max-keys-per-connection",
-                                              "idle-timeout",
-                                              "max-pending-connections",
-                                              "handshake-timeout",
-                                              "max-requests-per-connection",
-                                              "tls-cert",
-                                              "tls-key",
-                                              "max-queued-bytes",
-                                              "max-queued-messages",
-                                              "overflow",
-                                              "redis",
-                                              "redis-prefix",
-                                              "redis-ping-interval",
-                                              "redis-ping-timeout",
-                                              "history-size",
-                                              "history-ttl",
-                                              "history-max-bytes",
-                                              "history-key-bytes",
-                                              "log-level",
-                                              "log-format",
-                                              "publish-token-file",
-                                              "redis-password-file"};
-
-// The options that take no value. From the environment each is a strict boolean (parse_boolean).
-constexpr std::string_view flag_options[] = {"allow-open-publish", "trust-proxy"};
-
+// WSBROADCAST_MAX_CONNECTIONS for --max-connections: every option may come from the environment.
 std::string environment_variable(std::string_view option) {
     std::string name = "WSBROADCAST_";
     for (char c : option) name += c == '-' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
     return name;
-}
-
-// WSBROADCAST_MAX_CONNECTIONS=100 becomes {"--max-connections", "100"}, placed before the command
-// line so that the command line wins. A flag set to a value that is not a boolean leaves `problem`.
-std::vector<std::string> options_from_environment(std::string& problem) {
-    std::vector<std::string> args;
-    for (auto option : value_options) {
-        const char* value = std::getenv(environment_variable(option).c_str());
-        if (!value) continue;
-        std::string_view rest = value;
-        do {  // only the origin lists repeat; a comma never appears in the other values
-            const auto comma = option == "allowed-origin" || option == "cors-origin" ? rest.find(',') : rest.npos;
-            args.push_back("--" + std::string(option));
-            args.emplace_back(rest.substr(0, comma));
-            rest = comma == rest.npos ? std::string_view{} : rest.substr(comma + 1);
-        } while (!rest.empty());
-    }
-    for (auto option : flag_options) {
-        const auto name = environment_variable(option);
-        const char* value = std::getenv(name.c_str());
-        if (!value) continue;
-        const auto on = parse_boolean(value);
-        if (!on) {
-            problem = name + " must be 1, true, yes or on, or 0, false, no or off (any case), not \"" +
-                      std::string(value) + "\"";
-            break;
-        }
-        if (*on) args.push_back("--" + std::string(option));
-    }
-    return args;
 }
 
 std::string own_version() {
@@ -348,108 +289,140 @@ std::optional<std::string> read_secret(const std::string& path, bool required, s
     return line;
 }
 
+// The command line (and the environment) read by CLI11; what each value means is decided here.
 // Returns nullopt after printing why (or the help) when the server should not start.
 std::optional<server_options> parse_options(int argc, char** argv, int& exit_code) {
     server_options o;
     std::string problem;
-    auto args = options_from_environment(problem);
-    args.insert(args.end(), argv + 1, argv + argc);
     auto fail = [&](std::string_view why) {
-        std::cerr << "wsbroadcast-server: " << why << "\n\n" << usage;
+        std::cerr << "wsbroadcast-server: " << why << "\nTry 'wsbroadcast-server --help' for the options.\n";
         exit_code = 2;
         return std::nullopt;
     };
-    if (!problem.empty()) return fail(problem);
-    for (std::size_t i = 0; i < args.size(); ++i) {
-        const std::string_view arg = args[i];
-        if (arg == "--help" || arg == "-h") {
-            std::cout << usage;
-            exit_code = 0;
-            return std::nullopt;
-        }
-        if (arg == "--version") {
-            std::cout << "wsbroadcast-server " << own_version() << " (Boost " << boost_version() << ", "
-                      << OpenSSL_version(OPENSSL_VERSION) << ", hiredis " << hiredis_version() << ")\n";
-            exit_code = 0;
-            return std::nullopt;
-        }
-        if (arg == "--allow-open-publish" || arg == "--trust-proxy") {
-            (arg == "--trust-proxy" ? o.trust_proxy : o.allow_open_publish) = true;
-            continue;
-        }
-        if (i + 1 >= args.size()) return fail(std::string(arg) + " needs a value");
-        const std::string_view value = args[++i];
-        bool ok = true;
-        if (arg == "--address")
-            o.address = value;
-        else if (arg == "--port")
-            ok = parse_number(value, o.port);
-        else if (arg == "--threads")
-            ok = parse_number(value, o.threads) && o.threads > 0;
-        else if (arg == "--publish-token")
-            ok = !(o.publish_token = value).empty();
-        else if (arg == "--allowed-origin")
-            o.allowed_origins.emplace_back(value);
-        else if (arg == "--cors-origin")
-            o.cors_origins.emplace_back(value);
-        else if (arg == "--max-message-bytes")
-            ok = parse_number(value, o.max_message_bytes) && o.max_message_bytes > 0;
-        else if (arg == "--max-connections")
-            ok = parse_number(value, o.max_connections);
-        else if (arg == "--max-pending-connections")
-            ok = parse_number(value, o.max_pending_connections) && o.max_pending_connections > 0;
-        else if (arg == "--handshake-timeout")
-            ok = parse_number(value, o.handshake_timeout_seconds) && o.handshake_timeout_seconds > 0;
-        else if (arg == "--max-requests-per-connection")
-            ok = parse_number(value, o.max_requests_per_connection) && o.max_requests_per_connection > 0;
-        else if (arg == "--max-connections-per-key")
-            ok = parse_number(value, o.max_connections_per_key);
-        else if (arg == "--max-keys-per-connection")
-            ok = parse_number(value, o.max_keys_per_connection);
-        else if (arg == "--idle-timeout")
-            ok = parse_number(value, o.idle_timeout_seconds) && o.idle_timeout_seconds > 0;
-        else if (arg == "--tls-cert")
-            o.tls_cert = value;
-        else if (arg == "--tls-key")
-            o.tls_key = value;
-        else if (arg == "--max-queued-bytes")
-            ok = parse_number(value, o.outbox.max_bytes) && o.outbox.max_bytes > 0;
-        else if (arg == "--max-queued-messages")
-            ok = parse_number(value, o.outbox.max_messages) && o.outbox.max_messages > 0;
-        else if (arg == "--overflow")
-            ok = parse_policy(value, o.outbox.on_overflow);
-        else if (arg == "--redis")
-            ok = (o.redis = parse_redis_url(value)).has_value();
-        else if (arg == "--redis-prefix")
-            o.redis_prefix = value;
-        else if (arg == "--redis-ping-interval" || arg == "--redis-ping-timeout") {
-            unsigned seconds = 0;
-            ok = parse_number(value, seconds) && seconds > 0;
-            (arg == "--redis-ping-interval" ? o.redis_timing.ping_interval : o.redis_timing.ping_timeout) =
-                std::chrono::seconds(seconds);
-        } else if (arg == "--history-size")
-            ok = parse_number(value, o.history.max_messages);
-        else if (arg == "--history-ttl") {
-            unsigned seconds = 0;
-            ok = parse_number(value, seconds) && seconds > 0;
-            o.history.ttl = std::chrono::seconds(seconds);
-        } else if (arg == "--history-max-bytes")
-            ok = parse_number(value, o.history.max_total_bytes) && o.history.max_total_bytes > 0;
-        else if (arg == "--history-key-bytes")
-            ok = parse_number(value, o.history.max_bytes) && o.history.max_bytes > 0;
-        else if (arg == "--log-level")
-            ok = parse_level(value, current_log_level);
-        else if (arg == "--log-format")
-            ok = (chosen_log_format = parse_log_format(value)).has_value();
-        else if (arg == "--publish-token-file")
-            ok = !(o.publish_token_file = value).empty();
-        else if (arg == "--redis-password-file")
-            ok = !(o.redis_password_file = value).empty();
-        else
-            return fail("unknown option " + std::string(arg));
-        if (!ok)
-            return fail("invalid value for " + std::string(arg) + ": " +
-                        (arg == "--redis" ? redacted_redis_url(value) : std::string(value)));
+    // The options the command line names. A bad value that came from the environment is reported
+    // under its variable's name: that is where the operator has to fix it.
+    std::set<std::string, std::less<>> on_command_line;
+    for (int i = 1; i < argc; ++i) {
+        const std::string_view arg = argv[i];
+        if (arg == "--") break;
+        if (arg.starts_with("--")) on_command_line.emplace(arg.substr(2, arg.find('=') - 2));
+    }
+    auto source = [&](const std::string& name) {
+        const bool from_environment =
+            !on_command_line.contains(name) && std::getenv(environment_variable(name).c_str()) != nullptr;
+        return from_environment ? environment_variable(name) + " (--" + name + ")" : "--" + name;
+    };
+    auto invalid = [&](const std::string& name, const std::string& shown) {
+        // Not a ValidationError: CLI11 would put the option's name in front of this message again.
+        return CLI::ConversionError("invalid value for " + source(name) + ": " + shown);
+    };
+
+    CLI::App app{"", "wsbroadcast-server"};
+    app.set_help_flag("-h,--help");  // prints `usage`, grouped the way an operator reads it
+    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // the last one wins
+    bool version = false;
+    app.add_flag("--version", version);
+    // An option with a value: `apply` stores it and says whether it is valid.
+    auto value = [&](const std::string& name, std::function<bool(const std::string&)> apply,
+                     std::string (*shown)(std::string_view) = nullptr) {
+        app.add_option_function<std::string>("--" + name,
+                                             [&invalid, name, apply, shown](const std::string& v) {
+                                                 if (!apply(v)) throw invalid(name, shown ? shown(v) : v);
+                                             })
+            ->envname(environment_variable(name))
+            ->type_name("VALUE");
+    };
+    auto number = [&](const std::string& name, auto& out, bool positive = false) {
+        value(name, [&out, positive](const std::string& v) { return parse_number(v, out) && (!positive || out > 0); });
+    };
+    auto seconds = [&](const std::string& name, auto& out) {
+        value(name, [&out](const std::string& v) {
+            unsigned n = 0;
+            if (!parse_number(v, n) || n == 0) return false;
+            out = std::chrono::seconds(n);
+            return true;
+        });
+    };
+    auto text = [&](const std::string& name, std::string& out, bool may_be_empty = true) {
+        value(name, [&out, may_be_empty](const std::string& v) { return !(out = v).empty() || may_be_empty; });
+    };
+    // Origins never contain a comma: from the environment, a comma-separated list.
+    auto list = [&](const std::string& name, std::vector<std::string>& out) {
+        app.add_option("--" + name, out)
+            ->envname(environment_variable(name))
+            ->delimiter(',')
+            ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+    };
+    // A flag takes a strict boolean from the environment (or as --flag=VALUE): a typo must not
+    // silently mean "on", or "off".
+    auto flag = [&](const std::string& name, bool& out) {
+        app.add_flag("--" + name, out)
+            ->envname(environment_variable(name))
+            ->check(CLI::Validator(
+                [&invalid, name](std::string& v) {
+                    if (!parse_boolean(v))
+                        throw invalid(name, "\"" + v + "\" (1, true, yes or on, or 0, false, no or off, any case)");
+                    return std::string();
+                },
+                "BOOLEAN"));
+    };
+
+    text("address", o.address);
+    number("port", o.port);
+    number("threads", o.threads, true);
+    text("publish-token", o.publish_token, false);
+    text("publish-token-file", o.publish_token_file, false);
+    flag("allow-open-publish", o.allow_open_publish);
+    flag("trust-proxy", o.trust_proxy);
+    list("allowed-origin", o.allowed_origins);
+    list("cors-origin", o.cors_origins);
+    number("max-message-bytes", o.max_message_bytes, true);
+    number("max-connections", o.max_connections);
+    number("max-connections-per-key", o.max_connections_per_key);
+    number("max-keys-per-connection", o.max_keys_per_connection);
+    number("max-pending-connections", o.max_pending_connections, true);
+    number("handshake-timeout", o.handshake_timeout_seconds, true);
+    number("max-requests-per-connection", o.max_requests_per_connection, true);
+    number("idle-timeout", o.idle_timeout_seconds, true);
+    text("tls-cert", o.tls_cert);
+    text("tls-key", o.tls_key);
+    number("max-queued-bytes", o.outbox.max_bytes, true);
+    number("max-queued-messages", o.outbox.max_messages, true);
+    value("overflow", [&](const std::string& v) { return parse_policy(v, o.outbox.on_overflow); });
+    value(
+        "redis", [&](const std::string& v) { return (o.redis = parse_redis_url(v)).has_value(); },
+        [](std::string_view v) { return redacted_redis_url(v); });  // a password in it stays out of the log
+    text("redis-password-file", o.redis_password_file, false);
+    text("redis-prefix", o.redis_prefix);
+    seconds("redis-ping-interval", o.redis_timing.ping_interval);
+    seconds("redis-ping-timeout", o.redis_timing.ping_timeout);
+    number("history-size", o.history.max_messages);
+    seconds("history-ttl", o.history.ttl);
+    number("history-max-bytes", o.history.max_total_bytes, true);
+    number("history-key-bytes", o.history.max_bytes, true);
+    value("log-level", [](const std::string& v) { return parse_level(v, current_log_level); });
+    value("log-format", [](const std::string& v) { return (chosen_log_format = parse_log_format(v)).has_value(); });
+
+    // CLI11 passes over a variable that is set but empty; here it is refused, as a typo would be.
+    for (const CLI::Option* option : app.get_options()) {
+        const auto name = option->get_envname();
+        const char* from_environment = name.empty() ? nullptr : std::getenv(name.c_str());
+        if (from_environment && !*from_environment) return fail(name + " is set but empty");
+    }
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+        std::cout << usage;
+        exit_code = 0;
+        return std::nullopt;
+    } catch (const CLI::ParseError& e) {
+        return fail(e.what());
+    }
+    if (version) {
+        std::cout << "wsbroadcast-server " << own_version() << " (Boost " << boost_version() << ", "
+                  << OpenSSL_version(OPENSSL_VERSION) << ", hiredis " << hiredis_version() << ")\n";
+        exit_code = 0;
+        return std::nullopt;
     }
     if (o.tls_cert.empty() != o.tls_key.empty()) return fail("--tls-cert and --tls-key go together");
     // Secrets from files: those given, else systemd's credentials (LoadCredential=) when present.
@@ -1261,7 +1234,7 @@ void raise_open_file_limit() {
 }
 
 template <class Stream>
-int run(const server_options& options, tls_contexts* tls) {
+int run(const server_options& options, const std::vector<int>& inherited, tls_contexts* tls) {
     wsbroadcast::options manager_options;
     manager_options.outbox = options.outbox;
     manager_options.max_connections = options.max_connections;
@@ -1302,29 +1275,51 @@ int run(const server_options& options, tls_contexts* tls) {
         }
     } relay_guard{relay.get()};
 
-    tcp::acceptor acceptor(net::make_strand(ioc));  // a strand: the signal handler closes it
-    try {
-        const tcp::endpoint endpoint(net::ip::make_address(options.address), options.port);
-        acceptor.open(endpoint.protocol());
-        acceptor.set_option(net::socket_base::reuse_address(true));
-        acceptor.bind(endpoint);
-        acceptor.listen(net::socket_base::max_listen_connections);
-    } catch (const std::exception& e) {
-        std::cerr << "wsbroadcast-server: cannot listen on " << options.address << ":" << options.port << ": "
-                  << e.what() << '\n';
-        return 1;
+    // The sockets systemd passed (socket activation), or one bound to --address and --port. Each
+    // acceptor has a strand: the signal handler closes it.
+    std::vector<tcp::acceptor> acceptors;
+    acceptors.reserve(std::max<std::size_t>(1, inherited.size()));  // accept loops hold references
+    if (!inherited.empty()) {
+        for (int fd : inherited) {
+            sockaddr_storage bound{};
+            socklen_t size = sizeof bound;
+            getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &size);
+            auto& acceptor = acceptors.emplace_back(net::make_strand(ioc));
+            acceptor.assign(bound.ss_family == AF_INET6 ? tcp::v6() : tcp::v4(), fd);
+            const auto address = acceptor.local_endpoint().address();
+            if (!address.is_loopback() && options.publish_token.empty() && !options.allow_open_publish) {
+                std::cerr << "wsbroadcast-server: refusing the socket systemd passed on " << address.to_string()
+                          << " without --publish-token: anyone who reaches it could push to every client.\n";
+                return 2;
+            }
+        }
+    } else {
+        try {
+            const tcp::endpoint endpoint(net::ip::make_address(options.address), options.port);
+            auto& acceptor = acceptors.emplace_back(net::make_strand(ioc));
+            acceptor.open(endpoint.protocol());
+            acceptor.set_option(net::socket_base::reuse_address(true));
+            acceptor.bind(endpoint);
+            acceptor.listen(net::socket_base::max_listen_connections);
+        } catch (const std::exception& e) {
+            std::cerr << "wsbroadcast-server: cannot listen on " << options.address << ":" << options.port << ": "
+                      << e.what() << '\n';
+            return 1;
+        }
     }
 
     net::signal_set signals(ioc, SIGINT, SIGTERM);
     signals.async_wait([&](const beast::error_code& ec, int signal) {
         if (ec) return;
         state.draining = true;
+        systemd::notify("STOPPING=1");
         log(log_level::warn, std::string("received ") + (signal == SIGINT ? "SIGINT" : "SIGTERM") + ", closing " +
                                  std::to_string(state.manager.size()) + " connection(s) with 1001");
-        net::post(acceptor.get_executor(), [&] {
-            beast::error_code ignored;
-            acceptor.close(ignored);
-        });
+        for (auto& acceptor : acceptors)
+            net::post(acceptor.get_executor(), [&acceptor] {
+                beast::error_code ignored;
+                acceptor.close(ignored);
+            });
         net::co_spawn(ioc, state.manager.shutdown(shutdown_drain), [&](std::exception_ptr e) {
             log_exception("shutdown")(e);
             ioc.stop();  // ends idle keep-alive HTTP sessions too
@@ -1343,18 +1338,28 @@ int run(const server_options& options, tls_contexts* tls) {
     };
     wait_for_hangup();
 
-    const auto bound = acceptor.local_endpoint();
-    const auto host = bound.address().is_v6() ? "[" + bound.address().to_string() + "]" : bound.address().to_string();
-    // Signals are handled from here on; tests read the port from this line (with --port 0).
-    std::cout << "wsbroadcast-server listening on " << (tls ? "https://" : "http://") << host << ":" << bound.port()
-              << " with " << options.threads << " thread(s)" << std::endl;
+    // Signals are handled from here on; tests read the port from the first line (with --port 0).
+    std::string where;
+    for (auto& acceptor : acceptors) {
+        const auto bound = acceptor.local_endpoint();
+        const auto host =
+            bound.address().is_v6() ? "[" + bound.address().to_string() + "]" : bound.address().to_string();
+        where = (tls ? "https://" : "http://") + host + ":" + std::to_string(bound.port());
+        std::cout << "wsbroadcast-server listening on " << where << (inherited.empty() ? "" : " (from systemd)")
+                  << " with " << options.threads << " thread(s)" << std::endl;
+        net::co_spawn(acceptor.get_executor(), accept_loop(state, ioc, acceptor), log_exception("accept loop"));
+    }
+    // systemd (Type=notify) starts what depends on this service once it is ready: listening and,
+    // with --redis, able to publish.
     if (relay) {
+        systemd::notify("STATUS=listening on " + where + ", connecting to Redis at " + relay->where());
+        relay->when_ready([where] { systemd::notify("READY=1\nSTATUS=listening on " + where + ", Redis connected"); });
         relay->attach(ioc.get_executor(), state.manager);
         log(log_level::warn,
             "relaying pushes through Redis at " + relay->where() + ", channel prefix \"" + options.redis_prefix + "\"");
+    } else {
+        systemd::notify("READY=1\nSTATUS=listening on " + where);
     }
-
-    net::co_spawn(acceptor.get_executor(), accept_loop(state, ioc, acceptor), log_exception("accept loop"));
 
     std::vector<std::thread> threads;
     for (unsigned i = 1; i < options.threads; ++i) threads.emplace_back([&] { ioc.run(); });
@@ -1381,6 +1386,16 @@ int main(int argc, char** argv) {
     // line: that may be "accept: Too many open files".
     log_output();
 
+    std::string problem;
+    const auto inherited = systemd::listening_sockets(problem);  // then --address and --port are not used
+    if (!problem.empty()) {
+        std::cerr << "wsbroadcast-server: " << problem << '\n';
+        return 2;
+    }
+    if (!systemd::available && systemd::expects_notifications())
+        log(log_level::warn, "NOTIFY_SOCKET is set, but this server was built without libsystemd: it cannot "
+                             "tell systemd it is ready (use Type=exec or Type=simple)");
+
     beast::error_code ec;
     const auto address = net::ip::make_address(options->address, ec);
     if (ec) {
@@ -1388,7 +1403,8 @@ int main(int argc, char** argv) {
         return 2;
     }
     // LNbits' push endpoints are open to anyone who can reach them; ours are only where that is safe.
-    if (!address.is_loopback() && options->publish_token.empty() && !options->allow_open_publish) {
+    // (Sockets from systemd are checked the same way once adopted.)
+    if (inherited.empty() && !address.is_loopback() && options->publish_token.empty() && !options->allow_open_publish) {
         std::cerr << "wsbroadcast-server: refusing to listen on " << options->address
                   << " without --publish-token: anyone who reaches it could push to every client.\n"
                   << "Set --publish-token (or WSBROADCAST_PUBLISH_TOKEN), or pass --allow-open-publish.\n";
@@ -1396,7 +1412,7 @@ int main(int argc, char** argv) {
     }
     raise_open_file_limit();
 
-    if (options->tls_cert.empty()) return run<beast::tcp_stream>(*options, nullptr);
+    if (options->tls_cert.empty()) return run<beast::tcp_stream>(*options, inherited, nullptr);
 
     std::optional<tls_contexts> tls;
     try {
@@ -1405,5 +1421,5 @@ int main(int argc, char** argv) {
         std::cerr << "wsbroadcast-server: cannot load the TLS certificate or key: " << e.what() << '\n';
         return 2;
     }
-    return run<beast::ssl_stream<beast::tcp_stream>>(*options, &*tls);
+    return run<beast::ssl_stream<beast::tcp_stream>>(*options, inherited, &*tls);
 }

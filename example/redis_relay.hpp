@@ -182,6 +182,10 @@ public:
         strand_.reset();
     }
 
+    /// `f` runs on the relay's strand each time it becomes ready: connected, and subscribed to every
+    /// key wanted. Set before attach().
+    void when_ready(std::function<void()> f) { when_ready_ = std::move(f); }
+
     const counters& stats() const noexcept { return counters_; }
     std::string where() const { return address_.host + ":" + std::to_string(address_.port); }
 
@@ -402,6 +406,7 @@ private:
         log_(false, "redis: connected to " + where() + ", " + std::to_string(wanted_.size()) + " key(s) to subscribe" +
                         (quiet ? ", after " + std::to_string(quiet) + " more failed attempt(s) like the last logged"
                                : std::string()));
+        if (when_ready_) when_ready_();
     }
 
     // A command Redis answered with an error (NOPERM, NOAUTH, WRONGPASS): nothing this relay sends
@@ -568,6 +573,7 @@ private:
     }
 
     const redis_address address_;
+    std::function<void()> when_ready_;
     const std::string prefix_;
     const std::function<void(bool, const std::string&)> log_;
     const redis_liveness timing_;

@@ -33,7 +33,11 @@
 #include <hiredis/hiredis.h>
 #include <poll.h>
 #include <spawn.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <cmath>
@@ -928,9 +932,12 @@ TEST_CASE("a non-loopback address without a publish token is refused at start-up
 
 namespace {
 // Runs the server to its end with extra environment entries; its exit status and everything it wrote.
-std::pair<int, std::string> run_to_exit(const std::vector<std::string>& env, const std::string& args) {
+// `wrapper`: words run in its place, as server_process's.
+std::pair<int, std::string> run_to_exit(const std::vector<std::string>& env, const std::string& args,
+                                        const std::vector<std::string>& wrapper = {}) {
     std::string cmd = "timeout 10 env";
     for (const auto& e : env) cmd += " '" + e + "'";
+    for (const auto& w : wrapper) cmd += " '" + w + "'";
     FILE* p = popen((cmd + " " + WSBROADCAST_SERVER_PATH + " " + args + " 2>&1").c_str(), "r");
     REQUIRE(p != nullptr);
     std::string out;
@@ -963,6 +970,59 @@ TEST_CASE("boolean environment values are strict: false is off, and an unknown v
         CHECK(out.find("WSBROADCAST_ALLOW_OPEN_PUBLISH") != std::string::npos);
         CHECK(out.find("cannot listen") == std::string::npos);
     }
+}
+
+TEST_CASE("the command line: --opt=value, the last value wins, --, a short error naming where the bad value came from") {
+    {
+        // --opt=value, as well as --opt value; given twice, the last one counts.
+        server_process server({"--publish-token=first", "--publish-token=t0k3n", "--max-message-bytes=8"});
+        const header_list bearer = {{"Authorization", "Bearer t0k3n"}};
+        CHECK(request(http::verb::post, "/api/v1/ws/cli", "x", server.port(), {{"Authorization", "Bearer first"}})
+                  .result() == http::status::unauthorized);
+        CHECK(request(http::verb::post, "/api/v1/ws/cli", "12345678", server.port(), bearer).result() ==
+              http::status::ok);
+        CHECK(request(http::verb::post, "/api/v1/ws/cli", "123456789", server.port(), bearer).result() ==
+              http::status::payload_too_large);
+    }
+    auto [status, out] = run_to_exit({}, "--port 0 --threads=0");
+    CHECK(status == 2);
+    CHECK(out.find("invalid value for --threads: 0") != std::string::npos);
+    CHECK(out.find("Try 'wsbroadcast-server --help'") != std::string::npos);
+    CHECK(out.find("Routes:") == std::string::npos);  // not the whole usage
+    CHECK(std::count(out.begin(), out.end(), '\n') <= 3);
+
+    // From the environment, the error names the variable: that is what the operator must fix.
+    std::tie(status, out) = run_to_exit({"WSBROADCAST_IDLE_TIMEOUT=soon"}, "--port 0");
+    CHECK(status == 2);
+    CHECK(out.find("invalid value for WSBROADCAST_IDLE_TIMEOUT (--idle-timeout): soon") != std::string::npos);
+    // The command line wins over the environment, so a good value there hides a bad one here.
+    std::tie(status, out) = run_to_exit({"WSBROADCAST_THREADS=none"}, "--port 0 --threads 1 --max-connections x");
+    CHECK(status == 2);
+    CHECK(out.find("invalid value for --max-connections: x") != std::string::npos);
+    CHECK(out.find("WSBROADCAST_THREADS") == std::string::npos);
+    std::tie(status, out) = run_to_exit({"WSBROADCAST_MAX_CONNECTIONS="}, "--port 0");
+    CHECK(status == 2);
+    CHECK(out.find("WSBROADCAST_MAX_CONNECTIONS is set but empty") != std::string::npos);
+
+    // After --, nothing is an option; the server takes no arguments, so it says so.
+    std::tie(status, out) = run_to_exit({}, "--port 0 -- --threads 1");
+    CHECK(status == 2);
+    CHECK(out.find("not expected") != std::string::npos);
+    std::tie(status, out) = run_to_exit({}, "--port 0 --threads");
+    CHECK(status == 2);
+    CHECK(out.find("--threads") != std::string::npos);
+
+    // Flags are strict booleans on the command line too (--flag=VALUE).
+    const std::string elsewhere = "--address 192.0.2.1 --port 0";  // TEST-NET-1: nothing listens
+    CHECK(run_to_exit({}, elsewhere + " --allow-open-publish=off").second.find("without --publish-token") !=
+          std::string::npos);
+    CHECK(run_to_exit({}, elsewhere + " --allow-open-publish=yes").first == 1);  // past the check
+    std::tie(status, out) = run_to_exit({}, elsewhere + " --allow-open-publish=maybe");
+    CHECK(status == 2);
+    CHECK(out.find("invalid value for --allow-open-publish: \"maybe\"") != std::string::npos);
+    std::tie(status, out) = run_to_exit({"WSBROADCAST_TRUST_PROXY=sure"}, "--port 0");
+    CHECK(status == 2);
+    CHECK(out.find("invalid value for WSBROADCAST_TRUST_PROXY (--trust-proxy): \"sure\"") != std::string::npos);
 }
 
 TEST_CASE("--allowed-origin: other browser origins get 403 before the upgrade") {
@@ -2586,3 +2646,165 @@ TEST_CASE("scale-out: with subscribe/unsubscribe churn all the while, the relay 
     CHECK(errors == 0);
     if (back) CHECK(steady->read() == "back");
 }
+
+// ---- operations: systemd's notifications and socket activation --------------------------------
+
+namespace {
+// What systemd's end of NOTIFY_SOCKET sees: a datagram socket the server sends its states to.
+class notify_socket {
+public:
+    notify_socket() {
+        dir_ = std::filesystem::temp_directory_path() / ("wsb-notify-" + std::to_string(getpid()));
+        std::filesystem::create_directories(dir_);
+        path_ = (dir_ / "notify").string();
+        fd_ = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        REQUIRE(fd_ >= 0);
+        sockaddr_un address{};
+        address.sun_family = AF_UNIX;
+        std::strncpy(address.sun_path, path_.c_str(), sizeof address.sun_path - 1);
+        std::filesystem::remove(path_);
+        REQUIRE(bind(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
+    }
+    ~notify_socket() {
+        close(fd_);
+        std::filesystem::remove_all(dir_);
+    }
+    std::string environment() const { return "NOTIFY_SOCKET=" + path_; }
+
+    // Everything received until a datagram containing `line` (a whole line), or the time is up.
+    std::string until(const std::string& line, std::chrono::milliseconds limit = 10s) {
+        const auto deadline = std::chrono::steady_clock::now() + limit;
+        for (;;) {
+            if (seen_line(line)) return received_;
+            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+            if (left <= 0ms) return received_;
+            pollfd p{fd_, POLLIN, 0};
+            if (poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
+            char datagram[4096];
+            const auto n = recv(fd_, datagram, sizeof datagram, 0);
+            if (n > 0) received_.append(datagram, static_cast<std::size_t>(n)).push_back('\n');
+        }
+    }
+    bool seen_line(const std::string& line) const {
+        std::istringstream in(received_);
+        for (std::string l; std::getline(in, l);)
+            if (l == line) return true;
+        return false;
+    }
+
+private:
+    std::filesystem::path dir_;
+    std::string path_;
+    int fd_ = -1;
+    std::string received_;
+};
+
+// A listening socket on 127.0.0.1, made as systemd makes one for ListenStream= (inheritable).
+struct listening_socket {
+    int fd = -1;
+    unsigned short port = 0;
+    explicit listening_socket(int type = SOCK_STREAM) {
+        fd = socket(AF_INET, type, 0);  // no SOCK_CLOEXEC: the server inherits it
+        REQUIRE(fd >= 0);
+        sockaddr_in address{};
+        address.sin_family = AF_INET;
+        address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
+        if (type == SOCK_STREAM) REQUIRE(listen(fd, 16) == 0);
+        socklen_t size = sizeof address;
+        getsockname(fd, reinterpret_cast<sockaddr*>(&address), &size);
+        port = ntohs(address.sin_port);
+    }
+    ~listening_socket() { close(fd); }
+};
+
+// Runs the server the way systemd activates it: the socket as descriptor 3, LISTEN_FDS=1 and
+// LISTEN_PID set to the server's own pid (the shell execs it, so the pid is the same).
+std::vector<std::string> socket_activation(int fd) {
+    const auto n = std::to_string(fd);
+    const std::string move_to_3 = fd == 3 ? "" : " 3<&" + n + " " + n + "<&-";
+    return {"/bin/sh", "-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"" + move_to_3, "sh"};
+}
+}  // namespace
+
+#if WSBROADCAST_HAVE_SYSTEMD
+TEST_CASE("systemd: READY=1 once listening, with its address in STATUS=; STOPPING=1 on SIGTERM") {
+    notify_socket systemd;
+    server_process server({}, {systemd.environment()});
+    const auto said = systemd.until("READY=1");
+    CHECK(systemd.seen_line("READY=1"));
+    CHECK(said.find("STATUS=listening on http://127.0.0.1:" + std::to_string(server.port())) != std::string::npos);
+    CHECK_FALSE(systemd.seen_line("STOPPING=1"));
+    CHECK(server.stop(SIGTERM) == 0);
+    systemd.until("STOPPING=1", 2s);
+    CHECK(systemd.seen_line("STOPPING=1"));
+}
+
+TEST_CASE("systemd: with --redis, READY=1 only once Redis is connected") {
+    redis_process redis;
+    redis.stop();  // not there yet: systemd must not start what depends on this server
+    notify_socket systemd;
+    server_process server({"--redis", redis.url(), "--log-level", "error"}, {systemd.environment()});
+    const auto early = systemd.until("READY=1", 1500ms);
+    CHECK_FALSE(systemd.seen_line("READY=1"));
+    CHECK(early.find("STATUS=listening on http://127.0.0.1:" + std::to_string(server.port()) +
+                     ", connecting to Redis") != std::string::npos);
+    redis.start();
+    systemd.until("READY=1");
+    CHECK(systemd.seen_line("READY=1"));
+    CHECK(push_to(server, "sd", "x").result() == http::status::ok);
+}
+
+TEST_CASE("systemd: socket activation: the server takes the socket systemd listens on, queued clients included") {
+    listening_socket listener;
+    // A client that connected before the server ran: systemd holds such connections in the backlog.
+    net::io_context ioc;
+    beast::tcp_stream early(ioc);
+    early.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), listener.port));
+
+    notify_socket systemd;
+    server_process server({}, {systemd.environment()}, {}, -1, socket_activation(listener.fd));
+    CHECK(server.port() == listener.port);  // --port 0 was not used
+    CHECK(server.listening_line().find("(from systemd)") != std::string::npos);
+    systemd.until("READY=1");
+    CHECK(systemd.seen_line("READY=1"));
+
+    http::request<http::string_body> req{http::verb::get, "/healthz", 11};
+    req.set(http::field::host, "127.0.0.1");
+    early.expires_after(io_timeout);
+    http::write(early, req);
+    beast::flat_buffer buffer;
+    http::response<http::string_body> res;
+    http::read(early, buffer, res);
+    CHECK(res.result() == http::status::ok);
+
+    auto c = subscriber("activated", listener.port);
+    CHECK(request(http::verb::post, "/api/v1/ws/activated", "hello", listener.port).result() == http::status::ok);
+    CHECK(c->read() == "hello");
+}
+
+TEST_CASE("systemd: a passed socket that is not a listening TCP socket is refused at start-up") {
+    listening_socket datagram(SOCK_DGRAM);  // ListenDatagram=: the server cannot serve it
+    const auto [status, out] = run_to_exit({}, "", socket_activation(datagram.fd));
+    CHECK(status == 2);
+    CHECK(out.find("socket 3 from systemd is not a listening TCP socket") != std::string::npos);
+}
+#else
+TEST_CASE("systemd: a build without libsystemd refuses the sockets systemd passes, and warns under Type=notify") {
+    listening_socket listener;
+    const auto [status, out] = run_to_exit({}, "", socket_activation(listener.fd));
+    CHECK(status == 2);
+    CHECK(out.find("built without libsystemd") != std::string::npos);
+    notify_socket systemd;
+    const auto log = std::filesystem::temp_directory_path() / ("wsb-no-systemd-" + std::to_string(getpid()) + ".log");
+    {
+        server_process server({}, {systemd.environment()}, log.string());
+        CHECK(server.stop() == 0);
+    }
+    std::ifstream in(log);
+    const std::string said(std::istreambuf_iterator<char>(in), {});
+    std::filesystem::remove(log);
+    CHECK(said.find("NOTIFY_SOCKET is set, but this server was built without libsystemd") != std::string::npos);
+    CHECK(systemd.until("READY=1", 100ms).empty());
+}
+#endif
