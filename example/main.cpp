@@ -1393,8 +1393,9 @@ int main(int argc, char** argv) {
         return 2;
     }
     if (!systemd::available && systemd::expects_notifications())
-        log(log_level::warn, "NOTIFY_SOCKET is set, but this server was built without libsystemd: it cannot "
-                             "tell systemd it is ready (use Type=exec or Type=simple)");
+        log(log_level::warn,
+            "NOTIFY_SOCKET is set, but this server was built without libsystemd: it cannot "
+            "tell systemd it is ready (use Type=exec or Type=simple)");
 
     beast::error_code ec;
     const auto address = net::ip::make_address(options->address, ec);

@@ -2,13 +2,15 @@
 # Installs what wsbroadcast needs on Debian 12, as root. Usage: scripts/deps.sh server|test
 set -euo pipefail
 # --no-install-recommends: libasio-dev recommends Boost 1.74, which conflicts with 1.81.
-server_packages=(g++ cmake ninja-build libboost1.81-dev libssl-dev libhiredis-dev pkg-config)
+server_packages=(g++ cmake ninja-build libboost1.81-dev libssl-dev libhiredis-dev pkg-config libcli11-dev
+                 libsystemd-dev help2man)  # help2man: the manual page, from --help
 test_packages=("${server_packages[@]}" ccache libasio-dev doctest-dev openssl meson
                clang-19 libclang-rt-19-dev llvm-19 clang-format-19
                build-essential debhelper dpkg-dev fakeroot  # packaging tests: the .deb
                chromium                                     # the browser test
                redis-server                                 # scale-out tests: instances share a real Redis
-               prometheus)                                  # its promtool checks /metrics
+               prometheus                                   # its promtool checks /metrics
+               systemd lintian)                             # systemd-analyze verifies the units; the .debs
 case "${1:-}" in
   server) packages=("${server_packages[@]}") ;;
   test) packages=("${test_packages[@]}") ;;

@@ -8,7 +8,7 @@
 # per consumer, and ends with the line "N passed, M failed". Exits 1 if any failed.
 #
 # deb-install needs root: it installs the package it built with dpkg -i, builds consumers against
-# /usr, and removes the package again with dpkg -r. It is skipped when not root, or when
+# /usr, and removes the package again with dpkg -r (deb-server-install: the same for the server). It is skipped when not root, or when
 # libwsbroadcast-dev was already installed (it would not leave the machine as it found it).
 #
 # Environment: CXX (default g++), JOBS (parallel compile jobs, default 1), KEEP=1 keeps the
@@ -266,6 +266,10 @@ t_meson_wrap() {  # subprojects/wsbroadcast.wrap, its archive already in subproj
 
 deb_version() { dpkg-parsechangelog -l "$repo/debian/changelog" -S Version; }
 deb_file() { echo "$work/deb/libwsbroadcast-dev_$(deb_version)_all.deb"; }
+server_deb_file() { echo "$work/deb/wsbroadcast-server_$(deb_version)_$(dpkg --print-architecture).deb"; }
+deb_files() {  # deb_files DEB: what it installs, directories and /usr/share/doc/ left out
+  dpkg-deb --fsys-tarfile "$1" | tar -t | sed 's|^\./|/|' | grep -v '/$' | grep -v '^/usr/share/doc/' | LC_ALL=C sort
+}
 
 t_deb_build() {  # dpkg-buildpackage -b from the source archive's tree; check what the .deb holds
   local deb_upstream expected actual
@@ -281,14 +285,55 @@ t_deb_build() {  # dpkg-buildpackage -b from the source archive's tree; check wh
   ensure_archive
   mkdir -p "$work/deb"
   tar -C "$work/deb" -xzf "$archive"
-  (cd "$work/deb/wsbroadcast-$version" && DEB_BUILD_OPTIONS="nocheck parallel=$jobs" dpkg-buildpackage -us -uc -b)
+  (cd "$work/deb/wsbroadcast-$version" &&
+     WSBROADCAST_CCACHE=${launcher[*]} DEB_BUILD_OPTIONS="nocheck parallel=$jobs" dpkg-buildpackage -us -uc -b)
   expected=$(printf '%s\n' /usr/include/wsbroadcast.hpp /usr/share/cmake/wsbroadcast/wsbroadcastConfig.cmake \
              /usr/share/cmake/wsbroadcast/wsbroadcastConfigVersion.cmake /usr/share/cmake/wsbroadcast/wsbroadcastTargets.cmake \
              /usr/share/pkgconfig/wsbroadcast-standalone.pc /usr/share/pkgconfig/wsbroadcast.pc)
-  actual=$(dpkg-deb --fsys-tarfile "$(deb_file)" | tar -t | sed 's|^\./|/|' | grep -v '/$' | grep -v '^/usr/share/doc/' | LC_ALL=C sort)
+  actual=$(deb_files "$(deb_file)")
   if [ "$actual" != "$expected" ]; then printf 'the .deb holds:\n%s\nexpected:\n%s\n' "$actual" "$expected"; return 1; fi
   [ "$(dpkg-deb -f "$(deb_file)" Architecture)" = all ]
   dpkg-deb -I "$(deb_file)"
+  expected=$(printf '%s\n' /lib/systemd/system/wsbroadcast-server.service /lib/systemd/system/wsbroadcast-server.socket \
+             /usr/bin/wsbroadcast-server /usr/share/man/man1/wsbroadcast-server.1.gz)
+  actual=$(deb_files "$(server_deb_file)")
+  if [ "$actual" != "$expected" ]; then printf 'the server .deb holds:\n%s\nexpected:\n%s\n' "$actual" "$expected"; return 1; fi
+  dpkg-deb -I "$(server_deb_file)"
+}
+
+t_deb_lintian() {  # lintian on both packages: no error, no warning
+  local said
+  command -v lintian >/dev/null || { echo "lintian is missing: run scripts/deps.sh test"; return 1; }
+  [ -f "$(server_deb_file)" ] || { echo "no .debs: deb-build failed"; return 1; }
+  said=$(lintian --fail-on error,warning "$(deb_file)" "$(server_deb_file)" 2>&1) || { echo "$said"; return 1; }
+  echo "${said:-lintian: nothing to say}"
+}
+
+t_deb_server_install() {  # dpkg -i the server: it runs, its units verify where installed; dpkg -r
+  if [ "$(id -u)" != 0 ]; then echo "needs root for dpkg -i"; return 77; fi
+  if dpkg-query -W -f='${Status}' wsbroadcast-server 2>/dev/null | grep -q 'ok installed' ||
+     [ -e /usr/bin/wsbroadcast-server ]; then
+    echo "wsbroadcast-server is already installed; not touching it"
+    return 77
+  fi
+  [ -f "$(server_deb_file)" ] || { echo "no .deb: deb-build failed"; return 1; }
+  trap 'dpkg -r wsbroadcast-server >/dev/null || true' EXIT
+  dpkg -i "$(server_deb_file)"
+  /usr/bin/wsbroadcast-server --version | grep -q "^wsbroadcast-server $version "
+  man -w wsbroadcast-server
+  if command -v systemd-analyze >/dev/null; then
+    local said
+    said=$(systemd-analyze verify /lib/systemd/system/wsbroadcast-server.service /lib/systemd/system/wsbroadcast-server.socket 2>&1)
+    if [ -n "$said" ]; then echo "$said"; echo "systemd-analyze verify complained about the installed units"; return 1; fi
+    echo "the installed units verify"
+  fi
+  dpkg -r wsbroadcast-server
+  trap - EXIT
+  if [ -e /usr/bin/wsbroadcast-server ] || [ -e /lib/systemd/system/wsbroadcast-server.service ]; then
+    echo "dpkg -r left files behind"
+    return 1
+  fi
+  echo "removed again"
 }
 
 t_deb_install() {  # dpkg -i, consumers against /usr (pkg-config and find_package), dpkg -r
@@ -361,5 +406,7 @@ run meson-subproject t_meson_subproject
 run meson-wrap t_meson_wrap
 run deb-build t_deb_build
 run deb-install t_deb_install
+run deb-lintian t_deb_lintian
+run deb-server-install t_deb_server_install
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -972,7 +972,8 @@ TEST_CASE("boolean environment values are strict: false is off, and an unknown v
     }
 }
 
-TEST_CASE("the command line: --opt=value, the last value wins, --, a short error naming where the bad value came from") {
+TEST_CASE(
+    "the command line: --opt=value, the last value wins, --, a short error naming where the bad value came from") {
     {
         // --opt=value, as well as --opt value; given twice, the last one counts.
         server_process server({"--publish-token=first", "--publish-token=t0k3n", "--max-message-bytes=8"});
@@ -2676,7 +2677,8 @@ public:
         const auto deadline = std::chrono::steady_clock::now() + limit;
         for (;;) {
             if (seen_line(line)) return received_;
-            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+            const auto left =
+                std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
             if (left <= 0ms) return received_;
             pollfd p{fd_, POLLIN, 0};
             if (poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
