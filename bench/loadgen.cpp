@@ -246,7 +246,7 @@ Options:
   --server-threads N     the server's --threads [2; naive: 1, and only 1]
   --server-kind KIND     wsbroadcast: the reference server [default]; naive: the naive Beast peer
                          (../shared/bench/beast_naive.cpp: one thread, PORT from the environment,
-                         answers {"sent":true}). Not with --tls, --server-arg or relay
+                         answers {"sent":true}). Not with --tls, --server-arg, relay or slow
   --server-cpus LIST     run the server on these CPUs only (sched_setaffinity before it starts),
                          e.g. 0 or 0,1 or 0-1; pin the loadgen itself with taskset
   --scenario NAME        one of the above (required)
@@ -427,6 +427,8 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
     // relay's readiness check speaks plain HTTP to /healthz; TLS there is not implemented.
     if (c.tls && c.relay) return fail("--tls does not apply to the relay scenario");
     if (c.naive && c.relay) return fail("the relay scenario needs the reference server");
+    // The peer awaits each subscriber's write in turn: a client that never reads stops every push.
+    if (c.naive && c.slow) return fail("the slow scenario would stall the naive server");
     c.n_subscribers = subs;
     c.n_ids = std::min(ids, subs);
     c.n_messages = messages;
