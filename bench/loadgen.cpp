@@ -6,6 +6,10 @@
 // The relay scenario also starts a redis-server of its own and two server instances relaying through
 // it (--redis): subscribers alternate between the two, the pushes all go to the first.
 //
+// --server-kind naive drives a peer instead of the reference server: the naive Beast server of
+// ../shared/bench (PORT=N in its environment, "listening on 127.0.0.1:N" on stderr, answers
+// {"sent":true}), so the same scenarios measure both, in the same run, the same way.
+//
 // --tls makes a self-signed certificate for 127.0.0.1 in a fresh temporary directory (with the
 // openssl command), starts the server with --tls-cert/--tls-key, and connects over wss:// and
 // https://, verifying the server against that certificate.
@@ -60,6 +64,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sched.h>
 #include <spawn.h>
 #include <sys/socket.h>
 #include <sys/resource.h>
@@ -186,11 +191,43 @@ private:
     std::uint64_t max_ = 0;
 };
 
+// "0", "0,1", "0-1,3": CPU numbers for sched_setaffinity. False when empty or malformed.
+bool parse_cpu_list(std::string_view text, cpu_set_t& set) {
+    CPU_ZERO(&set);
+    bool any = false;
+    while (!text.empty()) {
+        const auto comma = text.find(',');
+        const std::string_view part = text.substr(0, comma);
+        text = comma == std::string_view::npos ? std::string_view{} : text.substr(comma + 1);
+        const auto dash = part.find('-');
+        unsigned first = 0, last = 0;
+        if (!parse_number(part.substr(0, dash), first)) return false;
+        last = first;
+        if (dash != std::string_view::npos && !parse_number(part.substr(dash + 1), last)) return false;
+        if (last < first || last >= CPU_SETSIZE) return false;
+        for (unsigned cpu = first; cpu <= last; ++cpu) CPU_SET(cpu, &set);
+        any = true;
+    }
+    return any;
+}
+
+// The calling thread's CPUs as a list ("0,1"), for the JSON line.
+std::string cpu_list(const cpu_set_t& set) {
+    std::string out;
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
+        if (CPU_ISSET(cpu, &set)) {
+            if (!out.empty()) out += ',';
+            out += std::to_string(cpu);
+        }
+    return out;
+}
+
 // ---- options -----------------------------------------------------------------------------------
 
 constexpr std::string_view usage = R"(usage: wsbroadcast-loadgen --server PATH --scenario NAME [options]
 
 Starts PATH --port 0 --threads N, drives it over 127.0.0.1 and prints one JSON line.
+With --server-kind naive, starts PATH with PORT=N (a free port) in its environment instead.
 
 Scenarios (defaults in brackets):
   fanout    S subscribers on one id; publish M messages as fast as the publishers allow [S=1000 M=2000]
@@ -206,7 +243,12 @@ Scenarios (defaults in brackets):
 
 Options:
   --server PATH          the wsbroadcast-server binary (required)
-  --server-threads N     the server's --threads [2]
+  --server-threads N     the server's --threads [2; naive: 1, and only 1]
+  --server-kind KIND     wsbroadcast: the reference server [default]; naive: the naive Beast peer
+                         (../shared/bench/beast_naive.cpp: one thread, PORT from the environment,
+                         answers {"sent":true}). Not with --tls, --server-arg, relay or slow
+  --server-cpus LIST     run the server on these CPUs only (sched_setaffinity before it starts),
+                         e.g. 0 or 0,1 or 0-1; pin the loadgen itself with taskset
   --scenario NAME        one of the above (required)
   --subscribers N        subscribers (the slow scenario adds its one slow client)
   --ids N                distinct ids the subscribers are spread over
@@ -250,6 +292,11 @@ struct config {
     double deadline = 30;
     double max_seconds = 600;
     bool tls = false;
+    std::string server_kind = "wsbroadcast";
+    bool naive = false;  // server_kind == "naive"
+    bool server_threads_given = false;
+    std::string server_cpus;  // as given; empty: the loadgen's own affinity
+    cpu_set_t server_cpu_set{};
 
     // Resolved from the scenario.
     unsigned n_subscribers = 0, n_ids = 0, n_messages = 0, n_size = 0;
@@ -308,8 +355,15 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
             c.publish_token = v;
         else if (arg == "--redis-server")
             c.redis_server_path = v;
-        else if (arg == "--server-threads")
+        else if (arg == "--server-threads") {
             ok = number(c.server_threads, 1);
+            c.server_threads_given = true;
+        } else if (arg == "--server-kind") {
+            c.server_kind = v;
+        } else if (arg == "--server-cpus") {
+            ok = parse_cpu_list(v, c.server_cpu_set);
+            c.server_cpus = v;
+        }
         else if (arg == "--subscribers")
             ok = optional_number(c.subscribers, 1);
         else if (arg == "--ids")
@@ -338,6 +392,16 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
     }
     if (c.server_path.empty()) return fail("--server is required");
     if (c.publishers > 0xffff) return fail("--publishers must be at most 65535");
+    if (c.server_kind == "naive") {
+        c.naive = true;
+        // It has one thread, no options, no TLS, no relay: refuse what it would silently ignore.
+        if (c.server_threads_given && c.server_threads != 1) return fail("the naive server has one thread");
+        c.server_threads = 1;
+        if (c.tls) return fail("--tls does not apply to the naive server");
+        if (!c.server_args.empty()) return fail("--server-arg does not apply to the naive server");
+    } else if (c.server_kind != "wsbroadcast") {
+        return fail("--server-kind must be wsbroadcast or naive");
+    }
 
     unsigned subs = 0, ids = 0, messages = 0, size = 64;
     if (c.scenario == "fanout") {
@@ -362,6 +426,9 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
     }
     // relay's readiness check speaks plain HTTP to /healthz; TLS there is not implemented.
     if (c.tls && c.relay) return fail("--tls does not apply to the relay scenario");
+    if (c.naive && c.relay) return fail("the relay scenario needs the reference server");
+    // The peer awaits each subscriber's write in turn: a client that never reads stops every push.
+    if (c.naive && c.slow) return fail("the slow scenario would stall the naive server");
     c.n_subscribers = subs;
     c.n_ids = std::min(ids, subs);
     c.n_messages = messages;
@@ -437,6 +504,8 @@ int spawn_silent(std::vector<std::string> args, pid_t& pid) {
     return rc;
 }
 
+unsigned short free_loopback_port();
+
 class server_process {
 public:
     explicit server_process(std::atomic<pid_t>* slot = nullptr) : slot_(slot) {}
@@ -445,58 +514,39 @@ public:
     ~server_process() { kill_now(); }
 
     // Starts the server (with `extra` after the --server-arg arguments) and reads
-    // "wsbroadcast-server listening on http://127.0.0.1:PORT with ..."
+    // "wsbroadcast-server listening on http://127.0.0.1:PORT with ..." from its stdout. The naive
+    // peer takes its port from $PORT and says "beast_naive listening on 127.0.0.1:PORT" on stderr;
+    // the port was free when we looked, and if it is taken before the peer binds it, the peer
+    // exits and we try another.
     bool start(const config& c, const std::vector<std::string>& extra, std::string& error) {
-        int out[2];
-        if (pipe(out) != 0) {
-            error = "pipe failed";
-            return false;
+        if (!c.naive) {
+            std::vector<std::string> args = {c.server_path, "--address", "127.0.0.1", "--port", "0",
+                                             "--threads",   std::to_string(c.server_threads)};
+            args.insert(args.end(), c.server_args.begin(), c.server_args.end());
+            args.insert(args.end(), extra.begin(), extra.end());
+            bool exited = false;
+            return spawn_and_read_port(args, nullptr, STDOUT_FILENO, error, exited);
         }
-        posix_spawn_file_actions_t actions;
-        posix_spawn_file_actions_init(&actions);
-        posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-        posix_spawn_file_actions_addclose(&actions, out[0]);
-        std::vector<std::string> args = {
-            c.server_path, "--address", "127.0.0.1", "--port", "0", "--threads", std::to_string(c.server_threads)};
-        args.insert(args.end(), c.server_args.begin(), c.server_args.end());
-        args.insert(args.end(), extra.begin(), extra.end());
-        std::vector<char*> argv;
-        for (auto& a : args) argv.push_back(a.data());
-        argv.push_back(nullptr);
-        const int rc = posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ);
-        posix_spawn_file_actions_destroy(&actions);
-        close(out[1]);
-        if (rc != 0) {
-            close(out[0]);
-            pid_ = -1;
-            error = "cannot start " + c.server_path + ": " + std::strerror(rc);
-            return false;
+        for (int attempt = 0; attempt < 5; ++attempt) {
+            const unsigned short port = free_loopback_port();
+            if (port == 0) {
+                error = "no free port on 127.0.0.1 for the naive server";
+                return false;
+            }
+            std::vector<std::string> env;
+            for (char** e = environ; *e; ++e)
+                if (!std::string_view(*e).starts_with("PORT=")) env.emplace_back(*e);
+            env.push_back("PORT=" + std::to_string(port));
+            bool exited = false;
+            if (spawn_and_read_port({c.server_path}, &env, STDERR_FILENO, error, exited)) {
+                if (port_ == port) return true;
+                error = "the naive server listens on " + std::to_string(port_) + ", not on PORT=" + std::to_string(port);
+                return false;
+            }
+            if (!exited) return false;
         }
-        if (slot_) slot_->store(pid_);
-        out_fd_ = out[0];  // kept open until the end, so a late write to stdout cannot kill the server
-
-        std::string line;
-        const auto deadline = steady::now() + 10s;
-        while (line.find('\n') == std::string::npos && line.size() < 1024) {
-            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady::now()).count();
-            if (left <= 0) break;
-            pollfd p{out_fd_, POLLIN, 0};
-            if (poll(&p, 1, static_cast<int>(left)) <= 0) break;
-            char buf[256];
-            const auto n = read(out_fd_, buf, sizeof buf);
-            if (n <= 0) break;
-            line.append(buf, static_cast<std::size_t>(n));
-        }
-        const auto with = line.find(" with");
-        const auto colon = line.rfind(':', with);
-        unsigned short port = 0;
-        if (with == std::string::npos || colon == std::string::npos ||
-            !parse_number(std::string_view(line).substr(colon + 1, with - colon - 1), port) || port == 0) {
-            error = "the server did not print its port; it said: " + line;
-            return false;
-        }
-        port_ = port;
-        return true;
+        error += " (5 attempts)";
+        return false;
     }
 
     pid_t pid() const { return pid_; }
@@ -518,6 +568,79 @@ public:
     }
 
 private:
+    // Starts args with `env` (nullptr: ours), its `fd` (stdout or stderr) into a pipe, and reads the
+    // port from the first line, "... listening on [http://]127.0.0.1:PORT[ with ...]". `exited`
+    // tells a server that ended at once (a port taken) from one that did not answer.
+    bool spawn_and_read_port(std::vector<std::string> args, std::vector<std::string>* env, int fd,
+                             std::string& error, bool& exited) {
+        int out[2];
+        if (pipe(out) != 0) {
+            error = "pipe failed";
+            return false;
+        }
+        posix_spawn_file_actions_t actions;
+        posix_spawn_file_actions_init(&actions);
+        posix_spawn_file_actions_adddup2(&actions, out[1], fd);
+        posix_spawn_file_actions_addclose(&actions, out[0]);
+        // The JSON line is ours alone on stdout: a peer's stdout goes nowhere.
+        if (fd != STDOUT_FILENO) posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+        std::vector<char*> argv, envp;
+        for (auto& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        if (env) {
+            for (auto& e : *env) envp.push_back(e.data());
+            envp.push_back(nullptr);
+        }
+        const int rc = posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), env ? envp.data() : environ);
+        posix_spawn_file_actions_destroy(&actions);
+        close(out[1]);
+        if (rc != 0) {
+            close(out[0]);
+            pid_ = -1;
+            error = "cannot start " + args[0] + ": " + std::strerror(rc);
+            return false;
+        }
+        if (slot_) slot_->store(pid_);
+        out_fd_ = out[0];  // kept open until the end, so a late write cannot kill the server
+
+        std::string line;
+        const auto deadline = steady::now() + 10s;
+        while (line.find('\n') == std::string::npos && line.size() < 1024) {
+            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady::now()).count();
+            if (left <= 0) break;
+            pollfd p{out_fd_, POLLIN, 0};
+            if (poll(&p, 1, static_cast<int>(left)) <= 0) break;
+            char buf[256];
+            const auto n = read(out_fd_, buf, sizeof buf);
+            if (n <= 0) {  // the server closed its end: it has exited (or is exiting)
+                int status = 0;
+                for (int i = 0; i < 200 && !exited; ++i) {  // at most 2 s
+                    exited = waitpid(pid_, &status, WNOHANG) == pid_;
+                    if (!exited) std::this_thread::sleep_for(10ms);
+                }
+                if (exited) {
+                    pid_ = -1;
+                    if (slot_) slot_->store(-1);
+                    close_pipe();
+                }
+                break;
+            }
+            line.append(buf, static_cast<std::size_t>(n));
+        }
+        constexpr std::string_view listening = "listening on ";
+        const auto from = line.find(listening);
+        const auto end = from == std::string::npos ? from : line.find_first_of(" \n", from + listening.size());
+        const auto colon = end == std::string::npos ? end : line.rfind(':', end);
+        unsigned short port = 0;
+        if (colon == std::string::npos || colon < from ||
+            !parse_number(std::string_view(line).substr(colon + 1, end - colon - 1), port) || port == 0) {
+            error = "the server did not print its port; it said: " + line;
+            return false;
+        }
+        port_ = port;
+        return true;
+    }
+
     void close_pipe() {
         if (out_fd_ >= 0) close(out_fd_);
         out_fd_ = -1;
@@ -1197,11 +1320,18 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
         }
         // {"sent":true,"data":"...","connections":N}, or through Redis {"sent":true,"data":"...","relayed":true}.
         // The data is our payload (hex digits, ':' and 'x'), so neither key can occur inside it.
+        // The naive peer answers exactly {"sent":true}, with no count.
         const std::string_view answer(in.data() + head, total - head);
         constexpr std::string_view key = "\"connections\":";
         const auto at = answer.rfind(key);
         std::uint64_t n = 0;
-        if (answer.ends_with(",\"relayed\":true}")) {
+        if (cfg.naive) {
+            if (answer != R"({"sent":true})" || !std::string_view(in.data(), head).starts_with("HTTP/1.1 200 ")) {
+                ps.error = "the naive server answered: " + std::string(in.data(), std::min<std::size_t>(total, 200));
+                ++ps.errors;
+                break;
+            }
+        } else if (answer.ends_with(",\"relayed\":true}")) {
             ++ps.relayed;
         } else if (at != std::string_view::npos) {
             const char* first = answer.data() + at + key.size();
@@ -1385,13 +1515,28 @@ int run(const config& cfg) {
         server_extra = {"--redis", "redis://127.0.0.1:" + std::to_string(redis.port())};
     }
     const unsigned instances = cfg.relay ? 2 : 1;
+    // --server-cpus: a child inherits the affinity of the thread that starts it, so this thread
+    // takes the server's CPUs while it starts the servers, and its own back after (the loadgen's
+    // threads, made later, inherit that).
+    cpu_set_t own_cpus{};
+    if (sched_getaffinity(0, sizeof own_cpus, &own_cpus) != 0) {
+        say(std::string("sched_getaffinity: ") + std::strerror(errno));
+        return 3;
+    }
+    if (!cfg.server_cpus.empty() && sched_setaffinity(0, sizeof cfg.server_cpu_set, &cfg.server_cpu_set) != 0) {
+        say("--server-cpus " + cfg.server_cpus + ": " + std::strerror(errno));
+        return 2;
+    }
     std::vector<std::unique_ptr<server_process>> servers;
-    for (unsigned i = 0; i < instances; ++i) {
+    bool started = true;
+    for (unsigned i = 0; i < instances && started; ++i) {
         servers.push_back(std::make_unique<server_process>(&g_child_pids[i]));
-        if (!servers.back()->start(cfg, server_extra, error)) {
-            say(error);
-            return 3;
-        }
+        started = servers.back()->start(cfg, server_extra, error);
+    }
+    if (!cfg.server_cpus.empty()) sched_setaffinity(0, sizeof own_cpus, &own_cpus);
+    if (!started) {
+        say(error);
+        return 3;
     }
     server_process& server = *servers[0];
     if (cfg.relay)
@@ -1400,8 +1545,8 @@ int run(const config& cfg) {
             "), redis-server pid " + std::to_string(redis.pid()) + " on port " + std::to_string(redis.port()) +
             ", scenario " + cfg.scenario + ", RLIMIT_NOFILE " + std::to_string(lim.rlim_cur));
     else
-        say("server pid " + std::to_string(server.pid()) + " on port " + std::to_string(server.port()) +
-            (cfg.tls ? " (TLS)" : "") + ", scenario " + cfg.scenario + ", RLIMIT_NOFILE " +
+        say(std::string(cfg.naive ? "naive server" : "server") + " pid " + std::to_string(server.pid()) + " on port " +
+            std::to_string(server.port()) + (cfg.tls ? " (TLS)" : "") + ", scenario " + cfg.scenario + ", RLIMIT_NOFILE " +
             std::to_string(lim.rlim_cur));
 
     const plan pl = make_plan(cfg);
@@ -1730,10 +1875,13 @@ int run(const config& cfg) {
         field("rate", num(cfg.rate));
         field("publisher_max_late_us", num(max_late_ns / 1000));
     }
+    field("server_kind", json_escape(cfg.server_kind));
     field("server_threads", num(cfg.server_threads));
+    field("server_cpus", json_escape(cfg.server_cpus.empty() ? cpu_list(own_cpus) : cpu_list(cfg.server_cpu_set)));
+    field("client_cpus", json_escape(cpu_list(own_cpus)));
     field("client_threads", num(cfg.client_threads));
     field("tls", cfg.tls ? "true" : "false");
-    field("server_queued", num(server_queued));
+    field("server_queued", cfg.naive ? "null" : num(server_queued));  // the naive peer gives no count
     field("publisher_reconnects", num(publisher_reconnects));
     if (cfg.relay) field("relayed_answers", num(relayed_answers));
     field("client_cpu_us_per_delivery", fixed(own_per_delivery, 3));
