@@ -363,8 +363,7 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
         } else if (arg == "--server-cpus") {
             ok = parse_cpu_list(v, c.server_cpu_set);
             c.server_cpus = v;
-        }
-        else if (arg == "--subscribers")
+        } else if (arg == "--subscribers")
             ok = optional_number(c.subscribers, 1);
         else if (arg == "--ids")
             ok = optional_number(c.ids, 1);
@@ -520,8 +519,8 @@ public:
     // exits and we try another.
     bool start(const config& c, const std::vector<std::string>& extra, std::string& error) {
         if (!c.naive) {
-            std::vector<std::string> args = {c.server_path, "--address", "127.0.0.1", "--port", "0",
-                                             "--threads",   std::to_string(c.server_threads)};
+            std::vector<std::string> args = {
+                c.server_path, "--address", "127.0.0.1", "--port", "0", "--threads", std::to_string(c.server_threads)};
             args.insert(args.end(), c.server_args.begin(), c.server_args.end());
             args.insert(args.end(), extra.begin(), extra.end());
             bool exited = false;
@@ -540,7 +539,8 @@ public:
             bool exited = false;
             if (spawn_and_read_port({c.server_path}, &env, STDERR_FILENO, error, exited)) {
                 if (port_ == port) return true;
-                error = "the naive server listens on " + std::to_string(port_) + ", not on PORT=" + std::to_string(port);
+                error =
+                    "the naive server listens on " + std::to_string(port_) + ", not on PORT=" + std::to_string(port);
                 return false;
             }
             if (!exited) return false;
@@ -571,8 +571,8 @@ private:
     // Starts args with `env` (nullptr: ours), its `fd` (stdout or stderr) into a pipe, and reads the
     // port from the first line, "... listening on [http://]127.0.0.1:PORT[ with ...]". `exited`
     // tells a server that ended at once (a port taken) from one that did not answer.
-    bool spawn_and_read_port(std::vector<std::string> args, std::vector<std::string>* env, int fd,
-                             std::string& error, bool& exited) {
+    bool spawn_and_read_port(std::vector<std::string> args, std::vector<std::string>* env, int fd, std::string& error,
+                             bool& exited) {
         int out[2];
         if (pipe(out) != 0) {
             error = "pipe failed";
@@ -1546,8 +1546,8 @@ int run(const config& cfg) {
             ", scenario " + cfg.scenario + ", RLIMIT_NOFILE " + std::to_string(lim.rlim_cur));
     else
         say(std::string(cfg.naive ? "naive server" : "server") + " pid " + std::to_string(server.pid()) + " on port " +
-            std::to_string(server.port()) + (cfg.tls ? " (TLS)" : "") + ", scenario " + cfg.scenario + ", RLIMIT_NOFILE " +
-            std::to_string(lim.rlim_cur));
+            std::to_string(server.port()) + (cfg.tls ? " (TLS)" : "") + ", scenario " + cfg.scenario +
+            ", RLIMIT_NOFILE " + std::to_string(lim.rlim_cur));
 
     const plan pl = make_plan(cfg);
     run_state rs{cfg, pl, {}, {}, {}, {}, {}, {}, {}, 0, client_tls ? &*client_tls : nullptr};
