@@ -40,6 +40,9 @@ meson test -C build/meson --print-errorlogs
 leg "packaging: copy the header, add_subdirectory, FetchContent, find_package, pkg-config, meson, .deb"
 scripts/packaging-tests.sh
 
-leg "g++ 12 with CMake: -Wall -Wextra -Wpedantic -Werror, both Asio flavours, the README quick start, the page in chromium"
+leg "g++ 12 with CMake: -Wall -Wextra -Wpedantic -Werror, both Asio flavours, the README quick start, the page in chromium (this node and Debian's 18)"
 npm ci --prefix tests/browser --no-audit --no-fund --silent
-cmake_leg build/gcc -DCMAKE_CXX_COMPILER=g++ -DCMAKE_BUILD_TYPE=Debug -DWSBROADCAST_BROWSER_TEST=ON
+# The page also runs on Debian 12's own Node.js 18, whatever node this machine has.
+debian_node=$(tests/browser/debian-node.sh build/debian-node)
+cmake_leg build/gcc -DCMAKE_CXX_COMPILER=g++ -DCMAKE_BUILD_TYPE=Debug -DWSBROADCAST_BROWSER_TEST=ON \
+  -DWSBROADCAST_DEBIAN_NODE="$debian_node"

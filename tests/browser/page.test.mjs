@@ -17,6 +17,13 @@ if (!serverPath) {
   console.error("usage: node page.test.mjs PATH/TO/wsbroadcast-server [SCREENSHOT.png]");
   process.exit(2);
 }
+// Set by the test that must run on Debian 12's own Node.js: a run on any other node proves nothing.
+const wantNode = process.env.WSBROADCAST_EXPECT_NODE_MAJOR;
+if (wantNode && process.versions.node.split(".")[0] !== wantNode) {
+  console.error(`this run must be on Node.js ${wantNode}, and it is on ${process.version}`);
+  process.exit(1);
+}
+console.log(`Node.js ${process.version}`);
 
 let passed = 0;
 let failed = 0;
