@@ -10,7 +10,8 @@ test_packages=("${server_packages[@]}" ccache libasio-dev doctest-dev openssl me
                chromium                                     # the browser test
                redis-server                                 # scale-out tests: instances share a real Redis
                prometheus                                   # its promtool checks /metrics
-               systemd lintian)                             # systemd-analyze verifies the units; the .debs
+               systemd lintian                              # systemd-analyze verifies the units; the .debs
+               gnuplot-nox)                                 # bench/plot.sh, checked against bench/plot.svg
 case "${1:-}" in
   server) packages=("${server_packages[@]}") ;;
   test) packages=("${test_packages[@]}") ;;
