@@ -126,6 +126,7 @@ with Asio 1.22 on clang also add -DASIO_HAS_CO_AWAIT=1 -DASIO_HAS_STD_COROUTINE=
 // clang-format on
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <charconv>
 #include <chrono>
@@ -498,6 +499,32 @@ public:
     /// Takes `m` for every instance that needs any of `keys`, or fails at once
     /// (error::relay_unavailable) when the broker cannot take it now. Called from any thread.
     virtual error_code publish(std::span<const Key> keys, const message& m) = 0;
+
+    // The rest is optional: a broker that keeps history and gets subscriptions confirmed.
+
+    /// Called before a connection is registered with `keys` (serve(), accept_and_serve(),
+    /// connection_handle::async_subscribe()): done({}) once this instance gets every message
+    /// published on them from then on and, with positions(), once the manager's history of each
+    /// is the broker's (ConnectionManager::adopt_position() and deliver()); done(error) when it
+    /// cannot (error::relay_unavailable: the connection is refused with close 1013). The keys stay
+    /// needed until release(keys), which the manager calls once it has registered the connection
+    /// (its own interest() calls are made by then) or refused it. done may run on any thread, once.
+    virtual void prepare(std::span<const Key> keys, std::function<void(error_code)> done) {
+        (void)keys;
+        done({});
+    }
+    virtual void release(std::span<const Key> keys) { (void)keys; }
+
+    /// True when the broker gives messages their positions and keeps each key's history
+    /// (options::history then mirrors it: the manager assigns no position of its own).
+    virtual bool positions() const { return false; }
+
+    /// publish() that says where `m` landed: done(error, its position in each of `keys`, in
+    /// order) once the broker has it, on any thread. Without positions(): done(publish(), {}).
+    virtual void publish_positioned(std::span<const Key> keys, const message& m,
+                                    std::function<void(error_code, std::vector<position>)> done) {
+        done(publish(keys, m), {});
+    }
 };
 
 /// Limits of one connection's outbox and what happens when a send finds it full. The limits bound
@@ -679,6 +706,8 @@ struct publish_result {
     error_code error;      ///< the relay refused the message: nothing was sent anywhere
     bool relayed = false;  ///< the relay took it; this instance delivers it when it comes back
     send_result local;     ///< with no relay: what send() did here
+    /// async_publish() with history on: the message's position in each key, in order.
+    std::vector<wsbroadcast::position> positions;
 };
 
 /// Counters since the manager was made. Read with relaxed loads: each value is exact, the set is
@@ -943,6 +972,43 @@ private:
 
 /// serve() has no upgrade request to answer.
 struct no_request {};
+
+/// A completion handler kept for a callback that a relay runs later, on any thread: copyable (a
+/// relay's callback is a std::function), it invokes the handler once, posted to the handler's
+/// own executor, whose work it keeps counted meanwhile. A handler with no executor of its own
+/// (a plain callback) runs where the relay completes.
+template <class Handler, class... Args>
+class completion {
+public:
+    explicit completion(Handler h) : state_(std::make_shared<state>(std::move(h))) {}
+
+    void operator()(Args... args) {
+        auto s = std::move(state_);
+        if (!s) return;  // once
+        if constexpr (std::is_same_v<net::associated_executor_t<Handler>, net::system_executor>) {
+            std::move(s->handler)(std::move(args)...);
+        } else {
+            auto executor = s->work.get_executor();
+            net::post(executor,
+                      [s, ... args = std::move(args)]() mutable { std::move(s->handler)(std::move(args)...); });
+        }
+    }
+
+private:
+    struct state {
+        explicit state(Handler h) : handler(std::move(h)), work(net::get_associated_executor(handler)) {}
+        Handler handler;
+        net::executor_work_guard<net::associated_executor_t<Handler>> work;
+    };
+    std::shared_ptr<state> state_;
+};
+
+/// Completes `handler` with `args`: posted to its executor, never inside the initiating function,
+/// when it has one.
+template <class Handler, class... Args>
+void complete_later(Handler handler, Args... args) {
+    completion<Handler, Args...>(std::move(handler))(std::move(args)...);
+}
 
 // ==== DETAIL: THE OUTBOX =====================================================================
 
@@ -1375,9 +1441,12 @@ class history {
 public:
     using clock = std::chrono::steady_clock;
 
-    explicit history(const history_options& o) : options_(o), random_(std::random_device{}()) {}
+    /// `mirrors`: positions come from a broker (accept(), move_to()); a key this history has no
+    /// stream of has no position (epoch 0) until the broker says which.
+    history(const history_options& o, bool mirrors) : options_(o), mirrors_(mirrors), random_(std::random_device{}()) {}
 
     bool enabled() const noexcept { return options_.max_messages > 0; }
+    bool mirrors() const noexcept { return mirrors_; }
     /// Keys with a position.
     std::size_t keys() const noexcept { return streams_.size(); }
     /// What the kept messages cost, counted as trimming counts them (payload and bookkeeping).
@@ -1387,22 +1456,44 @@ public:
     template <class K>
     position append(const K& key, const message& m, clock::time_point now) {
         stream& s = stream_of(key);
-        if (s.entries.empty())
-            data_lru_.push_front(&s);
-        else
-            data_lru_.splice(data_lru_.begin(), data_lru_, s.in_data);
-        s.in_data = data_lru_.begin();
-        s.entries.push_back({m, now});
-        s.bytes += cost(m);
-        bytes_ += cost(m);
-        s.last_message = now;
-        const position at{s.epoch, ++s.top};
+        keep(s, m, now);
+        return {s.epoch, s.top};
+    }
+
+    /// How a message the broker positioned fits the key's stream (accept()).
+    enum class fit {
+        next,          ///< the one after the last kept: kept
+        duplicate,     ///< already had: ignored
+        discontinuous  ///< a new epoch, or messages in between never came: the stream restarts at it
+    };
+
+    /// Keeps `m` at `at`, the position a broker gave it (relay::positions()), instead of one of
+    /// this history's own. A key without a stream starts one at `at`.
+    template <class K>
+    fit accept(const K& key, const message& m, position at, clock::time_point now) {
+        stream& s = stream_of(key);
+        const bool known = s.epoch != 0;
+        if (known && s.epoch == at.epoch && at.offset <= s.top) {
+            touch(s, now);
+            return fit::duplicate;
+        }
+        const bool follows = known && s.epoch == at.epoch && at.offset == s.top + 1;
+        if (!follows) restart(s, {at.epoch, at.offset - 1});
+        keep(s, m, now);
+        return follows || !known ? fit::next : fit::discontinuous;
+    }
+
+    /// The broker says `key`'s stream stands at `top` (the newest message it kept, or {epoch, 0}).
+    /// Returns true if that breaks this history's stream (another epoch, or messages it never
+    /// got): it restarts there, with nothing kept.
+    template <class K>
+    bool move_to(const K& key, position top, clock::time_point now) {
+        stream& s = stream_of(key);
+        const bool known = s.epoch != 0;
         touch(s, now);
-        while (s.entries.size() > options_.max_messages ||
-               (options_.max_bytes && s.bytes > options_.max_bytes && s.entries.size() > 1) || expired(s, now))
-            drop_oldest(s);
-        trim(now);
-        return at;
+        if (known && s.epoch == top.epoch && s.top >= top.offset) return false;
+        restart(s, top);
+        return known;
     }
 
     struct start {
@@ -1468,7 +1559,7 @@ private:
             it = streams_.try_emplace(Key(key)).first;
             stream& s = it->second;
             s.key = &it->first;
-            s.epoch = random_() | 1;  // never 0: {0, 0} is no position
+            s.epoch = mirrors_ ? 0 : random_() | 1;  // 0 only while a broker has not said: {0, 0} is no position
             use_lru_.push_front(&s);
             s.in_use = use_lru_.begin();
         }
@@ -1496,6 +1587,31 @@ private:
         for (auto offset = p.offset + 1; offset <= s.top; ++offset)
             f(s.entries[static_cast<std::size_t>(offset - first)].m, position{s.epoch, offset});
         return {recovery::recovered, top};
+    }
+
+    void keep(stream& s, const message& m, clock::time_point now) {
+        if (s.entries.empty())
+            data_lru_.push_front(&s);
+        else
+            data_lru_.splice(data_lru_.begin(), data_lru_, s.in_data);
+        s.in_data = data_lru_.begin();
+        s.entries.push_back({m, now});
+        s.bytes += cost(m);
+        bytes_ += cost(m);
+        s.last_message = now;
+        ++s.top;
+        touch(s, now);
+        while (s.entries.size() > options_.max_messages ||
+               (options_.max_bytes && s.bytes > options_.max_bytes && s.entries.size() > 1) || expired(s, now))
+            drop_oldest(s);
+        trim(now);
+    }
+
+    /// Empties the stream and sets its position: what it kept belongs to another history.
+    void restart(stream& s, position top) noexcept {
+        while (!s.entries.empty()) drop_oldest(s);
+        s.epoch = top.epoch;
+        s.top = top.offset;
     }
 
     void touch(stream& s, clock::time_point now) {
@@ -1527,6 +1643,7 @@ private:
     }
 
     history_options options_;
+    bool mirrors_;
     std::unordered_map<Key, stream, Hash, KeyEqual> streams_;
     std::list<stream*> use_lru_;   // every stream, most recently used first
     std::list<stream*> data_lru_;  // streams keeping messages, most recently sent to first
@@ -1792,6 +1909,27 @@ public:
             return c ? manager_->add_key(*c, key, from) : error_code(error::not_registered);
         }
 
+        /// subscribe(), after the relay (if any) has prepared `key` (relay::prepare()): through a
+        /// broker that confirms subscriptions or keeps history, the subscription then misses
+        /// nothing and resumes from the broker's history. Completes with void(error_code):
+        /// subscribe()'s refusals, or error::relay_unavailable.
+        template <class CompletionToken = net::use_awaitable_t<>>
+        auto async_subscribe(Key key, since from = {}, CompletionToken&& token = {}) const {
+            return net::async_initiate<CompletionToken, void(error_code)>(
+                [h = *this](auto handler, Key key, since from) {
+                    using done_type = detail::completion<decltype(handler), error_code>;
+                    const auto& relay = h.manager_ ? h.manager_->options_.relay : nullptr;
+                    if (!relay) return detail::complete_later(std::move(handler), h.subscribe(key, from));
+                    auto one = std::make_shared<std::array<Key, 1>>(std::array<Key, 1>{std::move(key)});
+                    relay->prepare(*one, [h, one, from, done = done_type(std::move(handler))](error_code ec) mutable {
+                        ec = ec ? error_code(error::relay_unavailable) : h.subscribe(one->front(), from);
+                        h.manager_->options_.relay->release(*one);
+                        done(ec);
+                    });
+                },
+                token, std::move(key), from);
+        }
+
         /// Stops delivery of `key` to this connection; messages already queued are still written.
         /// Returns whether it was subscribed.
         template <class K>
@@ -1954,7 +2092,7 @@ public:
         std::shared_lock lock(registry_mutex_);
         send_result result;
         std::unique_lock<std::mutex> in_order;
-        if (history_.enabled()) {
+        if (positions_here_) {
             in_order = std::unique_lock(history_mutex_);
             append_to_history(keys, m, result.positions);
         }
@@ -1978,7 +2116,7 @@ public:
     template <class K>
         requires key_like<K>
     publish_result publish(const K& key, const message& m) {
-        if (!options_.relay) return {{}, false, send(key, m)};
+        if (!options_.relay) return sent_here(send(key, m));
         if constexpr (std::is_convertible_v<const K&, const Key&>) {
             return relayed(std::span<const Key>(&static_cast<const Key&>(key), 1), m);
         } else {
@@ -1997,7 +2135,7 @@ public:
     template <class Keys>
         requires key_range<Keys>
     publish_result publish(const Keys& keys, const message& m) {
-        if (!options_.relay) return {{}, false, send(keys, m)};
+        if (!options_.relay) return sent_here(send(keys, m));
         std::vector<Key> owned;
         for (auto&& k : keys) owned.emplace_back(k);
         return relayed(owned, m);
@@ -2007,6 +2145,78 @@ public:
         requires key_range<Keys>
     publish_result publish(const Keys& keys, std::string_view text) {
         return publish(keys, message::text(text));
+    }
+
+    /// publish() that completes once the message has its positions, in publish_result::positions:
+    /// with a relay that positions messages (relay::positions()), when the broker has answered;
+    /// otherwise at once, as publish() does. The completion signature is void(publish_result); it
+    /// runs on the handler's executor (an awaiting coroutine's), or for a plain callback, on the
+    /// thread that completes it.
+    template <class Keys, class CompletionToken = net::use_awaitable_t<>>
+        requires key_range<Keys>
+    auto async_publish(const Keys& keys, message m, CompletionToken&& token = {}) {
+        std::vector<Key> owned;
+        for (auto&& k : keys) owned.emplace_back(k);
+        return net::async_initiate<CompletionToken, void(publish_result)>(
+            [this](auto handler, std::vector<Key> keys, message m) {
+                if (!options_.relay || !options_.relay->positions()) {
+                    return detail::complete_later(std::move(handler), publish(keys, m));
+                }
+                options_.relay->publish_positioned(
+                    keys, m,
+                    [done = detail::completion<decltype(handler), publish_result>(std::move(handler))](
+                        error_code ec, std::vector<position> at) mutable {
+                        done(publish_result{ec, !ec, {}, std::move(at)});
+                    });
+            },
+            token, std::move(owned), std::move(m));
+    }
+
+    template <class K, class CompletionToken = net::use_awaitable_t<>>
+        requires key_like<K>
+    auto async_publish(const K& key, message m, CompletionToken&& token = {}) {
+        return async_publish(std::array<Key, 1>{Key(key)}, std::move(m), std::forward<CompletionToken>(token));
+    }
+
+    // ---- for relays: what the broker brings back -------------------------------------------------
+
+    /// With a relay that positions messages (relay::positions()): delivers `m`, which the broker
+    /// put at `at` in `key`'s stream, here, and keeps it in this instance's history at that
+    /// position. A message already had (a copy, or one a repair fetched) is dropped. A break in
+    /// the stream (another epoch, or messages in between that never came) restarts the key's
+    /// history at `at` and closes its envelope connections with 1013 so that they resume and are
+    /// told what they cannot get back; the others get `m` and carry on. Without history, send().
+    template <class K>
+        requires key_like<K>
+    send_result deliver(const K& key, const message& m, position at) {
+        if (!history_.enabled()) return send(key, m);
+        std::shared_lock lock(registry_mutex_);
+        send_result result;
+        std::lock_guard in_order(history_mutex_);
+        const auto fit = history_.accept(key, m, at, clock::now());
+        if (fit == history_type::fit::duplicate) return result;
+        if (fit == history_type::fit::discontinuous) close_resumable(key);
+        result.positions.push_back(at);
+        std::optional<message> wrapped;
+        const std::optional<position> where = at;
+        registry_.for_each(key,
+                           [&](connection& c, const Key& k) { push(c, framed(c, m, k, where, &wrapped), result); });
+        record(result);
+        return result;
+    }
+
+    /// With a relay that positions messages: the broker says `key`'s stream stands at `top` (its
+    /// newest message, or {epoch, 0}), before this instance delivers anything more of it. A break
+    /// is handled as deliver() does. Returns whether there was one.
+    template <class K>
+        requires key_like<K>
+    bool adopt_position(const K& key, position top) {
+        if (!history_.enabled()) return false;
+        std::shared_lock lock(registry_mutex_);
+        std::lock_guard in_order(history_mutex_);
+        if (!history_.move_to(key, top, clock::now())) return false;
+        close_resumable(key);
+        return true;
     }
 
     /// Queues `m` to every connection once, as it is: a broadcast is no key's message, so
@@ -2112,6 +2322,7 @@ public:
             ++n;
             f(m, at);
         });
+        if (start.at.epoch == 0) return {std::nullopt, start.outcome, n};  // the broker has not said yet
         return {start.at, start.outcome, n};
     }
 
@@ -2419,11 +2630,11 @@ private:
     send_result send_to_key(const K& key, MakeMessage make_message) {
         std::shared_lock lock(registry_mutex_);
         send_result result;
-        if (!history_.enabled() && !registry_.has(key)) return result;
+        if (!positions_here_ && !registry_.has(key)) return result;
         const message& m = make_message();  // built only when somebody listens or history keeps it
         std::optional<position> at;
         std::unique_lock<std::mutex> in_order;
-        if (history_.enabled()) {  // kept whether anybody listens or not
+        if (positions_here_) {  // kept whether anybody listens or not
             in_order = std::unique_lock(history_mutex_);
             at = history_.append(key, m, clock::now());
             result.positions.push_back(*at);
@@ -2464,6 +2675,17 @@ private:
         return std::nullopt;
     }
 
+    /// Closes `key`'s connections that resume from positions, for a break in its stream: each is
+    /// told so, resumes from the last position it got, and learns what can no longer be had.
+    template <class K>
+    void close_resumable(const K& key) {
+        registry_.for_each(key, [&](connection& c, const Key&) {
+            if (c.resumable)
+                request_close(c, detail::connection_state::closing, 1013,
+                              "missed messages: resume from the last position");
+        });
+    }
+
     /// What connection `c` gets of `m`, sent under `key` at position `at`: `m`, or its envelope,
     /// built once per send and key into `*wrapped`.
     const message& framed(const connection& c, const message& m, const Key& key, const std::optional<position>& at,
@@ -2473,9 +2695,14 @@ private:
         return **wrapped;
     }
 
+    static publish_result sent_here(send_result r) {
+        auto at = r.positions;
+        return {{}, false, std::move(r), std::move(at)};
+    }
+
     publish_result relayed(std::span<const Key> keys, const message& m) {
         const auto refused = options_.relay->publish(keys, m);
-        return {refused, !refused, {}};
+        return {refused, !refused, {}, {}};
     }
 
     void record(const send_result& r) noexcept {
@@ -2729,7 +2956,7 @@ private:
     /// socket's executor; the completion on the handler's.
     template <class Request, class OnMessage>
     struct endpoint_op {
-        enum class step { begin, start, admitted, handshaken, refusal_closed, reading, too_big_closed, done };
+        enum class step { begin, start, admitted, prepared, handshaken, refusal_closed, reading, too_big_closed, done };
 
         endpoint_op(ConnectionManager* m, connection_ptr conn, Request r, initial_keys<Key> k, OnMessage f)
             : manager(m),
@@ -2750,6 +2977,7 @@ private:
         std::unique_ptr<upgrade> setup;
         OnMessage on_message;
         step at = step::begin;
+        bool preparing = false;  // the relay was asked to prepare the keys: it is told when to let go
         error_code refusal;
         std::string reason;          // a refusal's, for its close frame
         subscription sub;            // unregisters on every way out
@@ -2847,7 +3075,22 @@ private:
                 [[fallthrough]];
             }
             case step::admitted:
+                at = step::prepared;
+                if (!refusal && manager->options_.relay && !setup->keys.keys().empty()) {
+                    preparing = true;
+                    const auto keys = setup->keys.keys();  // on the heap: stays put
+                    auto* m = manager;
+                    return m->prepare_keys(keys, on_socket(self));
+                }
+                [[fallthrough]];
+            case step::prepared:
+                if (ec && !refusal) {  // the broker cannot confirm the keys: try again later
+                    refusal = error::relay_unavailable;
+                    manager->refused_.fetch_add(1, std::memory_order_relaxed);
+                }
+                ec = {};
                 if (!refusal) refusal = manager->try_register(c, setup->keys);
+                if (preparing) manager->options_.relay->release(setup->keys.keys());
                 if (!refusal) sub = subscription(manager, c);
                 at = step::handshaken;
                 if constexpr (!std::is_same_v<Request, detail::no_request>) {
@@ -2928,6 +3171,13 @@ private:
         }
     };
 
+    /// Asks the relay to prepare `keys` (relay::prepare()); `handler(error_code)` runs on its own
+    /// executor once it has.
+    template <class Handler>
+    void prepare_keys(std::span<const Key> keys, Handler handler) {
+        options_.relay->prepare(keys, detail::completion<Handler, error_code>(std::move(handler)));
+    }
+
     template <class Request, class OnMessage, class CompletionToken>
     auto start_endpoint(connection_ptr c, Request request, initial_keys<Key> keys, OnMessage on_message,
                         CompletionToken&& token) {
@@ -2965,8 +3215,10 @@ private:
     // What every outbox holds; shared with them, since a connection may outlive the manager.
     detail::outbox::shared_total queued_ = std::make_shared<std::atomic<std::size_t>>(0);
 
-    mutable std::mutex history_mutex_;        // taken after registry_mutex_, never before
-    history_type history_{options_.history};  // guarded by history_mutex_
+    mutable std::mutex history_mutex_;  // taken after registry_mutex_, never before
+    history_type history_{options_.history, options_.relay&& options_.relay->positions()};  // history_mutex_
+    // send() gives positions: history on, and no relay that positions messages itself.
+    const bool positions_here_ = history_.enabled() && !history_.mirrors();
 
     std::atomic<std::uint64_t> connections_{0}, refused_{0}, messages_{0}, deliveries_{0}, dropped_{0},
         overflow_closes_{0}, errors_{0}, recovered_{0}, not_recovered_{0}, replayed_{0};

@@ -2234,3 +2234,212 @@ TEST_CASE("resumes race with sends from several threads: every client sees one c
     ioc.restart();
     for (int idle = 0; idle < 3;) idle = ioc.poll() == 0 ? idle + 1 : 0;
 }
+
+// ---- history kept by the broker: positions from the relay -------------------------------------
+
+namespace {
+
+struct stream_relay;
+
+// Stands in for Redis with history: one stream per key (its epoch, its messages), positions
+// assigned here, and the relays of several managers listening.
+struct stream_broker {
+    struct stream {
+        std::uint64_t epoch = 0;
+        std::vector<wsbroadcast::message> kept;  // offsets 1..size
+    };
+    std::map<std::string, stream> streams;
+    std::map<std::string, std::vector<stream_relay*>> listeners;
+    std::uint64_t next_epoch = 0x100;
+
+    stream& of(const std::string& key) {
+        auto& s = streams[key];
+        if (!s.epoch) s.epoch = next_epoch++;
+        return s;
+    }
+    position top(const std::string& key) {
+        auto& s = of(key);
+        return {s.epoch, s.kept.size()};
+    }
+};
+
+struct stream_relay : wsbroadcast::relay<std::string> {
+    stream_broker& broker;
+    manager_type* manager = nullptr;
+    bool available = true;
+    std::vector<std::string> prepared, released;
+
+    explicit stream_relay(stream_broker& b) : broker(b) {}
+
+    bool positions() const override { return true; }
+    void interest(const std::string& key, bool needed) override {
+        auto& l = broker.listeners[key];
+        if (needed)
+            l.push_back(this);
+        else
+            l.erase(std::find(l.begin(), l.end(), this));
+    }
+    error_code publish(std::span<const std::string>, const wsbroadcast::message&) override {
+        FAIL("with positions, publish_positioned is used");
+        return {};
+    }
+    // The broker's side of a prepare: this instance's history of the key becomes the broker's.
+    void prepare(std::span<const std::string> keys, std::function<void(error_code)> done) override {
+        if (!available) return done(wsbroadcast::error::relay_unavailable);
+        for (const auto& key : keys) {
+            prepared.push_back(key);
+            auto& s = broker.of(key);
+            manager->adopt_position(key, position{s.epoch, 0});
+            for (std::size_t i = 0; i < s.kept.size(); ++i) manager->deliver(key, s.kept[i], {s.epoch, i + 1});
+        }
+        done({});
+    }
+    void release(std::span<const std::string> keys) override {
+        for (const auto& key : keys) released.push_back(key);
+    }
+    void publish_positioned(std::span<const std::string> keys, const wsbroadcast::message& m,
+                            std::function<void(error_code, std::vector<position>)> done) override {
+        if (!available) return done(wsbroadcast::error::relay_unavailable, {});
+        std::vector<position> at;
+        for (const auto& key : keys) {
+            auto& s = broker.of(key);
+            s.kept.push_back(m);
+            at.push_back({s.epoch, s.kept.size()});
+            for (auto* r : broker.listeners[key]) r->manager->deliver(key, m, at.back());
+        }
+        done({}, at);
+    }
+};
+
+struct instance {
+    std::shared_ptr<stream_relay> relay;
+    manager_type manager;
+    instance(stream_broker& b, std::size_t history)
+        : relay(std::make_shared<stream_relay>(b)), manager([&] {
+              auto o = with_history(history);
+              o.relay = relay;
+              return o;
+          }()) {
+        relay->manager = &manager;
+    }
+};
+
+}  // namespace
+
+TEST_CASE_FIXTURE(fixture,
+                  "with a relay that positions messages, the broker's positions are the history's, on every instance") {
+    stream_broker broker;
+    instance one(broker, 8), two(broker, 8);
+    auto first = peer();
+    net::co_spawn(ioc, one.manager.serve(fake_socket(first), "k", enveloped), [](std::exception_ptr, error_code) {});
+    settle();
+    CHECK(one.relay->prepared == std::vector<std::string>{"k"});
+    CHECK(one.relay->released == std::vector<std::string>{"k"});  // registered by then: its interest holds the key
+    CHECK(first->received == std::vector<std::string>{"sub k @0 live 0"});
+
+    std::optional<wsbroadcast::publish_result> answer;
+    two.manager.async_publish(std::string("k"), wsbroadcast::message::text("m1"),
+                              net::bind_executor(ioc, [&](wsbroadcast::publish_result r) { answer = std::move(r); }));
+    CHECK_FALSE(answer);  // completed on the executor, never inside the call
+    settle();
+    REQUIRE(answer);
+    CHECK_FALSE(answer->error);
+    CHECK(answer->positions == std::vector<position>{broker.top("k")});
+    CHECK(first->received.back() == "k@1:m1");
+    CHECK(one.manager.send("k", "here only").positions.empty());  // send() positions nothing of its own
+
+    first->client_close();  // gone: two more come while nobody listens anywhere
+    settle();
+    for (const char* data : {"m2", "m3"})
+        two.manager.async_publish(std::string("k"), wsbroadcast::message::text(data),
+                                  [](wsbroadcast::publish_result) {});
+    settle();
+
+    // It comes back on the other instance, which never had a subscriber of "k": it resumes there.
+    auto back = peer();
+    net::co_spawn(
+        ioc,
+        two.manager.serve(fake_socket(back),
+                          wsbroadcast::initial_keys<std::string>("k", since::after(answer->positions[0])), enveloped),
+        [](std::exception_ptr, error_code) {});
+    settle();
+    CHECK(back->received == std::vector<std::string>{"sub k @3 recovered 2", "k@2:m2", "k@3:m3"});
+    back->client_close();
+    settle();
+}
+
+TEST_CASE_FIXTURE(
+    fixture, "a break in the broker's stream closes the envelope connections so they resume; plain ones carry on") {
+    stream_broker broker;
+    instance one(broker, 8);
+    auto plain = peer(), resumable = peer();
+    auto s1 = one.manager.subscribe(fake_socket(plain), "k");
+    auto s2 = one.manager.subscribe(fake_socket(resumable), "k", enveloped);
+    const auto m = [](const char* t) { return wsbroadcast::message::text(t); };
+    CHECK(one.manager.deliver("k", m("1"), {7, 1}).queued == 2);
+    CHECK(one.manager.deliver("k", m("1"), {7, 1}).queued == 0);  // a copy: dropped
+    CHECK(one.manager.deliver("k", m("3"), {7, 3}).queued == 1);  // 2 never came
+    settle();
+    CHECK(plain->received == std::vector<std::string>{"1", "3"});
+    // It had no position before the broker's first message; it got 1, then its close instead of 3.
+    CHECK(resumable->received == std::vector<std::string>{"sub k @- live 0", "k@1:1"});
+    CHECK(resumable->close_code == 1013);
+    CHECK(resumable->close_reason == "missed messages: resume from the last position");
+
+    // What the instance keeps restarted at 3: a resume from 1 is told so; from 3 it is recovered.
+    std::size_t read = 0;
+    CHECK(one.manager.read_history("k", since::after({7, 1}), [&](auto&&...) { ++read; }).outcome == recovery::trimmed);
+    CHECK(one.manager.read_history("k", since::after({7, 3}), [&](auto&&...) { ++read; }).outcome ==
+          recovery::recovered);
+    CHECK(read == 0);
+
+    // The broker's epoch changed (Redis restarted): the same, through adopt_position.
+    auto again = peer();
+    auto s3 = one.manager.subscribe(fake_socket(again), "k", enveloped);
+    CHECK_FALSE(one.manager.adopt_position("k", {7, 3}));  // nothing new
+    CHECK(one.manager.adopt_position("k", {9, 0}));
+    settle();
+    CHECK(again->close_code == 1013);
+    CHECK(one.manager.read_history("k", since::after({7, 3}), [](auto&&...) {}).outcome == recovery::epoch_changed);
+    CHECK(one.manager.deliver("k", m("new"), {9, 1}).queued == 1);  // the plain one
+    settle();
+    CHECK(plain->received.back() == "new");
+}
+
+TEST_CASE_FIXTURE(
+    fixture,
+    "a relay that cannot prepare the keys gets the connection refused with 1013; async_subscribe waits for it") {
+    stream_broker broker;
+    instance one(broker, 8);
+    one.relay->available = false;
+    auto p = peer();
+    std::optional<error_code> ended;
+    net::co_spawn(ioc, one.manager.serve(fake_socket(p), "k", enveloped),
+                  [&](std::exception_ptr, error_code ec) { ended = ec; });
+    settle();
+    REQUIRE(ended);
+    CHECK(*ended == wsbroadcast::error::relay_unavailable);
+    CHECK(p->close_code == 1013);
+    CHECK(one.manager.size() == 0);
+    CHECK(one.manager.stats().refused == 1);
+
+    auto q = peer();
+    auto s = one.manager.subscribe(fake_socket(q), std::vector<std::string>{}, enveloped);
+    std::optional<error_code> subscribed;
+    s.handle().async_subscribe("k", since::latest(), net::bind_executor(ioc, [&](error_code ec) { subscribed = ec; }));
+    CHECK_FALSE(subscribed);
+    settle();
+    CHECK(subscribed == error_code(wsbroadcast::error::relay_unavailable));
+    CHECK(s.keys().empty());
+
+    one.relay->available = true;
+    one.relay->publish_positioned(std::vector<std::string>{"k"}, wsbroadcast::message::text("kept"),
+                                  [](error_code, std::vector<position>) {});
+    subscribed.reset();
+    s.handle().async_subscribe("k", since::latest(), [&](error_code ec) { subscribed = ec; });
+    settle();
+    CHECK(subscribed == error_code());
+    CHECK(q->received == std::vector<std::string>{"sub k @1 recovered 1", "k@1:kept"});
+    // Let go of after every prepare, refused or not: the connection, the two subscribes.
+    CHECK(one.relay->released == std::vector<std::string>{"k", "k", "k"});
+}
