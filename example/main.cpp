@@ -157,7 +157,10 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
                                  and every instance delivers it to its own subscribers; each
                                  instance subscribes only to ids it has subscribers for. While
                                  Redis is unreachable pushes answer 503 and the server reconnects.
-                                 Delivery across instances is at most once. (Pub/sub ignores /DB.)
+                                 Without history, delivery across instances is at most once; with
+                                 --history-size, Redis keeps the history, a client resumes on any
+                                 instance, and an instance repairs what it missed. (Pub/sub
+                                 ignores /DB.)
   --redis-prefix PREFIX          channel name prefix, to share one Redis between deployments
                                  (default "wsbroadcast:"; the channel for id X is PREFIX + X)
   --redis-ping-interval SECONDS  PING Redis this often (default 5)
@@ -738,7 +741,17 @@ std::string metrics_text(const State& state) {
                "dropped.",
                {{"", r.too_large.load()}});
         metric("wsbroadcast_relay_messages_out_total", "counter",
-               "PUBLISH commands Redis acknowledged (one per id of a push).", {{"", r.messages_out.load()}});
+               "Pushes Redis acknowledged (one PUBLISH per id of a push; with history, one script per push).",
+               {{"", r.messages_out.load()}});
+        metric("wsbroadcast_relay_history_reads_total", "counter",
+               "With history: reads of an id's stream after a position skipped or Redis came back.",
+               {{"", r.repairs.load()}});
+        metric("wsbroadcast_relay_repaired_messages_total", "counter",
+               "With history: messages pub/sub did not bring, delivered from the stream by those reads.",
+               {{"", r.repaired.load()}});
+        metric("wsbroadcast_relay_not_ready_refusals_total", "counter",
+               "WebSockets refused (1013) because Redis did not confirm their ids within 5 s.",
+               {{"", r.prepare_timeouts.load()}});
         metric("wsbroadcast_relay_unacknowledged_bytes", "gauge",
                "Bytes of pushes Redis has not answered yet (over 8 MiB, pushes get 503).",
                {{"", r.unacknowledged_bytes.load()}});
@@ -785,8 +798,10 @@ bool same_origin(const request& req) {
 // LNbits answers {"sent": true, "data": ...}; we add how many connections the message reached here
 // (each once, however many of the ids it is on), or, through Redis, that it was relayed (every
 // instance delivers it to its own subscribers).
+// Why a push may not be sent, answered; nullopt when it may.
 template <class State>
-response push(State& state, const request& req, const std::vector<std::string>& ids, std::string_view data) {
+std::optional<response> refuse_push(State& state, const request& req, const std::vector<std::string>& ids,
+                                    std::string_view data) {
     // CORS alone only hides the answer from a page: a simple POST still arrives. Refuse it here.
     if (!origin_may_push(state.options.cors_origins, req[http::field::origin]) && !same_origin<State>(req)) {
         refuse(refusal::forbidden_origin,
@@ -813,7 +828,13 @@ response push(State& state, const request& req, const std::vector<std::string>& 
         return make_error(req, http::status::bad_request,
                           "the data is not valid UTF-8, as a WebSocket text message must be: nothing was sent");
     }
-    const auto result = state.manager.publish(ids, data);  // one send for every id: once per connection
+    return std::nullopt;
+}
+
+// What the pusher is told of a push that was made.
+template <class State>
+response push_answer(State& state, const request& req, const std::vector<std::string>& ids, std::string_view data,
+                     const wsbroadcast::publish_result& result) {
     if (result.error) {
         // The relay's reason (Redis refusing a SUBSCRIBE, not answering) is what the pusher can act on.
         const auto why = state.relay ? state.relay->problem() : std::string();
@@ -826,8 +847,22 @@ response push(State& state, const request& req, const std::vector<std::string>& 
     pushes_accepted.fetch_add(1, std::memory_order_relaxed);
     auto reach =
         result.relayed ? std::string(R"("relayed":true)") : R"("connections":)" + std::to_string(result.local.queued);
-    reach += positions_field(ids, result.local.positions);
+    reach += positions_field(ids, result.positions);
     return make_response(req, http::status::ok, R"({"sent":true,"data":)" + json_string(data) + "," + reach + "}");
+}
+
+std::string_view pushed_data(const request& req, const route& r) {
+    return r.data ? std::string_view(*r.data) : std::string_view(req.body());
+}
+
+// With history through Redis, a push is answered once Redis has given it its position.
+template <class State>
+net::awaitable<response> positioned_push(State& state, const request& req, const route& r) {
+    const auto data = pushed_data(req, r);
+    if (auto refusal = refuse_push(state, req, r.ids, data)) co_return std::move(*refusal);
+    const auto result =
+        co_await state.manager.async_publish(r.ids, wsbroadcast::message::text(data), net::use_awaitable);
+    co_return push_answer(state, req, r.ids, data, result);
 }
 
 // A browser asks before a push it cannot send as a "simple" request (a token header, a JSON body).
@@ -882,8 +917,12 @@ response handle(State& state, const request& req, const route& r) {
                              R"({"status":"ok","connections":)" + std::to_string(state.manager.size()) + relay + "}");
     }
     case route_kind::push_body:
-        return push(state, req, r.ids, r.data ? std::string_view(*r.data) : std::string_view(req.body()));
-    case route_kind::push_path: return push(state, req, r.ids, *r.data);
+    case route_kind::push_path: {
+        const auto data = pushed_data(req, r);
+        if (auto refusal = refuse_push(state, req, r.ids, data)) return std::move(*refusal);
+        // One send for every id: once per connection.
+        return push_answer(state, req, r.ids, data, state.manager.publish(r.ids, data));
+    }
     case route_kind::preflight: return preflight(state.options, req);
     case route_kind::subscribe: {
         auto res = make_error(req, http::status::upgrade_required, "this route is a WebSocket: send an upgrade");
@@ -983,8 +1022,10 @@ std::string subscribe_problem(wsbroadcast::error_code ec, const server_options& 
 // was checked at the upgrade; the per-key and per-connection limits are the manager's. A subscribe
 // that succeeds is answered by the manager itself: it queues the subscribed frame as it registers
 // the key, so the frame comes before any message of that key.
+// `through_redis`: a subscribe waits until Redis has confirmed the id (with history: and this
+// instance has its history), as a connection's first ids do before the 101.
 template <class Handle>
-void answer_command(const server_options& o, Handle& h, std::string_view frame, bool binary) {
+void answer_command(const server_options& o, Handle& h, std::string_view frame, bool binary, bool through_redis) {
     const auto c = v1::parse_command(frame, binary);
     auto refuse_with = [&](refusal kind, std::string_view reason) {
         // Only a valid key is logged: the others could hold anything, line breaks included.
@@ -1000,6 +1041,13 @@ void answer_command(const server_options& o, Handle& h, std::string_view frame, 
         // the subscribe. Subscribing again is answered again, and changes nothing.
         if (h.subscribed_to(*c.key)) {
             h.send(v1::subscribed_frame(*c.key));
+        } else if (through_redis) {
+            h.async_subscribe(*c.key, c.since, [h, key = *c.key, &o](wsbroadcast::error_code ec) {
+                if (!ec || ec == wsbroadcast::error::not_registered) return;
+                const auto why = subscribe_problem(ec, o);
+                refuse(refusal_of(ec), "wsbroadcast.v1 command for " + key + ": " + why);
+                h.send(v1::error_frame(key, why));
+            });
         } else if (const auto ec = h.subscribe(*c.key, c.since);
                    ec && ec != wsbroadcast::error::not_registered) {  // gone: nobody to answer
             refuse_with(refusal_of(ec), subscribe_problem(ec, o));
@@ -1063,9 +1111,9 @@ void subscribe(State& state, Stream stream, request req, std::vector<std::string
     wsbroadcast::initial_keys<std::string> keys;
     const auto since = multiplexed ? since_in(req) : std::nullopt;  // checked by refuse_upgrade
     for (auto& id : ids) keys.add(std::move(id), since ? *v1::parse_since(*since) : wsbroadcast::since());
-    auto on_message = [&options = state.options, multiplexed](typename State::manager_type::connection_handle& h,
-                                                              std::string_view frame, bool binary) {
-        if (multiplexed) answer_command(options, h, frame, binary);
+    auto on_message = [&options = state.options, multiplexed, redis = state.relay && state.relay->positions()](
+                          typename State::manager_type::connection_handle& h, std::string_view frame, bool binary) {
+        if (multiplexed) answer_command(options, h, frame, binary, redis);
     };
     // Registered before the 101 goes out: a client that sees its handshake complete misses nothing.
     state.manager.accept_and_serve(std::move(ws), std::move(req), std::move(keys), connection, on_message,
@@ -1129,7 +1177,12 @@ net::awaitable<void> http_session(State& state, Stream stream) {
             subscribe(state, std::move(stream), std::move(req), r.ids, multiplexed);
             co_return;
         }
-        auto res = handle(state, req, r);
+        const bool pushes = r.kind == route_kind::push_body || r.kind == route_kind::push_path;
+        response res;
+        if (pushes && state.relay && state.relay->positions())  // not a ?: g++ 12 miscompiles co_await in one
+            res = co_await positioned_push(state, req, r);
+        else
+            res = handle(state, req, r);
         allow_cross_origin(state.options, req, res);
         if (req.method() == http::verb::head) {  // the GET's headers, its length included, without the body
             const auto length = res.body().size();
@@ -1260,7 +1313,7 @@ int run(const server_options& options, const std::vector<int>& inherited, tls_co
         relay = std::make_shared<typename state_type::relay_type>(
             *options.redis, options.redis_prefix,
             [](bool warning, const std::string& what) { log(warning ? log_level::warn : log_level::info, what); },
-            options.redis_timing, options.max_message_bytes);
+            options.redis_timing, options.max_message_bytes, options.history);
         manager_options.relay = relay;
     }
     // Before the io_context: the manager must outlive every connection.

@@ -12,12 +12,20 @@
 // refuses (an ACL without SUBSCRIBE, or without the channel) fails the relay the same way, by name.
 // A push is one PUBLISH on each of its keys' channels; relay_wire.hpp has the payload's format, and
 // how an instance subscribed to several of those channels delivers such a push only once.
-// Delivery across instances is at most once: a message published while an instance's subscriber
-// is down never reaches that instance.
+// Without history, delivery across instances is at most once: a message published while an
+// instance's subscriber is down never reaches that instance.
+//
+// With history (--history-size), Redis keeps each id's stream and gives every push its position
+// (redis_history.hpp has the scripts), and the manager's history mirrors it: an instance that
+// starts following an id reads what Redis keeps of it first, so a client can resume on any
+// instance; and an instance that sees a position skip (its subscriber connection was lost, or
+// Redis dropped pub/sub messages) reads what it missed from the stream before going on, so even
+// plain clients lose nothing a short blip took, as long as the stream still has it.
 #pragma once
 
 #include "wsbroadcast.hpp"
 
+#include "redis_history.hpp"
 #include "relay_wire.hpp"
 #include "routes.hpp"
 
@@ -27,6 +35,7 @@
 #include <boost/asio/strand.hpp>
 
 #include <hiredis/async.h>
+#include <map>
 #include <hiredis/hiredis.h>
 
 #include <algorithm>
@@ -146,6 +155,9 @@ public:
         std::atomic<std::uint64_t> channels{0};            // keys subscribed now
         std::atomic<std::uint64_t> refusals{0};            // commands Redis refused (ACL, password): each a failure
         std::atomic<std::uint64_t> ping_timeouts{0};       // PINGs unanswered by their deadline: each a failure
+        std::atomic<std::uint64_t> repairs{0};             // history reads after a position skipped or a reconnect
+        std::atomic<std::uint64_t> repaired{0};            // messages those reads delivered
+        std::atomic<std::uint64_t> prepare_timeouts{0};    // connections refused: their ids not ready in time
         std::atomic<std::size_t> unacknowledged_bytes{0};  // pushes handed to Redis, not answered yet
     };
 
@@ -153,13 +165,16 @@ public:
     /// `max_message_bytes`: what this instance takes in a push; a larger message from another
     /// instance (with a larger limit) is dropped rather than sent to subscribers whose outboxes
     /// are sized for this one's.
+    /// `history`: with max_messages > 0, Redis keeps each id's history and positions its pushes.
     redis_relay(redis_address address, std::string prefix, std::function<void(bool, const std::string&)> log,
-                redis_liveness timing = {}, std::size_t max_message_bytes = std::size_t(-1))
+                redis_liveness timing = {}, std::size_t max_message_bytes = std::size_t(-1),
+                wsbroadcast::history_options history = {})
         : address_(std::move(address)),
           prefix_(std::move(prefix)),
           log_(std::move(log)),
           timing_(timing),
           max_message_bytes_(max_message_bytes),
+          history_(history),
           instance_id_(random_id()) {}
 
     void attach(boost::asio::any_io_executor executor, Manager& manager) {
@@ -168,6 +183,7 @@ public:
         retry_timer_.emplace(*strand_);
         ping_timer_.emplace(*strand_);
         resolver_.emplace(*strand_);
+        epochs_.seed(random_id());
         boost::asio::post(*strand_, [self = this->shared_from_this()] { self->connect(); });
     }
 
@@ -199,7 +215,50 @@ public:
 
     void interest(const std::string& key, bool needed) override {
         if (stopping_) return;  // detached: connections torn down with the io_context end here
-        boost::asio::post(*strand_, [self = this->shared_from_this(), key, needed] { self->change(key, needed); });
+        boost::asio::post(*strand_, [self = this->shared_from_this(), key, needed] { self->hold(key, needed); });
+    }
+
+    bool positions() const override { return history_.max_messages > 0; }
+
+    /// With history: ready once Redis has confirmed the SUBSCRIBE of every key and this
+    /// instance's history of each is Redis' (read once, when the instance starts following it).
+    /// Refused (relay_unavailable) when that takes longer than prepare_timeout: Redis is away.
+    /// Without history, at once: delivery is at most once anyway, and a client connecting while
+    /// Redis is away is accepted and served once it is back.
+    void prepare(std::span<const std::string> keys, std::function<void(wsbroadcast::error_code)> done) override {
+        if (!positions()) return done({});
+        if (stopping_) return done(wsbroadcast::error::relay_unavailable);
+        boost::asio::post(*strand_, [self = this->shared_from_this(), keys = std::vector(keys.begin(), keys.end()),
+                                     done = std::move(done)]() mutable { self->wait_ready(keys, std::move(done)); });
+    }
+
+    void release(std::span<const std::string> keys) override {
+        if (!positions() || stopping_) return;
+        boost::asio::post(*strand_, [self = this->shared_from_this(), keys = std::vector(keys.begin(), keys.end())] {
+            for (const auto& key : keys) self->hold(key, false);
+        });
+    }
+
+    /// One script per push (redis_history.hpp): Redis positions it in each key's stream, keeps it
+    /// and PUBLISHes it with its position; done gets the positions once Redis has answered.
+    void publish_positioned(
+        std::span<const std::string> keys, const wsbroadcast::message& m,
+        std::function<void(wsbroadcast::error_code, std::vector<wsbroadcast::position>)> done) override {
+        if (!positions()) return wsbroadcast::relay<std::string>::publish_positioned(keys, m, std::move(done));
+        if (!counters_.connected.load(std::memory_order_acquire))
+            return done(wsbroadcast::error::relay_unavailable, {});
+        if (keys.empty()) return done({}, {});
+        std::size_t cost = m.size() + 64;  // the script's arguments and reply, until Redis answers
+        for (const auto& key : keys) cost += 3 * (prefix_.size() + key.size() + 4);  // a channel and two keys each
+        if (counters_.unacknowledged_bytes.fetch_add(cost) + cost > max_unacknowledged_bytes) {
+            counters_.unacknowledged_bytes.fetch_sub(cost);
+            return done(wsbroadcast::error::relay_unavailable, {});
+        }
+        auto push = std::make_unique<positioned_push>(
+            positioned_push{std::vector(keys.begin(), keys.end()), std::string(m.data()), cost, std::move(done)});
+        boost::asio::post(*strand_, [self = this->shared_from_this(), push = std::move(push)]() mutable {
+            self->send_positioned(std::move(push));
+        });
     }
 
     /// One PUBLISH per key's channel. Refused while Redis is away, and while more than
@@ -263,6 +322,253 @@ private:
     }
 
     static redis_relay* of(const redisAsyncContext* ac) { return static_cast<redis_relay*>(ac->data); }
+
+    // ---- following ids: readiness, history, repair -------------------------------------------
+
+    // How long a connection waits for its ids to be ready (SUBSCRIBE confirmed, history read)
+    // before it is refused with 1013: long enough for a reconnect, short of a client's patience.
+    static constexpr auto prepare_timeout = std::chrono::seconds(5);
+    // Live messages of an id kept while its history is read; beyond it they are dropped, and the
+    // skip they leave is read back from the stream afterwards.
+    static constexpr std::size_t max_held = 10'000;
+
+    // One prepare() waiting for its ids.
+    struct waiter {
+        std::function<void(wsbroadcast::error_code)> done;
+        std::size_t remaining = 0;
+        std::optional<boost::asio::steady_timer> deadline;
+        void finish(wsbroadcast::error_code ec) {
+            if (!done) return;
+            if (deadline) deadline->cancel();
+            std::exchange(done, nullptr)(ec);
+        }
+    };
+
+    // An id this instance follows (someone holds it: a connection, or a prepare()).
+    struct followed {
+        unsigned holds = 0;
+        bool ready = false;    // subscribed on this connection and, with history, in step with Redis
+        bool reading = false;  // a history read is in flight
+        std::optional<wsbroadcast::position> last;                        // the newest position delivered here
+        std::vector<std::pair<wsbroadcast::position, std::string>> held;  // live messages during a read
+        std::vector<std::shared_ptr<waiter>> waiting;
+    };
+
+    void hold(const std::string& key, bool take) {
+        auto it = followed_.find(key);
+        if (take) {
+            if (it == followed_.end()) {
+                it = followed_.emplace(key, followed{}).first;
+                change(key, true);
+                if (confirmed_.count(key)) key_confirmed(key);  // still subscribed: an UNSUBSCRIBE never went
+            }
+            ++it->second.holds;
+            return;
+        }
+        if (it == followed_.end() || --it->second.holds > 0) return;
+        followed_.erase(it);  // nobody waits: a waiter holds the key
+        change(key, false);
+    }
+
+    void wait_ready(const std::vector<std::string>& keys, std::function<void(wsbroadcast::error_code)> done) {
+        auto w = std::make_shared<waiter>();
+        w->done = std::move(done);
+        for (const auto& key : keys) {
+            hold(key, true);
+            auto& f = followed_.at(key);
+            if (!f.ready) {
+                ++w->remaining;
+                f.waiting.push_back(w);
+            }
+        }
+        if (w->remaining == 0) return w->finish({});
+        w->deadline.emplace(*strand_, prepare_timeout);
+        w->deadline->async_wait([self = this->shared_from_this(), w](auto ec) {
+            if (ec || !w->done) return;
+            self->counters_.prepare_timeouts.fetch_add(1, std::memory_order_relaxed);
+            w->finish(wsbroadcast::error::relay_unavailable);
+        });
+    }
+
+    void became_ready(followed& f) {
+        f.ready = true;
+        for (auto& w : std::exchange(f.waiting, {}))
+            if (--w->remaining == 0) w->finish({});
+    }
+
+    // Redis confirmed the SUBSCRIBE of a followed id on this connection.
+    void key_confirmed(const std::string& key) {
+        auto it = followed_.find(key);
+        if (it == followed_.end() || it->second.ready || it->second.reading) return;
+        if (positions()) return read_history(key);
+        became_ready(it->second);
+    }
+
+    // Reads what Redis keeps of `key` after what this instance has, on the publisher connection
+    // (a subscribed connection takes no other command). Live messages wait meanwhile.
+    void read_history(const std::string& key) {
+        auto& f = followed_.at(key);
+        if (!publisher_ || !publisher_up_) return;  // the next connection reads it again
+        const auto meta = redis_history::meta_key(prefix_, key), stream = redis_history::stream_key(prefix_, key);
+        const auto fresh = redis_history::epoch_text(epochs_() | 1);
+        const auto position_ttl = std::to_string(seconds(history_.position_ttl));
+        const auto after_epoch = f.last ? redis_history::epoch_text(f.last->epoch) : std::string();
+        const auto after_offset = std::to_string(f.last ? f.last->offset : 0);
+        const char* argv[] = {"EVALSHA",           read_sha_.c_str(),   "2",           meta.c_str(),
+                              stream.c_str(),      run_id_.c_str(),     fresh.c_str(), position_ttl.c_str(),
+                              after_epoch.c_str(), after_offset.c_str()};
+        std::size_t lengths[std::size(argv)];
+        for (std::size_t i = 0; i < std::size(argv); ++i) lengths[i] = std::strlen(argv[i]);
+        lengths[3] = meta.size();
+        lengths[4] = stream.size();
+        auto* request = new read_request{key, attempt_};
+        if (redisAsyncCommandArgv(publisher_, &redis_relay::on_history, request, static_cast<int>(std::size(argv)),
+                                  argv, lengths) != REDIS_OK) {
+            delete request;
+            return;
+        }
+        f.reading = true;
+        if (f.last) counters_.repairs.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    struct read_request {
+        std::string key;
+        unsigned attempt;
+    };
+
+    static void on_history(redisAsyncContext* ac, void* reply, void* privdata) {
+        std::unique_ptr<read_request> request(static_cast<read_request*>(privdata));
+        auto* self = of(ac);
+        auto* r = static_cast<redisReply*>(reply);
+        if (!r || ac != self->publisher_ || request->attempt != self->attempt_) return;  // going away
+        if (r->type == REDIS_REPLY_ERROR) return self->refused("EVALSHA (history read)", r->str);
+        auto it = self->followed_.find(request->key);
+        if (it == self->followed_.end()) return;  // nobody follows it any more
+        auto& f = it->second;
+        f.reading = false;
+        const auto epoch = r->type == REDIS_REPLY_ARRAY && r->elements == 4 && r->element[0]->type == REDIS_REPLY_STRING
+                               ? redis_history::parse_epoch({r->element[0]->str, r->element[0]->len})
+                               : std::nullopt;
+        if (!epoch) return self->fail("a history read answered in an unknown format");
+        const auto top = redis_history::entry_offset(std::string(r->element[1]->str, r->element[1]->len) + "-0");
+        const std::int64_t now_ms = r->element[2]->integer;
+        const auto* entries = r->element[3];
+        const auto oldest_ms = now_ms - static_cast<std::int64_t>(seconds(self->history_.ttl)) * 1000;
+        std::vector<redis_history::entry> kept;
+        for (std::size_t i = 0; i < entries->elements; ++i) {
+            const auto* e = entries->element[i];
+            if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[1]->elements != 4) continue;
+            const auto* fields = e->element[1];
+            redis_history::entry entry{redis_history::entry_offset({e->element[0]->str, e->element[0]->len}),
+                                       {fields->element[1]->str, fields->element[1]->len},
+                                       std::strtoll(fields->element[3]->str, nullptr, 10)};
+            if (entry.offset && (self->history_.ttl.count() == 0 || entry.at_ms > oldest_ms)) kept.push_back(entry);
+        }
+        self->apply_history(request->key, f, {*epoch, top}, kept);
+    }
+
+    // What a read brought: the first time, this instance's history of the key becomes Redis';
+    // later, what it missed is delivered (a break, where Redis no longer has it, as the manager
+    // handles one). Then the live messages held meanwhile.
+    void apply_history(const std::string& key, followed& f, wsbroadcast::position top,
+                       const std::vector<redis_history::entry>& entries) {
+        const bool same_epoch = f.last && f.last->epoch == top.epoch;
+        const std::uint64_t first = entries.empty() ? top.offset + 1 : entries.front().offset;
+        if (!same_epoch || first > f.last->offset + 1) manager_->adopt_position(key, {top.epoch, first - 1});
+        std::size_t delivered = 0;
+        for (const auto& e : entries) {
+            if (same_epoch && e.offset <= f.last->offset) continue;
+            if (deliverable(key, e.data))
+                delivered += !manager_->deliver(key, wsbroadcast::message::text(e.data), {top.epoch, e.offset})
+                                  .positions.empty();
+        }
+        if (f.last) counters_.repaired.fetch_add(delivered, std::memory_order_relaxed);
+        f.last = top;
+        for (auto& [at, data] : std::exchange(f.held, {})) on_live(key, f, at, data, false);
+        became_ready(f);
+    }
+
+    // A live message with its position: in order, it is delivered; a copy is dropped; after a
+    // skip (or another epoch), what was missed is read from the stream first (once: a skip the
+    // read could not fill is delivered as the break it is).
+    void on_live(const std::string& key, followed& f, wsbroadcast::position at, std::string_view data, bool may_read) {
+        if (f.reading || (!f.ready && may_read)) {
+            if (f.held.size() < max_held) f.held.emplace_back(at, std::string(data));
+            return;
+        }
+        if (f.last && f.last->epoch == at.epoch && at.offset <= f.last->offset) {
+            counters_.duplicates.fetch_add(1, std::memory_order_relaxed);
+            return;
+        }
+        if (may_read && f.last && (f.last->epoch != at.epoch || at.offset != f.last->offset + 1)) {
+            f.held.emplace_back(at, std::string(data));
+            f.ready = false;
+            return read_history(key);
+        }
+        f.last = at;
+        if (deliverable(key, data)) manager_->deliver(key, wsbroadcast::message::text(data), at);
+    }
+
+    // ---- pushes with positions -----------------------------------------------------------------
+
+    struct positioned_push {
+        std::vector<std::string> keys;
+        std::string data;
+        std::size_t cost;
+        std::function<void(wsbroadcast::error_code, std::vector<wsbroadcast::position>)> done;
+    };
+
+    void send_positioned(std::unique_ptr<positioned_push> push) {
+        const auto fresh = redis_history::epoch_text(epochs_() | 1);
+        const auto max_messages = std::to_string(history_.max_messages);
+        const auto ttl_ms = std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(history_.ttl).count());
+        const auto position_ttl = std::to_string(seconds(history_.position_ttl));
+        std::vector<std::string> args{"EVALSHA", publish_sha_, std::to_string(push->keys.size() * 2)};
+        for (const auto& key : push->keys) {
+            args.push_back(redis_history::meta_key(prefix_, key));
+            args.push_back(redis_history::stream_key(prefix_, key));
+        }
+        args.insert(args.end(), {run_id_, max_messages, ttl_ms, position_ttl, fresh, push->data});
+        for (const auto& key : push->keys) args.push_back(prefix_ + key);
+        std::vector<const char*> argv;
+        std::vector<std::size_t> lengths;
+        for (const auto& a : args) {
+            argv.push_back(a.data());
+            lengths.push_back(a.size());
+        }
+        auto* raw = push.release();
+        if (!publisher_ ||
+            redisAsyncCommandArgv(publisher_, &redis_relay::on_positioned, raw, static_cast<int>(argv.size()),
+                                  argv.data(), lengths.data()) != REDIS_OK) {
+            std::unique_ptr<positioned_push> lost(raw);
+            counters_.unacknowledged_bytes.fetch_sub(lost->cost);
+            lost->done(wsbroadcast::error::relay_unavailable, {});
+        }
+    }
+
+    static void on_positioned(redisAsyncContext* ac, void* reply, void* privdata) {
+        std::unique_ptr<positioned_push> push(static_cast<positioned_push*>(privdata));
+        auto* self = of(ac);
+        self->counters_.unacknowledged_bytes.fetch_sub(push->cost);
+        auto* r = static_cast<redisReply*>(reply);
+        std::vector<wsbroadcast::position> at;
+        if (r && r->type == REDIS_REPLY_ARRAY && r->elements == push->keys.size()) {
+            for (std::size_t i = 0; i < r->elements; ++i)
+                if (auto p = wsbroadcast::position::parse({r->element[i]->str, r->element[i]->len})) at.push_back(*p);
+        }
+        if (at.size() != push->keys.size()) {
+            push->done(wsbroadcast::error::relay_unavailable, {});
+            // Refused (an ACL without EVALSHA, Redis out of memory): pretending would lose every push.
+            if (r && r->type == REDIS_REPLY_ERROR && ac == self->publisher_) self->refused("EVALSHA (push)", r->str);
+            return;
+        }
+        self->counters_.messages_out.fetch_add(1, std::memory_order_relaxed);
+        push->done({}, std::move(at));
+    }
+
+    static long long seconds(std::chrono::steady_clock::duration d) {
+        return std::chrono::duration_cast<std::chrono::seconds>(d).count();
+    }
 
     // ---- connecting ----------------------------------------------------------------------------
 
@@ -337,7 +643,17 @@ private:
     // Redis has answered a PING on it: one that accepts connections but answers nothing is not.
     void up(redisAsyncContext* ac) {
         redisEnableKeepAlive(&ac->c);  // a peer gone without a word is noticed by TCP, eventually
-        if (ac == publisher_) return ping();
+        if (ac == publisher_) {
+            // Answered before the PING is: the publisher is up with the scripts loaded and the run_id known.
+            if (positions()) {
+                redisAsyncCommand(ac, &redis_relay::on_run_id, nullptr, "INFO server");
+                redisAsyncCommand(ac, &redis_relay::on_script, &publish_sha_, "SCRIPT LOAD %b",
+                                  redis_history::publish_script.data(), redis_history::publish_script.size());
+                redisAsyncCommand(ac, &redis_relay::on_script, &read_sha_, "SCRIPT LOAD %b",
+                                  redis_history::read_script.data(), redis_history::read_script.size());
+            }
+            return ping();
+        }
         subscriber_up_ = true;
         awaiting_ = wanted_;
         sync_subscriptions();
@@ -371,6 +687,33 @@ private:
         });
     }
 
+    static void on_run_id(redisAsyncContext* ac, void* reply, void*) {
+        auto* self = of(ac);
+        auto* r = static_cast<redisReply*>(reply);
+        if (!r || ac != self->publisher_) return;
+        if (r->type == REDIS_REPLY_ERROR) return self->refused("INFO", r->str);
+        const std::string_view info(r->str, r->type == REDIS_REPLY_STRING ? r->len : 0);
+        const auto at = info.find("run_id:");
+        if (at == std::string_view::npos) return self->fail("INFO server gave no run_id");
+        const auto value = info.substr(at + 7, info.find_first_of("\r\n", at) - at - 7);
+        self->run_id_ = std::string(value);
+    }
+
+    static void on_script(redisAsyncContext* ac, void* reply, void* sha) {
+        auto* self = of(ac);
+        auto* r = static_cast<redisReply*>(reply);
+        if (!r || ac != self->publisher_) return;
+        if (r->type != REDIS_REPLY_STRING)
+            return self->refused("SCRIPT LOAD", r->type == REDIS_REPLY_ERROR ? r->str : "?");
+        static_cast<std::string*>(sha)->assign(r->str, r->len);
+    }
+
+    // The publisher is up: ids whose SUBSCRIBE was confirmed before it was get their history read.
+    void catch_up() {
+        for (auto& [key, f] : followed_)
+            if (!f.ready && !f.reading && confirmed_.count(key)) key_confirmed(key);
+    }
+
     static void on_pong(redisAsyncContext* ac, void* reply, void*) {
         auto* self = of(ac);
         auto* r = static_cast<redisReply*>(reply);
@@ -380,7 +723,10 @@ private:
         self->ping_timer_->async_wait([self = self->shared_from_this(), attempt = self->attempt_](auto ec) {
             if (!ec && attempt == self->attempt_) self->ping();
         });
-        if (!std::exchange(self->publisher_up_, true)) self->ready_if_synced();
+        if (!std::exchange(self->publisher_up_, true)) {
+            self->catch_up();
+            self->ready_if_synced();
+        }
     }
 
     static void on_disconnected(const redisAsyncContext* ac, int status) {
@@ -463,6 +809,8 @@ private:
         to_unsubscribe_.clear();
         to_subscribe_ = wanted_;
         awaiting_.clear();
+        confirmed_.clear();
+        for (auto& [key, f] : followed_) f.ready = f.reading = false;  // subscribed again, then read again
         counters_.channels.store(0, std::memory_order_relaxed);
         in_flight_ = 0;
         // Cleared first: the disconnect callbacks these frees run must not take them for new failures.
@@ -513,6 +861,7 @@ private:
         in_flight_subscribe_ = subscribing;
         while (pending.begin() != last) {
             auto node = pending.extract(pending.begin());
+            if (!subscribing) confirmed_.erase(node.value());
             subscribing ? (void)subscribed_.insert(std::move(node)) : (void)subscribed_.erase(node.value());
         }
         counters_.channels.store(subscribed_.size(), std::memory_order_relaxed);
@@ -530,7 +879,12 @@ private:
             self->counters_.messages_in.fetch_add(1, std::memory_order_relaxed);
             self->deliver(channel, std::string_view(r->element[2]->str, r->element[2]->len));
         } else if (kind == "subscribe" || kind == "unsubscribe") {
-            if (kind == "subscribe") self->awaiting_.erase(std::string(channel));  // confirmed, channel by channel
+            if (kind == "subscribe") {  // confirmed, channel by channel
+                const std::string key(channel);
+                self->awaiting_.erase(key);
+                self->confirmed_.insert(key);
+                self->key_confirmed(key);
+            }
             if (self->in_flight_ > 0 && --self->in_flight_ == 0) self->sync_subscriptions();
             self->ready_if_synced();
         }
@@ -540,20 +894,15 @@ private:
     // it once, wherever its keys' SUBSCRIBEs stand. The later copies are dropped.
     void deliver(std::string_view key, std::string_view payload) {
         const auto push = parse_relay_payload(payload);
-        // Text frames must be UTF-8: a foreign publisher on the prefix must not fail every subscriber.
-        if (!push || !valid_utf8(push->data)) {
-            if (counters_.malformed.fetch_add(1, std::memory_order_relaxed) == 0)
-                log_(true, "redis: dropping a message in an unknown format on channel " + prefix_ + std::string(key) +
-                               " (an instance of another version on this prefix?)");
+        if (!push) return (void)deliverable(key, std::nullopt);
+        if (push->at) {
+            // Positioned (history on): followed ids only, in order. (One nobody follows any more
+            // is still subscribed for a moment: what it brings, nobody here needs.)
+            const auto it = followed_.find(std::string(key));
+            if (it != followed_.end()) on_live(it->first, it->second, *push->at, push->data, true);
             return;
         }
-        if (push->data.size() > max_message_bytes_) {
-            if (counters_.too_large.fetch_add(1, std::memory_order_relaxed) == 0)
-                log_(true, "redis: dropping a message of " + std::to_string(push->data.size()) + " bytes on channel " +
-                               prefix_ + std::string(key) + ": over this instance's --max-message-bytes (" +
-                               std::to_string(max_message_bytes_) + "); give every instance the same limits");
-            return;
-        }
+        if (!deliverable(key, push->data)) return;
         if (!push->id) {
             manager_->send(key, push->data);
         } else if (recent_.insert(*push->id)) {
@@ -561,6 +910,25 @@ private:
         } else {
             counters_.duplicates.fetch_add(1, std::memory_order_relaxed);
         }
+    }
+
+    // Text frames must be UTF-8: a foreign publisher on the prefix must not fail every subscriber.
+    // nullopt: a payload in no known format.
+    bool deliverable(std::string_view key, std::optional<std::string_view> data) {
+        if (!data || !valid_utf8(*data)) {
+            if (counters_.malformed.fetch_add(1, std::memory_order_relaxed) == 0)
+                log_(true, "redis: dropping a message in an unknown format on channel " + prefix_ + std::string(key) +
+                               " (an instance of another version on this prefix?)");
+            return false;
+        }
+        if (data->size() > max_message_bytes_) {
+            if (counters_.too_large.fetch_add(1, std::memory_order_relaxed) == 0)
+                log_(true, "redis: dropping a message of " + std::to_string(data->size()) + " bytes on channel " +
+                               prefix_ + std::string(key) + ": over this instance's --max-message-bytes (" +
+                               std::to_string(max_message_bytes_) + "); give every instance the same limits");
+            return false;
+        }
+        return true;
     }
 
     static void on_published(redisAsyncContext* ac, void* reply, void* cost) {
@@ -578,6 +946,7 @@ private:
     const std::function<void(bool, const std::string&)> log_;
     const redis_liveness timing_;
     const std::size_t max_message_bytes_;
+    const wsbroadcast::history_options history_;
     Manager* manager_ = nullptr;
     mutable std::mutex problem_mutex_;
     std::string problem_;  // guarded by problem_mutex_: publish() runs on any thread
@@ -596,16 +965,20 @@ private:
     unsigned attempt_ = 0, failed_attempt_ = 0;
     clock::duration retry_delay_ = first_retry;
     std::string last_error_;
-    std::set<std::string> wanted_;                // keys with local connections, as the manager reported them
-    std::set<std::string> subscribed_;            // keys Redis has (or is about to have) a SUBSCRIBE for
-    std::set<std::string> to_subscribe_;          // wanted, not in subscribed_: to be sent
-    std::set<std::string> to_unsubscribe_;        // in subscribed_, no longer wanted: to be sent
-    std::set<std::string> awaiting_;              // wanted when the subscriber came up, not confirmed yet
-    std::size_t in_flight_ = 0;                   // replies still due for the one (UN)SUBSCRIBE in flight
-    bool in_flight_subscribe_ = false;            // which of the two it is
-    std::string last_failure_;                    // the reason last logged, while the relay is down
-    std::uint64_t repeated_failures_ = 0;         // failures for that same reason since, not logged
-    recent_relay_ids recent_{remembered_pushes};  // multi-key pushes delivered lately
+    std::set<std::string> wanted_;                 // keys with local connections, as the manager reported them
+    std::set<std::string> subscribed_;             // keys Redis has (or is about to have) a SUBSCRIBE for
+    std::set<std::string> to_subscribe_;           // wanted, not in subscribed_: to be sent
+    std::set<std::string> to_unsubscribe_;         // in subscribed_, no longer wanted: to be sent
+    std::set<std::string> awaiting_;               // wanted when the subscriber came up, not confirmed yet
+    std::size_t in_flight_ = 0;                    // replies still due for the one (UN)SUBSCRIBE in flight
+    bool in_flight_subscribe_ = false;             // which of the two it is
+    std::string last_failure_;                     // the reason last logged, while the relay is down
+    std::uint64_t repeated_failures_ = 0;          // failures for that same reason since, not logged
+    recent_relay_ids recent_{remembered_pushes};   // multi-key pushes delivered lately
+    std::map<std::string, followed> followed_;     // ids someone here holds: connections, prepare()s
+    std::set<std::string> confirmed_;              // SUBSCRIBEs Redis confirmed on this connection
+    std::string run_id_, publish_sha_, read_sha_;  // with history: this Redis process, the scripts' SHA1s
+    std::mt19937_64 epochs_;                       // fresh epochs, for ids Redis has none of
 };
 
 }  // namespace wsbroadcast_server

@@ -6,17 +6,23 @@
 //   S<data>                                 a push to this channel's key alone: one PUBLISH
 //   M<id> <n> <len>:<key>...<len>:<key><data>
 //                                           a push to n keys, PUBLISHed once on each key's channel
+//   P<position> <data>                      with history (--history-size): a push to this channel's
+//                                           key, at <position> in its stream (redis_history.hpp's
+//                                           script publishes it; a push to n keys is n of these)
 //
 //   <id>   32 lowercase hex digits: the publishing instance's random 64-bit id, then its 64-bit
 //          counter. An instance subscribed to several of the keys receives one copy per channel:
 //          it delivers the first (to every key, each local connection once) and drops the others.
 //   <n>    how many keys follow, in decimal; each key is its length in decimal, ':', its bytes.
 //   <data> the rest of the payload, as pushed.
+//   <position> as wsbroadcast::position prints it: <epoch in hex>.<offset>.
 //
 // Example: a push of "paid" to alpha and beta is, on both wsbroadcast:alpha and wsbroadcast:beta,
 //   M9f86d081884c7d65000000000000002a 2 5:alpha4:betapaid
 // Instances sharing a prefix must all speak this format (older versions published bare data).
 #pragma once
+
+#include "wsbroadcast.hpp"
 
 #include <algorithm>
 #include <charconv>
@@ -40,13 +46,14 @@ struct relay_message_id {
 
 /// A payload read back: `keys` and `data` point into it.
 struct relayed_push {
-    std::optional<relay_message_id> id;  // set for a multi-key push
-    std::vector<std::string_view> keys;  // empty for a single-key push: the channel says which
+    std::optional<wsbroadcast::position> at;  // set for a push with its position in the key's stream
+    std::optional<relay_message_id> id;       // set for a multi-key push
+    std::vector<std::string_view> keys;       // empty for a single-key push: the channel says which
     std::string_view data;
 };
 
 namespace relay_wire_detail {
-constexpr char single_tag = 'S', multi_tag = 'M';
+constexpr char single_tag = 'S', multi_tag = 'M', positioned_tag = 'P';
 constexpr std::size_t hex_digits = 16;
 
 inline void append_hex(std::string& out, std::uint64_t n) {
@@ -105,6 +112,14 @@ inline std::optional<relayed_push> parse_relay_payload(std::string_view payload)
     relayed_push push;
     if (tag == single_tag) {
         push.data = payload;
+        return push;
+    }
+    if (tag == positioned_tag) {
+        const auto space = payload.find(' ');
+        push.at =
+            space == std::string_view::npos ? std::nullopt : wsbroadcast::position::parse(payload.substr(0, space));
+        if (!push.at || push.at->epoch == 0 || push.at->offset == 0) return std::nullopt;
+        push.data = payload.substr(space + 1);
         return push;
     }
     if (tag != multi_tag) return std::nullopt;

@@ -5,6 +5,7 @@
 #include "environment.hpp"
 #include "log_format.hpp"
 #include "protocol.hpp"
+#include "redis_history.hpp"
 #include "relay_wire.hpp"
 #include "routes.hpp"
 
@@ -426,4 +427,28 @@ TEST_CASE("log lines: text with a UTC timestamp, journald's priorities, and JSON
     CHECK_FALSE(parse_log_format("JSON").has_value());
     CHECK_FALSE(stderr_is_journal(nullptr));
     CHECK_FALSE(stderr_is_journal("garbage"));
+}
+
+TEST_CASE("relay payload: a positioned push (history in Redis) carries its position; a bad one is refused") {
+    const auto p = parse_relay_payload("Pfedcba9876543210.42 paid {\"x\":1}");
+    REQUIRE(p);
+    CHECK(p->at == wsbroadcast::position{0xfedcba9876543210u, 42});
+    CHECK(p->data == "paid {\"x\":1}");
+    CHECK_FALSE(p->id);
+    CHECK(parse_relay_payload("P1.1 ")->data.empty());
+    for (const char* bad : {"P", "P1.1", "Px.1 a", "P0.1 a", "P1.0 a", "P1. a", "P.1 a", "P1.1a"})
+        CHECK_MESSAGE(!parse_relay_payload(bad), bad);
+}
+
+TEST_CASE("redis history: epochs are 16 hex digits both ways; entry ids give their offset") {
+    using namespace wsbroadcast_server::redis_history;
+    CHECK(epoch_text(0x1f) == "000000000000001f");
+    CHECK(parse_epoch(epoch_text(0xfedcba9876543210u)) == 0xfedcba9876543210u);
+    for (const char* bad : {"", "1f", "000000000000000g", "0000000000000000", "0000000000000001f"})
+        CHECK_MESSAGE(!parse_epoch(bad), bad);
+    CHECK(entry_offset("42-0") == 42);
+    CHECK(entry_offset("42-1") == 0);
+    CHECK(entry_offset("x-0") == 0);
+    CHECK(meta_key("p:", "id") == "p:{m}id");
+    CHECK(stream_key("p:", "id") == "p:{h}id");
 }

@@ -2810,3 +2810,116 @@ TEST_CASE("systemd: a build without libsystemd refuses the sockets systemd passe
     CHECK(systemd.until("READY=1", 100ms).empty());
 }
 #endif
+
+// ---- history through Redis: positions from Redis, resume on any instance, repair --------------
+
+namespace {
+
+std::vector<std::string> with_redis_history(const redis_process& redis) {
+    return {"--redis", redis.url(), "--history-size", "1000"};
+}
+
+std::string position_frame(const std::string& key, const std::string& data, const std::string& at) {
+    return R"({"type":"message","key":")" + key + R"(","data":")" + data + R"(","position":")" + at + R"("})";
+}
+
+}  // namespace
+
+TEST_CASE("history through Redis: pushes answer Redis' positions, and a client resumes on another instance") {
+    redis_process redis;
+    server_process a(with_redis_history(redis)), b(with_redis_history(redis));
+    REQUIRE(eventually([&] { return relay_connected(a) && relay_connected(b); }));
+    auto c = multiplexed("/api/v1/ws/pay", a.port());
+    // Its 101 came after Redis confirmed the SUBSCRIBE and gave the id its epoch: a position at 0.
+    const auto start = position_in(c->read().value_or(""));
+    REQUIRE(start.ends_with(".0"));
+    const auto answer = push_to(b, "pay", "one").body();
+    const auto one = position_in(answer);
+    CHECK(answer == R"({"sent":true,"data":"one","relayed":true,"position":")" + one + R"("})");
+    CHECK(one == start.substr(0, start.size() - 1) + "1");  // Redis' stream: the same epoch, offset 1
+    CHECK(c->read() == position_frame("pay", "one", one));
+    c->close();
+    c.reset();
+
+    const auto two = position_in(push_to(a, "pay", "two").body());
+    const auto three = position_in(push_to(a, "pay", "three").body());
+    // Back on b, which never had a subscriber of "pay": b reads Redis' history of it first.
+    auto back = multiplexed("/api/v1/ws/pay?since=" + one, b.port());
+    CHECK(back->read() == R"({"type":"subscribed","key":"pay","position":")" + three + R"(","recovered":true})");
+    CHECK(back->read() == position_frame("pay", "two", two));
+    CHECK(back->read() == position_frame("pay", "three", three));
+    const auto four = position_in(push_to(a, "pay", "four").body());
+    CHECK(back->read() == position_frame("pay", "four", four));
+    CHECK_FALSE(back->read(300ms).has_value());  // each once
+
+    // since=last through a subscribe command, on a: the latest, from Redis' stream.
+    auto latest = multiplexed("/api/v1/ws", a.port());
+    latest->send(R"({"type":"subscribe","key":"pay","since":"last"})");
+    CHECK(latest->read() == R"({"type":"subscribed","key":"pay","position":")" + four + R"(","recovered":true})");
+    CHECK(latest->read() == position_frame("pay", "four", four));
+    CHECK(redis.run({"HGET", "wsbroadcast:{m}pay", "s"}) == "4");  // Redis keeps the position
+}
+
+TEST_CASE("history through Redis: Redis restarted without persistence is \"not recovered\", never a silent gap") {
+    redis_process redis;
+    server_process a(with_redis_history(redis));
+    REQUIRE(eventually([&] { return relay_connected(a); }));
+    auto c = multiplexed("/api/v1/ws/r", a.port());
+    c->read();
+    const auto one = position_in(push_to(a, "r", "one").body());
+    CHECK(c->read() == position_frame("r", "one", one));
+
+    redis.stop();
+    redis.start();  // empty: history, offsets and epochs are gone
+    // The connected client is told: it resumes, and learns that what came meanwhile is lost.
+    beast::error_code ec;
+    CHECK_FALSE(c->read(std::chrono::seconds(10), &ec).has_value());
+    CHECK(ec == websocket::error::closed);
+    CHECK(c->ws.reason().code == 1013);
+    REQUIRE(eventually([&] { return relay_connected(a); }));
+    auto back = multiplexed("/api/v1/ws/r?since=" + one, a.port());
+    const auto frame = back->read().value_or("");
+    CHECK(frame.find(R"("recovered":false,"reason":"the history of this key restarted")") != std::string::npos);
+    const auto after = position_in(push_to(a, "r", "after").body());
+    CHECK(after.ends_with(".1"));  // a new epoch
+    CHECK(after.substr(0, 16) != one.substr(0, 16));
+    CHECK(back->read() == position_frame("r", "after", after));
+}
+
+TEST_CASE("history through Redis: an instance's pub/sub connection killed while pushes flow loses nothing") {
+    redis_process redis;
+    server_process a(with_redis_history(redis)), b(with_redis_history(redis));
+    REQUIRE(eventually([&] { return relay_connected(a) && relay_connected(b); }));
+    auto plain = subscriber("flow", a.port());  // an LNbits client: it cannot resume, a must repair
+    REQUIRE(eventually([&] { return redis.subscribers("wsbroadcast:flow") == 1; }));
+    constexpr int pushes = 300;
+    for (int i = 0; i < pushes; ++i) {
+        if (i == 100) redis.run({"CLIENT", "KILL", "TYPE", "pubsub"});  // a's subscriber: b's has no channel
+        REQUIRE(push_to(b, "flow", "m" + std::to_string(i)).result() == http::status::ok);
+    }
+    for (int i = 0; i < pushes; ++i) REQUIRE(plain->read() == "m" + std::to_string(i));
+    CHECK_FALSE(plain->read(300ms).has_value());
+    CHECK(metric(a, "wsbroadcast_relay_failures_total") >= 1);       // the kill was felt...
+    CHECK(metric(a, "wsbroadcast_relay_history_reads_total") >= 1);  // ...and repaired from the stream
+    CHECK(metric(a, "wsbroadcast_relay_repaired_messages_total") >= 1);
+}
+
+TEST_CASE("history through Redis: a first subscriber's handshake completes only once Redis confirmed its SUBSCRIBE") {
+    redis_process redis;
+    server_process a(with_redis_history(redis)), b(with_redis_history(redis));
+    REQUIRE(eventually([&] { return relay_connected(a) && relay_connected(b); }));
+    CHECK(redis.run({"CLIENT", "PAUSE", "1500", "ALL"}) == "OK");  // Redis answers nobody for 1.5 s
+    std::atomic<bool> open{false};
+    std::unique_ptr<ws_client> c;
+    std::thread connecting([&] {
+        c = std::make_unique<ws_client>();
+        open = !c->connect(a.port(), "/api/v1/ws/first");
+    });
+    std::this_thread::sleep_for(500ms);
+    CHECK_FALSE(open.load());  // before: the 101 came at once, and a push right after it could be lost
+    connecting.join();
+    REQUIRE(open.load());
+    CHECK(redis.subscribers("wsbroadcast:first") == 1);  // confirmed before the 101
+    CHECK(push_to(b, "first", "right after").result() == http::status::ok);
+    CHECK(c->read() == "right after");
+}
