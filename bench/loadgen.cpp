@@ -1318,8 +1318,9 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
             ++ps.errors;
             break;  // the connection's state is unknown: this publisher stops
         }
-        // {"sent":true,"data":"...","connections":N}, or through Redis {"sent":true,"data":"...","relayed":true}.
-        // The data is our payload (hex digits, ':' and 'x'), so neither key can occur inside it.
+        // {"sent":true,"data":"...","connections":N}, or through Redis {"sent":true,"data":"...","relayed":true},
+        // either followed by ,"position":"..." with history on. The data is our payload (hex digits, ':'
+        // and 'x'), so neither key can occur inside it.
         // The naive peer answers exactly {"sent":true}, with no count.
         const std::string_view answer(in.data() + head, total - head);
         constexpr std::string_view key = "\"connections\":";
@@ -1331,7 +1332,7 @@ net::awaitable<void> run_publisher(publisher& ps, run_state& rs) {
                 ++ps.errors;
                 break;
             }
-        } else if (answer.ends_with(",\"relayed\":true}")) {
+        } else if (answer.find(",\"relayed\":true") != std::string_view::npos) {
             ++ps.relayed;
         } else if (at != std::string_view::npos) {
             const char* first = answer.data() + at + key.size();
