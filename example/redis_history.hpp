@@ -104,12 +104,18 @@ struct entry {
     std::int64_t at_ms = 0;
 };
 
+/// An offset as the scripts keep it, in decimal; nullopt for anything else.
+inline std::optional<std::uint64_t> parse_offset(std::string_view text) {
+    std::uint64_t offset = 0;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), offset);
+    if (ec != std::errc() || end != text.data() + text.size()) return std::nullopt;
+    return offset;
+}
+
 /// "<offset>-0" to the offset; 0 for anything else.
 inline std::uint64_t entry_offset(std::string_view id) {
-    std::uint64_t offset = 0;
-    const auto [end, ec] = std::from_chars(id.data(), id.data() + id.size(), offset);
-    if (ec != std::errc() || std::string_view(end, id.data() + id.size() - end) != "-0") return 0;
-    return offset;
+    if (!id.ends_with("-0")) return 0;
+    return parse_offset(id.substr(0, id.size() - 2)).value_or(0);
 }
 
 }  // namespace wsbroadcast_server::redis_history

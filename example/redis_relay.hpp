@@ -35,15 +35,16 @@
 #include <boost/asio/strand.hpp>
 
 #include <hiredis/async.h>
-#include <map>
 #include <hiredis/hiredis.h>
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <chrono>
+#include <cstring>
 #include <functional>
 #include <iterator>
-#include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -349,6 +350,7 @@ private:
         unsigned holds = 0;
         bool ready = false;    // subscribed on this connection and, with history, in step with Redis
         bool reading = false;  // a history read is in flight
+        bool awaited = false;  // followed when the subscriber came up, SUBSCRIBE not confirmed yet
         std::optional<wsbroadcast::position> last;                        // the newest position delivered here
         std::vector<std::pair<wsbroadcast::position, std::string>> held;  // live messages during a read
         std::vector<std::shared_ptr<waiter>> waiting;
@@ -366,7 +368,8 @@ private:
             return;
         }
         if (it == followed_.end() || --it->second.holds > 0) return;
-        followed_.erase(it);  // nobody waits: a waiter holds the key
+        if (it->second.awaited) --awaited_;  // no longer needed: readiness does not wait for it
+        followed_.erase(it);                 // nobody waits: a waiter holds the key
         change(key, false);
     }
 
@@ -446,25 +449,35 @@ private:
         if (it == self->followed_.end()) return;  // nobody follows it any more
         auto& f = it->second;
         f.reading = false;
-        const auto epoch = r->type == REDIS_REPLY_ARRAY && r->elements == 4 && r->element[0]->type == REDIS_REPLY_STRING
-                               ? redis_history::parse_epoch({r->element[0]->str, r->element[0]->len})
-                               : std::nullopt;
-        if (!epoch) return self->fail("a history read answered in an unknown format");
-        const auto top = redis_history::entry_offset(std::string(r->element[1]->str, r->element[1]->len) + "-0");
+        const auto text = [](const redisReply* e) {
+            return e->type == REDIS_REPLY_STRING ? std::string_view(e->str, e->len) : std::string_view();
+        };
+        const bool shaped = r->type == REDIS_REPLY_ARRAY && r->elements == 4 &&
+                            r->element[2]->type == REDIS_REPLY_INTEGER && r->element[3]->type == REDIS_REPLY_ARRAY;
+        const auto epoch = shaped ? redis_history::parse_epoch(text(r->element[0])) : std::nullopt;
+        const auto top = shaped ? redis_history::parse_offset(text(r->element[1])) : std::nullopt;
+        if (!epoch || !top) return self->fail("a history read answered in an unknown format");
         const std::int64_t now_ms = r->element[2]->integer;
         const auto* entries = r->element[3];
         const auto oldest_ms = now_ms - static_cast<std::int64_t>(seconds(self->history_.ttl)) * 1000;
         std::vector<redis_history::entry> kept;
         for (std::size_t i = 0; i < entries->elements; ++i) {
+            // [id, [name, value, ...]]: the publish script writes d (the data) and t (its time in ms).
             const auto* e = entries->element[i];
-            if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[1]->elements != 4) continue;
+            if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[1]->type != REDIS_REPLY_ARRAY) continue;
+            redis_history::entry entry{redis_history::entry_offset(text(e->element[0])), {}, 0};
+            std::optional<std::string_view> data;
             const auto* fields = e->element[1];
-            redis_history::entry entry{redis_history::entry_offset({e->element[0]->str, e->element[0]->len}),
-                                       {fields->element[1]->str, fields->element[1]->len},
-                                       std::strtoll(fields->element[3]->str, nullptr, 10)};
-            if (entry.offset && (self->history_.ttl.count() == 0 || entry.at_ms > oldest_ms)) kept.push_back(entry);
+            for (std::size_t j = 0; j + 1 < fields->elements; j += 2) {
+                const auto name = text(fields->element[j]), value = text(fields->element[j + 1]);
+                if (name == "d") data = value;
+                if (name == "t") std::from_chars(value.data(), value.data() + value.size(), entry.at_ms);
+            }
+            if (!data || !entry.offset) continue;
+            entry.data = *data;
+            if (self->history_.ttl.count() == 0 || entry.at_ms > oldest_ms) kept.push_back(entry);
         }
-        self->apply_history(request->key, f, {*epoch, top}, kept);
+        self->apply_history(request->key, f, {*epoch, *top}, kept);
     }
 
     // What a read brought: the first time, this instance's history of the key becomes Redis';
@@ -655,7 +668,8 @@ private:
             return ping();
         }
         subscriber_up_ = true;
-        awaiting_ = wanted_;
+        for (auto& [key, f] : followed_) f.awaited = true;
+        awaited_ = followed_.size();
         sync_subscriptions();
         ready_if_synced();
     }
@@ -668,7 +682,7 @@ private:
         // Connected: however long subscribing to every key takes now, the PING deadline watches
         // Redis meanwhile. (A connect timeout over it would never let a large keyspace come up.)
         retry_timer_->cancel();
-        if (awaiting_.empty()) ready();
+        if (awaited_ == 0) ready();
     }
 
     // ---- liveness ------------------------------------------------------------------------------
@@ -749,7 +763,7 @@ private:
         set_problem({});
         const auto quiet = std::exchange(repeated_failures_, 0);
         last_failure_.clear();
-        log_(false, "redis: connected to " + where() + ", " + std::to_string(wanted_.size()) + " key(s) to subscribe" +
+        log_(false, "redis: connected to " + where() + ", " + std::to_string(followed_.size()) + " key(s) to subscribe" +
                         (quiet ? ", after " + std::to_string(quiet) + " more failed attempt(s) like the last logged"
                                : std::string()));
         if (when_ready_) when_ready_();
@@ -804,13 +818,16 @@ private:
 
     void free_contexts() {
         subscriber_up_ = publisher_up_ = false;
-        // A new connection subscribes to everything wanted; while there is none, change() keeps it so.
+        // A new connection subscribes to everything followed; while there is none, change() keeps it so.
         subscribed_.clear();
         to_unsubscribe_.clear();
-        to_subscribe_ = wanted_;
-        awaiting_.clear();
+        to_subscribe_.clear();
         confirmed_.clear();
-        for (auto& [key, f] : followed_) f.ready = f.reading = false;  // subscribed again, then read again
+        awaited_ = 0;
+        for (auto& [key, f] : followed_) {
+            to_subscribe_.insert(to_subscribe_.end(), key);
+            f.ready = f.reading = f.awaited = false;  // subscribed again, then read again
+        }
         counters_.channels.store(0, std::memory_order_relaxed);
         in_flight_ = 0;
         // Cleared first: the disconnect callbacks these frees run must not take them for new failures.
@@ -820,16 +837,15 @@ private:
 
     // ---- subscriptions -------------------------------------------------------------------------
 
-    // Each change of interest costs O(log n), whatever the number of keys: what is still to be sent
-    // is kept as its own sets (subscribed_ holds what the commands sent so far ask of Redis).
+    // A key followed (needed) or no longer followed. Each change costs O(log n), whatever the number
+    // of keys: what is still to be sent is kept as its own sets (subscribed_ holds what the commands
+    // sent so far ask of Redis).
     void change(const std::string& key, bool needed) {
-        if (needed ? !wanted_.insert(key).second : wanted_.erase(key) == 0) return;
         const bool asked = subscribed_.count(key) > 0;
         if (needed) {
             asked ? (void)to_unsubscribe_.erase(key) : (void)to_subscribe_.insert(key);
         } else {
             asked ? (void)to_unsubscribe_.insert(key) : (void)to_subscribe_.erase(key);
-            awaiting_.erase(key);  // no longer needed: readiness does not wait for it
         }
         sync_subscriptions();
         if (!needed) ready_if_synced();
@@ -881,8 +897,9 @@ private:
         } else if (kind == "subscribe" || kind == "unsubscribe") {
             if (kind == "subscribe") {  // confirmed, channel by channel
                 const std::string key(channel);
-                self->awaiting_.erase(key);
                 self->confirmed_.insert(key);
+                const auto it = self->followed_.find(key);
+                if (it != self->followed_.end() && std::exchange(it->second.awaited, false)) --self->awaited_;
                 self->key_confirmed(key);
             }
             if (self->in_flight_ > 0 && --self->in_flight_ == 0) self->sync_subscriptions();
@@ -965,11 +982,10 @@ private:
     unsigned attempt_ = 0, failed_attempt_ = 0;
     clock::duration retry_delay_ = first_retry;
     std::string last_error_;
-    std::set<std::string> wanted_;                 // keys with local connections, as the manager reported them
     std::set<std::string> subscribed_;             // keys Redis has (or is about to have) a SUBSCRIBE for
-    std::set<std::string> to_subscribe_;           // wanted, not in subscribed_: to be sent
-    std::set<std::string> to_unsubscribe_;         // in subscribed_, no longer wanted: to be sent
-    std::set<std::string> awaiting_;               // wanted when the subscriber came up, not confirmed yet
+    std::set<std::string> to_subscribe_;           // followed, not in subscribed_: to be sent
+    std::set<std::string> to_unsubscribe_;         // in subscribed_, no longer followed: to be sent
+    std::size_t awaited_ = 0;                      // followed ids whose `awaited` is set
     std::size_t in_flight_ = 0;                    // replies still due for the one (UN)SUBSCRIBE in flight
     bool in_flight_subscribe_ = false;             // which of the two it is
     std::string last_failure_;                     // the reason last logged, while the relay is down

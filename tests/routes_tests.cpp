@@ -449,6 +449,11 @@ TEST_CASE("redis history: epochs are 16 hex digits both ways; entry ids give the
     CHECK(entry_offset("42-0") == 42);
     CHECK(entry_offset("42-1") == 0);
     CHECK(entry_offset("x-0") == 0);
+    CHECK(entry_offset("-0") == 0);
+    CHECK(entry_offset("7-0-0") == 0);
+    CHECK(parse_offset("0") == 0u);
+    CHECK(parse_offset("18446744073709551615") == 18446744073709551615u);
+    for (const char* bad : {"", "-1", "1 ", "x", "18446744073709551616"}) CHECK_MESSAGE(!parse_offset(bad), bad);
     CHECK(meta_key("p:", "id") == "p:{m}id");
     CHECK(stream_key("p:", "id") == "p:{h}id");
 }
