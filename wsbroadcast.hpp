@@ -705,8 +705,9 @@ struct send_result {
 struct publish_result {
     error_code error;      ///< the relay refused the message: nothing was sent anywhere
     bool relayed = false;  ///< the relay took it; this instance delivers it when it comes back
-    send_result local;     ///< with no relay: what send() did here
-    /// async_publish() with history on: the message's position in each key, in order.
+    send_result local;     ///< with no relay: what send() did here, its positions moved to `positions`
+    /// With history on: the message's position in each key, in order (given here, or by the broker
+    /// of a relay that positions messages, for async_publish()).
     std::vector<wsbroadcast::position> positions;
 };
 
@@ -2696,7 +2697,8 @@ private:
     }
 
     static publish_result sent_here(send_result r) {
-        auto at = r.positions;
+        auto at = std::move(r.positions);
+        r.positions.clear();  // one place for them: a moved-from vector is only valid, not empty
         return {{}, false, std::move(r), std::move(at)};
     }
 

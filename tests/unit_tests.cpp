@@ -1913,6 +1913,12 @@ TEST_CASE_FIXTURE(fixture, "with history, each key's messages get consecutive of
     const auto r = manager.send(std::vector<std::string>{"b", "a", "b"}, "both");
     CHECK(r.positions == std::vector<position>{{b[0].epoch, 2}, {a[0].epoch, 4}, {b[0].epoch, 2}});
 
+    // publish() without a relay answers them in one place: publish_result::positions.
+    const auto p = manager.publish(std::string("a"), "published");
+    CHECK(p.positions == std::vector<position>{{a[0].epoch, 5}});
+    CHECK(p.local.positions.empty());
+    CHECK(p.local.queued == 0);  // nobody is subscribed: it is kept all the same
+
     // Without history nothing has a position.
     manager_type plain;
     auto s = plain.subscribe(fake_socket(peer()), "a");
