@@ -763,7 +763,8 @@ private:
         set_problem({});
         const auto quiet = std::exchange(repeated_failures_, 0);
         last_failure_.clear();
-        log_(false, "redis: connected to " + where() + ", " + std::to_string(followed_.size()) + " key(s) to subscribe" +
+        log_(false, "redis: connected to " + where() + ", " + std::to_string(followed_.size()) +
+                        " key(s) to subscribe" +
                         (quiet ? ", after " + std::to_string(quiet) + " more failed attempt(s) like the last logged"
                                : std::string()));
         if (when_ready_) when_ready_();
