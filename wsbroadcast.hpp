@@ -1063,13 +1063,96 @@ private:
     std::size_t capacity_ = 0, head_ = 0, count_ = 0;
 };
 
+/// What all of a manager's outboxes hold, in bytes (a metrics scrape reads it in O(1)), and the
+/// publishers waiting for it to fall (ConnectionManager::async_wait_for_room). Writers take bytes
+/// on any thread; while nobody waits, a take costs one more atomic load.
+class queued_total : public std::enable_shared_from_this<queued_total> {
+public:
+    std::size_t bytes() const noexcept { return bytes_.load(std::memory_order_relaxed); }
+    void add(std::size_t n) noexcept { bytes_.fetch_add(n, std::memory_order_relaxed); }
+    void take(std::size_t n) noexcept {
+        // Sequentially consistent, as wait()'s store of wake_below_ and its second look at bytes_
+        // are: either this take sees the new waiter, or the waiter sees what this took.
+        const auto now = bytes_.fetch_sub(n) - n;
+        if (now < wake_below_.load()) wake();
+    }
+
+    /// Calls handler(error_code) once bytes() <= `most`: no error, posted at once if it is so
+    /// now or as soon as writers have taken enough; net::error::timed_out after `timeout`. The
+    /// timer runs on a strand of the handler's executor.
+    template <class Handler>
+    void wait(std::size_t most, std::chrono::steady_clock::duration timeout, Handler handler) {
+        if (bytes() <= most) return complete_later(std::move(handler), error_code{});
+        auto strand = net::make_strand(net::get_associated_executor(handler));
+        auto w = std::make_shared<waiter>(most, completion<Handler, error_code>(std::move(handler)), strand);
+        // On the timer's strand, where a wake() on another thread cancels it too.
+        net::dispatch(strand, [self = shared_from_this(), w, timeout] {
+            {
+                std::lock_guard lock(self->mutex_);
+                self->waiters_.push_back(w);
+                self->update_wake_below();
+            }
+            w->timer.expires_after(timeout);
+            w->timer.async_wait([self, w](error_code) {
+                if (self->remove(*w)) w->done(net::error::timed_out);
+            });
+            if (self->bytes_.load() <= w->most) self->wake();  // writers took it meanwhile
+        });
+    }
+
+private:
+    struct waiter {
+        template <class Executor>
+        waiter(std::size_t m, std::function<void(error_code)> d, const Executor& ex)
+            : most(m), done(std::move(d)), timer(ex) {}
+        std::size_t most;
+        std::function<void(error_code)> done;  // a completion: posted to the handler's executor
+        net::steady_timer timer;
+    };
+
+    // Whoever takes a waiter out of the list, under the lock, completes it: once.
+    void wake() noexcept {
+        std::vector<std::shared_ptr<waiter>> ready;
+        {
+            std::lock_guard lock(mutex_);
+            const auto now = bytes_.load();
+            std::erase_if(waiters_, [&](const std::shared_ptr<waiter>& w) {
+                if (w->most < now) return false;
+                ready.push_back(w);
+                return true;
+            });
+            update_wake_below();
+        }
+        for (auto& w : ready) {
+            net::post(w->timer.get_executor(), [w] { w->timer.cancel(); });  // let go of the io_context now
+            w->done(error_code{});
+        }
+    }
+    bool remove(const waiter& w) {
+        std::lock_guard lock(mutex_);
+        const auto n = std::erase_if(waiters_, [&](const std::shared_ptr<waiter>& p) { return p.get() == &w; });
+        update_wake_below();
+        return n > 0;
+    }
+    // take() wakes when the total falls below the largest bound waited for; 0: nobody waits.
+    void update_wake_below() noexcept {
+        std::size_t below = 0;
+        for (auto& w : waiters_) below = std::max(below, w->most + 1);
+        wake_below_.store(below);
+    }
+
+    std::mutex mutex_;
+    std::vector<std::shared_ptr<waiter>> waiters_;  // mutex_
+    std::atomic<std::size_t> bytes_{0}, wake_below_{0};
+};
+
 /// One connection's outbox: the messages waiting to be written, in order, and the batch being
 /// written. It applies the limits and the overflow policy (see outbox_options) and knows nothing
 /// of sockets, locks or keys: the connection owns one and guards it. What it holds is also kept
-/// in a total shared by all of a manager's outboxes, so that a metrics scrape costs O(1).
+/// in the queued_total shared by all of a manager's outboxes.
 class outbox {
 public:
-    using shared_total = std::shared_ptr<std::atomic<std::size_t>>;
+    using shared_total = std::shared_ptr<queued_total>;
 
     explicit outbox(const outbox_options& limits, shared_total total = {})
         : limits_(limits), total_(std::move(total)) {}
@@ -1144,7 +1227,7 @@ private:
     void push(const message& m) {
         ring_.push_back(m);
         waiting_bytes_ += m.size();
-        if (total_) total_->fetch_add(m.size(), std::memory_order_relaxed);
+        if (total_) total_->add(m.size());
     }
 
     void drop_oldest_waiting() noexcept {
@@ -1155,7 +1238,7 @@ private:
     }
 
     void less(std::size_t n) noexcept {
-        if (total_ && n) total_->fetch_sub(n, std::memory_order_relaxed);
+        if (total_ && n) total_->take(n);
     }
 
     outbox_options limits_;
@@ -2300,7 +2383,23 @@ public:
     /// Bytes held by all outboxes right now (a message queued to N connections counts N times,
     /// as the limits do), those of connections that have left but not finished writing included.
     /// O(1), without a lock.
-    std::size_t queued_bytes() const noexcept { return queued_->load(std::memory_order_relaxed); }
+    std::size_t queued_bytes() const noexcept { return queued_->bytes(); }
+
+    /// Backpressure for a publisher faster than the writers: completes once the outboxes hold at
+    /// most `max_bytes` in all (queued_bytes()), so that it waits for them rather than queueing
+    /// without bound. No error: they do (at once if they already did: posted, not inline);
+    /// net::error::timed_out: they still held more after `timeout`. Nothing is sent or dropped.
+    /// The completion signature is void(error_code); it runs on the handler's executor (an
+    /// awaiting coroutine's), a strand of which runs the timer.
+    template <class CompletionToken = net::use_awaitable_t<>>
+    auto async_wait_for_room(std::size_t max_bytes, std::chrono::steady_clock::duration timeout,
+                             CompletionToken&& token = {}) {
+        return net::async_initiate<CompletionToken, void(error_code)>(
+            [total = queued_](auto handler, std::size_t most, std::chrono::steady_clock::duration t) {
+                total->wait(most, t, std::move(handler));
+            },
+            token, max_bytes, timeout);
+    }
 
     statistics stats() const noexcept {
         auto get = [](const std::atomic<std::uint64_t>& n) { return n.load(std::memory_order_relaxed); };
@@ -3215,7 +3314,7 @@ private:
     };
     std::shared_ptr<flush_queue> flushes_ = std::make_shared<flush_queue>();
     // What every outbox holds; shared with them, since a connection may outlive the manager.
-    detail::outbox::shared_total queued_ = std::make_shared<std::atomic<std::size_t>>(0);
+    detail::outbox::shared_total queued_ = std::make_shared<detail::queued_total>();
 
     mutable std::mutex history_mutex_;  // taken after registry_mutex_, never before
     history_type history_{options_.history, options_.relay&& options_.relay->positions()};  // history_mutex_

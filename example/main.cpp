@@ -98,6 +98,10 @@ struct server_options {
     unsigned idle_timeout_seconds = 60;
     std::string tls_cert, tls_key;
     wsbroadcast::outbox_options outbox;
+    // Backpressure: while the outboxes hold more than this in all, a push waits for the writers,
+    // up to push_wait, then gets 503; 0: pushes never wait.
+    std::size_t max_total_queued_bytes = 16 * 1024 * 1024;
+    std::chrono::milliseconds push_wait = 5s;
     std::optional<redis_address> redis;  // set: pushes go through Redis to every instance
     std::string redis_prefix = "wsbroadcast:";
     redis_liveness redis_timing;
@@ -152,6 +156,10 @@ Serves the LNbits WebSocket API with wsbroadcast.hpp.
   --max-queued-messages N        per-connection outbox limit in messages (default 1024)
   --overflow POLICY              when a client's outbox is full: close (with 1008, the default),
                                  drop-newest or drop-oldest
+  --max-total-queued-bytes N     backpressure: while all outboxes together hold more than N bytes (a
+                                 message to 1,000 clients counts 1,000 times), a push waits for the
+                                 writers to catch up, then 503 (default 16777216; 0: never wait)
+  --push-wait SECONDS            how long such a push waits before its 503 (default 5)
   --redis URL                    share ids with other instances through Redis pub/sub:
                                  redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]. A push is published
                                  and every instance delivers it to its own subscribers; each
@@ -392,6 +400,8 @@ std::optional<server_options> parse_options(int argc, char** argv, int& exit_cod
     number("max-queued-bytes", o.outbox.max_bytes, true);
     number("max-queued-messages", o.outbox.max_messages, true);
     value("overflow", [&](const std::string& v) { return parse_policy(v, o.outbox.on_overflow); });
+    number("max-total-queued-bytes", o.max_total_queued_bytes);
+    seconds("push-wait", o.push_wait);
     value(
         "redis", [&](const std::string& v) { return (o.redis = parse_redis_url(v)).has_value(); },
         [](std::string_view v) { return redacted_redis_url(v); });  // a password in it stays out of the log
@@ -497,14 +507,16 @@ enum class refusal {
     relay_unavailable,
     key_limit,    // a wsbroadcast.v1 subscribe over --max-keys-per-connection
     bad_command,  // a wsbroadcast.v1 command that cannot be carried out
+    overloaded,   // a push that waited --push-wait for the writers to catch up
     count
 };
-constexpr std::string_view refusal_labels[] = {"unauthorized",      "forbidden_origin", "too_large",
-                                               "connection_limit",  "bad_request",      "shutting_down",
-                                               "relay_unavailable", "key_limit",        "bad_command"};
+constexpr std::string_view refusal_labels[] = {
+    "unauthorized",  "forbidden_origin",  "too_large", "connection_limit", "bad_request",
+    "shutting_down", "relay_unavailable", "key_limit", "bad_command",      "overloaded"};
 static_assert(std::size(refusal_labels) == static_cast<std::size_t>(refusal::count));
 std::atomic<std::uint64_t> refusals[static_cast<int>(refusal::count)];
 std::atomic<std::uint64_t> pushes_accepted{0};
+std::atomic<std::uint64_t> pushes_held{0};  // waited for the writers (--max-total-queued-bytes)
 
 // A flood of one kind of refusal is counted in full (/metrics) but logged as at most this many
 // lines a second, and then one line saying how many more there were.
@@ -689,6 +701,8 @@ std::string metrics_text(const State& state) {
            {{"", stats.connections}});
     metric("wsbroadcast_keys", "gauge", "Ids with at least one connection.", {{"", manager.key_count()}});
     metric("wsbroadcast_pushes_total", "counter", "Push requests accepted.", {{"", pushes_accepted.load()}});
+    metric("wsbroadcast_pushes_held_total", "counter",
+           "Pushes that waited for the writers to catch up (--max-total-queued-bytes).", {{"", pushes_held.load()}});
     metric("wsbroadcast_messages_total", "counter", "Messages that reached at least one connection.",
            {{"", stats.messages}});
     metric("wsbroadcast_deliveries_total", "counter", "Messages queued to connections.", {{"", stats.deliveries}});
@@ -857,9 +871,43 @@ std::string_view pushed_data(const request& req, const route& r) {
 
 // With history through Redis, a push is answered once Redis has given it its position.
 template <class State>
-net::awaitable<response> positioned_push(State& state, const request& req, const route& r) {
+bool positioned(const State& state) {
+    return state.relay && state.relay->positions();
+}
+
+// Pushes faster than the writers: queueing more would only make every delivery later.
+template <class State>
+bool writers_behind(const State& state) {
+    const auto bound = state.options.max_total_queued_bytes;
+    return bound && state.manager.queued_bytes() > bound;
+}
+
+// A push that waits: for the writers to catch up while they are behind, then, with history
+// through Redis, for its position. Nothing is sent before the wait ends; one that waits too long
+// gets 503 and can be sent again.
+template <class State>
+net::awaitable<response> awaited_push(State& state, const request& req, const route& r) {
     const auto data = pushed_data(req, r);
     if (auto refusal = refuse_push(state, req, r.ids, data)) co_return std::move(*refusal);
+    if (writers_behind(state)) {
+        pushes_held.fetch_add(1, std::memory_order_relaxed);
+        const auto& o = state.options;
+        wsbroadcast::error_code ec;
+        co_await state.manager.async_wait_for_room(o.max_total_queued_bytes, o.push_wait,
+                                                   net::redirect_error(net::use_awaitable, ec));
+        if (ec) {
+            const auto held = std::to_string(state.manager.queued_bytes());
+            refuse(refusal::overloaded, "push to " + joined(r.ids) + ": outboxes still hold " + held + " bytes after " +
+                                            std::to_string(o.push_wait.count() / 1000) +
+                                            " s, over --max-total-queued-bytes " +
+                                            std::to_string(o.max_total_queued_bytes));
+            auto res = make_error(req, http::status::service_unavailable,
+                                  "not sent: the server is behind delivering to its clients, try again later");
+            res.set(http::field::retry_after, "1");
+            co_return res;
+        }
+    }
+    if (!positioned(state)) co_return push_answer(state, req, r.ids, data, state.manager.publish(r.ids, data));
     const auto result =
         co_await state.manager.async_publish(r.ids, wsbroadcast::message::text(data), net::use_awaitable);
     co_return push_answer(state, req, r.ids, data, result);
@@ -1179,8 +1227,8 @@ net::awaitable<void> http_session(State& state, Stream stream) {
         }
         const bool pushes = r.kind == route_kind::push_body || r.kind == route_kind::push_path;
         response res;
-        if (pushes && state.relay && state.relay->positions())  // not a ?: g++ 12 miscompiles co_await in one
-            res = co_await positioned_push(state, req, r);
+        if (pushes && (positioned(state) || writers_behind(state)))  // not a ?: g++ 12 miscompiles co_await in one
+            res = co_await awaited_push(state, req, r);
         else
             res = handle(state, req, r);
         allow_cross_origin(state.options, req, res);

@@ -766,6 +766,84 @@ TEST_CASE("a client that stops reading is closed by the policy; the others get e
     if (!sanitized) CHECK(rss_after - rss_before < 8 * 1024);
 }
 
+TEST_CASE(
+    "backpressure: past --max-total-queued-bytes a push waits for the writers; after --push-wait, 503 and nothing "
+    "sent") {
+    char log_path[] = "/tmp/wsbroadcast-log-XXXXXX";
+    const int log_fd = mkstemp(log_path);
+    REQUIRE(log_fd >= 0);
+    close(log_fd);
+    server_process server({"--max-total-queued-bytes", "100000", "--push-wait", "2"}, {}, log_path);
+    auto payload = [](int i) {
+        auto s = std::to_string(i);
+        return std::string(8 - s.size(), '0') + s + std::string(60 * 1024, 'x');  // 60 KiB, numbered
+    };
+    // A client that shakes hands and never reads: what is written to it stays in its outbox once
+    // the socket buffers are full. Another on the same id reads everything.
+    ws_client stuck;
+    auto& stuck_socket = beast::get_lowest_layer(stuck.ws).socket();
+    stuck_socket.open(tcp::v4());
+    stuck_socket.set_option(net::socket_base::receive_buffer_size(4096));
+    REQUIRE_FALSE(stuck.connect(server.port(), "/api/v1/ws/bp"));
+    auto fast = subscriber("bp", server.port());
+    std::vector<std::string> fast_got;
+    std::atomic<std::size_t> fast_count{0};
+    std::thread reader([&] {
+        while (auto m = fast->read(4s)) {
+            fast_got.push_back(m->substr(0, 8));
+            ++fast_count;
+        }
+    });
+
+    // Push until the stuck client's outbox alone holds more than the bound.
+    publisher pub(server.port());
+    int accepted = 0;
+    bool over = false;
+    while (accepted < 300 && !over) {
+        REQUIRE(pub.push("bp", payload(accepted)) == 2);
+        ++accepted;
+        REQUIRE(eventually([&] { return fast_count == static_cast<std::size_t>(accepted); }, 5s));
+        over = metric(server, "wsbroadcast_queued_bytes") > 100000;  // the fast one holds nothing now
+    }
+    REQUIRE(over);
+
+    // The next push waits for the writers, which cannot catch up: 503 after --push-wait.
+    auto start = std::chrono::steady_clock::now();
+    const auto refused = pub.post("/api/v1/ws/bp", payload(99999999));
+    const auto waited = std::chrono::steady_clock::now() - start;
+    CHECK(refused.result() == http::status::service_unavailable);
+    CHECK(refused[http::field::retry_after] == "1");
+    CHECK(refused.body().find("not sent") != std::string::npos);
+    CHECK(waited >= 1900ms);
+    CHECK(metric(server, "wsbroadcast_pushes_held_total") >= 1);
+
+    // One that waits while the stuck client goes away is sent once its bytes are let go of.
+    std::thread closer([&] {
+        std::this_thread::sleep_for(300ms);
+        stuck_socket.close();  // unread data: a reset, the server's write fails
+    });
+    start = std::chrono::steady_clock::now();
+    const auto sent = pub.post("/api/v1/ws/bp", payload(accepted));
+    const auto held = std::chrono::steady_clock::now() - start;
+    closer.join();
+    CHECK(sent.result() == http::status::ok);
+    CHECK(held >= 250ms);  // it waited for the writers
+    ++accepted;
+    reader.join();
+
+    // The fast client got every accepted push, in order, and not the refused one.
+    REQUIRE(fast_got.size() == static_cast<std::size_t>(accepted));
+    bool in_order = true;
+    for (int i = 0; i < accepted; ++i)
+        in_order = in_order && fast_got[static_cast<std::size_t>(i)] == payload(i).substr(0, 8);
+    CHECK(in_order);
+    const auto metrics = request(http::verb::get, "/metrics", {}, server.port()).body();
+    CHECK(metrics.find("\nwsbroadcast_refusals_total{reason=\"overloaded\"} 1\n") != std::string::npos);
+    CHECK(metric(server, "wsbroadcast_pushes_held_total") >= 2);
+    CHECK(file_text(log_path).find("refused (overloaded): push to bp: outboxes still hold") != std::string::npos);
+    std::remove(log_path);
+}
+
 // ---- the page -------------------------------------------------------------------------------
 
 TEST_CASE("GET / serves a page built on /wsbroadcast.js, which is the client module of the source tree") {

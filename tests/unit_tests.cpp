@@ -551,6 +551,119 @@ TEST_CASE_FIXTURE(fixture, "queued_bytes counts what every outbox holds, and not
     CHECK(manager.queued_bytes() == 0);
 }
 
+TEST_CASE_FIXTURE(fixture, "async_wait_for_room completes under the bound, at once or when a stuck write ends") {
+    manager_type manager;
+    auto slow = peer();
+    slow->stalled = true;
+    auto s = manager.subscribe(fake_socket(slow), "k");
+    manager.send("k", "12345");
+    settle();
+    REQUIRE(manager.queued_bytes() == 5);  // its write is stuck
+
+    // The waits' own io_context: whether their timers are left running shows in it.
+    net::io_context waits;
+    std::optional<error_code> roomy, tight;
+    manager.async_wait_for_room(5, 10s, net::bind_executor(waits, [&](error_code ec) { roomy = ec; }));
+    CHECK_FALSE(roomy);  // posted, not run inside the call
+    manager.async_wait_for_room(4, 10s, net::bind_executor(waits, [&](error_code ec) { tight = ec; }));
+    settle();
+    waits.poll();
+    REQUIRE(roomy);
+    CHECK_FALSE(*roomy);
+    CHECK_FALSE(tight);  // 5 bytes held, at most 4 wanted: it waits
+
+    slow->unstall();
+    settle();
+    const auto start = std::chrono::steady_clock::now();
+    waits.run_for(5s);
+    CHECK(waits.stopped());  // the 10 s timer was cancelled when the wait completed
+    CHECK(std::chrono::steady_clock::now() - start < 5s);
+    REQUIRE(tight);
+    CHECK_FALSE(*tight);
+    CHECK(manager.queued_bytes() == 0);
+    CHECK(slow->received == std::vector<std::string>{"12345"});
+}
+
+TEST_CASE_FIXTURE(fixture, "async_wait_for_room times out while the outboxes hold more, and drops nothing") {
+    manager_type manager;
+    auto slow = peer();
+    slow->stalled = true;
+    auto s = manager.subscribe(fake_socket(slow), "k");
+    manager.send("k", "12345");
+    manager.send("k", "678");
+
+    std::optional<error_code> result;
+    const auto start = std::chrono::steady_clock::now();
+    manager.async_wait_for_room(0, 50ms, [&](error_code ec) { result = ec; });
+    ioc.restart();
+    while (!result && ioc.run_one_for(5s)) {
+    }
+    REQUIRE(result);
+    CHECK(*result == net::error::timed_out);
+    CHECK(std::chrono::steady_clock::now() - start >= 50ms);
+    CHECK(manager.queued_bytes() == 8);
+
+    slow->unstall();
+    settle();
+    CHECK(slow->received == std::vector<std::string>{"12345", "678"});
+}
+
+TEST_CASE("publishers that wait for room keep the outboxes near the bound, in order, losing nothing") {
+    net::io_context ioc, publishers;
+    manager_type manager;
+    constexpr int senders = 2, per_sender = 500, receivers = 3;
+    constexpr std::size_t bound = 64;  // a few messages: most sends wait
+    std::vector<std::shared_ptr<fake_peer>> peers;
+    std::vector<manager_type::subscription> subs;
+    for (int i = 0; i < receivers; ++i) {
+        peers.push_back(std::make_shared<fake_peer>(ioc.get_executor()));
+        subs.push_back(manager.subscribe(fake_socket(peers.back()), "shared"));
+    }
+    std::atomic<std::size_t> most_seen{0};
+    std::atomic<int> timeouts{0}, held_back{0};
+    auto publisher = [&](int t) -> net::awaitable<void> {
+        for (int i = 0; i < per_sender; ++i) {
+            if (manager.queued_bytes() > bound) ++held_back;
+            error_code ec;
+            co_await manager.async_wait_for_room(bound, 10s, net::redirect_error(net::use_awaitable, ec));
+            if (ec) ++timeouts;
+            const auto m = std::to_string(t) + ":" + std::to_string(i);  // at most 5 bytes
+            manager.send("shared", m);
+            auto held = manager.queued_bytes(), seen = most_seen.load();
+            while (held > seen && !most_seen.compare_exchange_weak(seen, held)) {
+            }
+        }
+    };
+    auto guard = net::make_work_guard(ioc);
+    std::thread io([&] { ioc.run(); });
+    for (int t = 0; t < senders; ++t) net::co_spawn(publishers, publisher(t), net::detached);
+    std::thread p1([&] { publishers.run(); }), p2([&] { publishers.run(); });
+    p1.join();
+    p2.join();
+    for (int spin = 0; spin < 500; ++spin) {
+        std::promise<bool> done;
+        net::post(ioc, [&] {
+            done.set_value(std::all_of(peers.begin(), peers.end(),
+                                       [](auto& p) { return p->received.size() == senders * per_sender; }));
+        });
+        if (done.get_future().get()) break;
+        std::this_thread::sleep_for(10ms);
+    }
+    guard.reset();
+    subs.clear();
+    ioc.stop();
+    io.join();
+
+    CHECK(timeouts == 0);
+    CHECK(held_back > 0);  // the writers fell behind, so the bound had work to do
+    // Each sender adds at most one message to every outbox after its wait saw the bound kept.
+    CHECK(most_seen.load() <= bound + senders * receivers * 5);
+    for (auto& p : peers) {
+        REQUIRE(p->received.size() == senders * per_sender);
+        CHECK(in_sender_order(p->received, senders));
+    }
+}
+
 TEST_CASE_FIXTURE(fixture, "an idle connection over its byte limit is closed with the overflow code") {
     wsbroadcast::options opts;
     opts.outbox.max_bytes = 10;
@@ -1206,7 +1319,7 @@ TEST_CASE("outbox: drop_oldest never evicts the batch being written") {
 
 TEST_CASE("outbox: the shared total follows every outbox, through writes, drops, discards and destruction") {
     using wsbroadcast::detail::outbox;
-    auto total = std::make_shared<std::atomic<std::size_t>>(0);
+    auto total = std::make_shared<wsbroadcast::detail::queued_total>();
     {
         outbox a({.max_messages = 1, .on_overflow = wsbroadcast::overflow_policy::drop_oldest}, total);
         outbox b({.max_bytes = 100}, total);
@@ -1214,16 +1327,16 @@ TEST_CASE("outbox: the shared total follows every outbox, through writes, drops,
         b.offer(text("123456"));
         a.start_writing(1);  // "aaaa" is being written: still held
         a.offer(text("bb"));
-        CHECK(*total == 12);
+        CHECK(total->bytes() == 12);
         a.offer(text("c"));  // evicts "bb"
-        CHECK(*total == 11);
+        CHECK(total->bytes() == 11);
         a.done_writing();
-        CHECK(*total == 7);
+        CHECK(total->bytes() == 7);
         b.discard_waiting();
-        CHECK(*total == 1);
-        CHECK(*total == a.bytes() + b.bytes());
+        CHECK(total->bytes() == 1);
+        CHECK(total->bytes() == a.bytes() + b.bytes());
     }
-    CHECK(*total == 0);  // an outbox that goes takes what it held with it
+    CHECK(total->bytes() == 0);  // an outbox that goes takes what it held with it
 }
 
 // ---- the registry alone ---------------------------------------------------------------------
