@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bench/compare.sh [ROUNDS]    (default 3)
+# usage: bench/compare.sh [ROUNDS]    (default 5)
 #
 # The reference server beside the naive Beast peer (../shared/bench/beast_naive.cpp), measured in
 # one run: for each round, each scenario runs once against each server, the order of the two
@@ -8,17 +8,20 @@
 # Prints one JSON line per run on stdout (progress on stderr); bench/plot.sh draws them.
 # Exits 1 if any run failed (the others still run).
 #
+# `rate` is issue 15's unsaturated case: 1,000 subscribers on one id, 20 pushes a second for 10 s;
+# its figure is the latency of each message's first delivery (first_delivery_us).
+#
 # Environment:
-#   SCENARIOS     default "fanout targeted idle" (relay and slow do not apply to the peer)
+#   SCENARIOS     default "fanout targeted rate idle" (relay and slow do not apply to the peer)
 #   NAIVE_SOURCE  the peer's source (default ../shared/bench/beast_naive.cpp)
 #   BUILD_DIR     build directory (default build/bench); the peer is built there as beast_naive
 #   SERVER, LOADGEN, NAIVE  use these binaries and skip the builds (all three must be set)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rounds=${1:-3}
+rounds=${1:-5}
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 [ROUNDS]" >&2; exit 2; }
-read -r -a scenarios <<<"${SCENARIOS:-fanout targeted idle}"
+read -r -a scenarios <<<"${SCENARIOS:-fanout targeted rate idle}"
 
 if [ -n "${SERVER:-}" ] && [ -n "${LOADGEN:-}" ] && [ -n "${NAIVE:-}" ]; then
   server=$SERVER loadgen=$LOADGEN naive=$NAIVE
@@ -51,12 +54,14 @@ for ((round = 1; round <= rounds; round++)); do
   kinds=(wsbroadcast naive)
   ((round % 2)) || kinds=(naive wsbroadcast)
   for s in "${scenarios[@]}"; do
+    extra=()
+    [ "$s" != rate ] || extra=(--subscribers 1000 --rate 20 --messages 200)
     for kind in "${kinds[@]}"; do
       path=$server
       [ "$kind" = wsbroadcast ] || path=$naive
       echo "compare.sh: round $round, $s, $kind" >&2
       "${loadgen_cpu[@]}" "$loadgen" --server-kind "$kind" --server "$path" --scenario "$s" \
-        --server-threads 1 "${pin[@]}" || { echo "compare.sh: $s against $kind failed (exit $?)" >&2; status=1; }
+        "${extra[@]}" --server-threads 1 "${pin[@]}" || { echo "compare.sh: $s against $kind failed (exit $?)" >&2; status=1; }
     done
   done
 done

@@ -259,6 +259,9 @@ Options:
   --sample N             ids pushed to in the idle check [100]
   --client-threads N     io_context threads for the subscribers [1]
   --batch N              concurrent WebSocket handshakes while connecting [200]
+  --receive-buffer BYTES each subscriber's SO_RCVBUF, set before it connects: a fixed window, as
+                         on a slow link, instead of loopback's autotuning (up to tcp_rmem's
+                         maximum, 32 MiB here) [0: the kernel's]
   --deadline SECONDS     wait at most this long for deliveries once publishing is done [30]
   --publish-token TOKEN  send "Authorization: Bearer TOKEN" with every push
                          [$WSBROADCAST_PUBLISH_TOKEN, which the server also reads]
@@ -289,6 +292,7 @@ struct config {
     unsigned sample = 100;
     unsigned client_threads = 1;
     unsigned batch = 200;
+    unsigned receive_buffer = 0;  // subscribers' SO_RCVBUF; 0: the kernel's autotuning
     double deadline = 30;
     double max_seconds = 600;
     bool tls = false;
@@ -381,6 +385,8 @@ std::optional<config> parse_options(int argc, char** argv, int& exit_code) {
             ok = number(c.client_threads, 1);
         else if (arg == "--batch")
             ok = number(c.batch, 1);
+        else if (arg == "--receive-buffer")
+            ok = number(c.receive_buffer, 0);
         else if (arg == "--deadline")
             ok = seconds(c.deadline);
         else if (arg == "--max-seconds")
@@ -1032,6 +1038,11 @@ struct run_state {
     std::atomic<bool> go{false}, stop_publishing{false}, drain_slow{false}, shutting_down{false};
     std::uint64_t t0_ns = 0;      // rate: when message 0 is due; written before `go`
     ssl::context* tls = nullptr;  // --tls: the client context, which trusts the run's certificate
+    // Per message, the latency of its first delivery (ns; max: none yet), at first[start[id *
+    // publishers + publisher] + sequence]: what a reader of one connection sees, without the
+    // loadgen's own time reading the others.
+    std::vector<std::uint64_t> start;
+    std::unique_ptr<std::atomic<std::uint64_t>[]> first;
 };
 
 // The client streams, plain or TLS (--tls), and how to make one.
@@ -1092,7 +1103,12 @@ void on_message(subscriber& s, run_state& rs, const char* p, std::size_t n) {
         s.high[pub] = static_cast<std::uint32_t>(seq + 1);
     if (s.slow) return;
     worker& w = *s.w;
-    w.latency.add(now > ts ? (now - ts) / 1000 : 0);
+    const std::uint64_t latency_ns = now > ts ? now - ts : 0;
+    auto& first = rs.first[rs.start[std::size_t{s.id} * rs.pl.publishers + pub] + seq];
+    for (auto seen = first.load(std::memory_order_relaxed);
+         latency_ns < seen && !first.compare_exchange_weak(seen, latency_ns, std::memory_order_relaxed);) {
+    }
+    w.latency.add(latency_ns / 1000);
     w.distinct.store(w.distinct.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     w.last_delivery_ns.store(now, std::memory_order_relaxed);
 }
@@ -1103,8 +1119,12 @@ net::awaitable<void> run_subscriber(subscriber& s, run_state& rs) {
     auto ws = make_stream<Tls, ws_stream<Tls>>(co_await net::this_coro::executor, rs);
     auto& stream = beast::get_lowest_layer(ws);
     beast::error_code ec;
-    stream.expires_after(15s);  // connecting, the TLS handshake and the WebSocket handshake
-    co_await stream.async_connect(rs.endpoints[s.instance], net::redirect_error(net::use_awaitable, ec));
+    stream.expires_after(15s);    // connecting, the TLS handshake and the WebSocket handshake
+    if (rs.cfg.receive_buffer) {  // before the connect: the window is agreed in the handshake
+        stream.socket().open(rs.endpoints[s.instance].protocol(), ec);
+        if (!ec) stream.socket().set_option(net::socket_base::receive_buffer_size(int(rs.cfg.receive_buffer)), ec);
+    }
+    if (!ec) co_await stream.async_connect(rs.endpoints[s.instance], net::redirect_error(net::use_awaitable, ec));
     if (!ec) co_await client_handshake<Tls>(ws.next_layer(), ec);
     if (!ec) {
         co_await ws.async_handshake(rs.hosts[s.instance], rs.targets[s.id],
@@ -1551,12 +1571,16 @@ int run(const config& cfg) {
             ", RLIMIT_NOFILE " + std::to_string(lim.rlim_cur));
 
     const plan pl = make_plan(cfg);
-    run_state rs{cfg, pl, {}, {}, {}, {}, {}, {}, {}, 0, client_tls ? &*client_tls : nullptr};
+    run_state rs{cfg, pl, {}, {}, {}, {}, {}, {}, {}, 0, client_tls ? &*client_tls : nullptr, {}, {}};
     for (auto& sp : servers) {
         rs.endpoints.emplace_back(net::ip::make_address("127.0.0.1"), sp->port());
         rs.hosts.push_back("127.0.0.1:" + std::to_string(sp->port()));
     }
     for (unsigned i = 0; i < pl.ids; ++i) rs.targets.push_back("/api/v1/ws/bench-" + std::to_string(i));
+    rs.start.push_back(0);
+    for (auto n : pl.expected) rs.start.push_back(rs.start.back() + n);
+    rs.first = std::make_unique<std::atomic<std::uint64_t>[]>(rs.start.back());
+    for (std::uint64_t i = 0; i < rs.start.back(); ++i) rs.first[i].store(~std::uint64_t{0});
 
     // Workers.
     std::vector<std::unique_ptr<worker>> workers;
@@ -1771,12 +1795,14 @@ int run(const config& cfg) {
     publishing.thread.join();
 
     // ---- results (all threads joined: plain reads are safe) ----
-    histogram latency;
+    histogram latency, first_latency;
     std::uint64_t last_delivery_ns = 0;
     for (auto& w : workers) {
         latency.merge(w->latency);
         last_delivery_ns = std::max(last_delivery_ns, w->last_delivery_ns.load());
     }
+    for (std::uint64_t i = 0; i < rs.start.back(); ++i)
+        if (const auto ns = rs.first[i].load(); ns != ~std::uint64_t{0}) first_latency.add(ns / 1000);
     std::uint64_t deliveries = 0, missing = 0, duplicates = 0, out_of_order = 0, unexpected = 0, closed_early = 0;
     for (auto& s : subs) {
         if (s.slow) continue;
@@ -1845,6 +1871,9 @@ int run(const config& cfg) {
     field("server_cpu_us_per_delivery", per_delivery ? fixed(*per_delivery, 3) : "null");
     field("latency_us", "{\"p50\":" + num(latency.percentile(0.50)) + ",\"p90\":" + num(latency.percentile(0.90)) +
                             ",\"p99\":" + num(latency.percentile(0.99)) + ",\"max\":" + num(latency.max()) + "}");
+    field("first_delivery_us",
+          "{\"p50\":" + num(first_latency.percentile(0.50)) + ",\"p90\":" + num(first_latency.percentile(0.90)) +
+              ",\"p99\":" + num(first_latency.percentile(0.99)) + ",\"max\":" + num(first_latency.max()) + "}");
     field("missing", num(missing));
     field("duplicates", num(duplicates));
     field("out_of_order", num(out_of_order));
@@ -1881,6 +1910,7 @@ int run(const config& cfg) {
     field("server_cpus", json_escape(cfg.server_cpus.empty() ? cpu_list(own_cpus) : cpu_list(cfg.server_cpu_set)));
     field("client_cpus", json_escape(cpu_list(own_cpus)));
     field("client_threads", num(cfg.client_threads));
+    field("receive_buffer", num(cfg.receive_buffer));
     field("tls", cfg.tls ? "true" : "false");
     field("server_queued", cfg.naive ? "null" : num(server_queued));  // the naive peer gives no count
     field("publisher_reconnects", num(publisher_reconnects));

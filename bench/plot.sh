@@ -2,8 +2,8 @@
 # usage: bench/plot.sh RESULTS.jsonl OUT.svg
 #
 # Draws what bench/compare.sh recorded: server CPU per delivery in fanout and in targeted (where a
-# delivery is one push, answered and delivered), and memory per idle connection, the reference
-# server beside the naive Beast peer. Each bar is the median of that pair's runs; the whisker spans
+# delivery is one push, answered and delivered), the first delivery's latency at 20 pushes a
+# second (rate), and memory per idle connection, the reference server beside the naive Beast peer. Each bar is the median of that pair's runs; the whisker spans
 # the lowest and the highest run, so the spread between rounds shows. A run that lost, repeated or
 # reordered a message, or whose server failed, is refused: a plot is never drawn from it.
 # Needs python3 (reads the JSON) and gnuplot (Debian's gnuplot-nox).
@@ -16,12 +16,18 @@ python3 - "$results" "$out" <<'PY' | gnuplot
 import json, statistics, sys
 
 results, out = sys.argv[1], sys.argv[2]
-panels = [  # scenario, JSON field, scale, title, number format
+panels = [  # scenario, JSON field (a.b: field b of object a), scale, title, number format
     ("fanout", "server_cpu_us_per_delivery", 1, "fan-out to 1,000: server CPU per delivery (µs)", "%.2f"),
     ("targeted", "server_cpu_us_per_delivery", 1, "targeted, 10,000 ids: server CPU per push (µs)", "%.1f"),
+    ("rate", "first_delivery_us.p50", 1, "20/s to 1,000: first delivery p50 (µs)", "%.0f"),
     ("idle", "rss_kib_per_connection", 1024, "10,000 idle: memory per connection (bytes)", "%.0f"),
 ]
 kinds = [("wsbroadcast", "wsbroadcast", "#1f77b4"), ("naive", "naive Beast", "#bbbbbb")]
+
+def field_of(run, path):
+    for part in path.split("."):
+        run = run[part]
+    return run
 
 runs = {}
 with open(results) as f:
@@ -35,7 +41,7 @@ with open(results) as f:
             sys.exit(f"plot.sh: {results}:{number}: a failed run ({', '.join(bad) or 'server_exit'}); not plotted")
         runs.setdefault((r["scenario"], r.get("server_kind", "wsbroadcast")), []).append(r)
 
-print('set terminal svg size 1080,380 font "sans,12" background rgb "white"')
+print('set terminal svg size 1400,380 font "sans,12" background rgb "white"')
 print(f'set output "{out}"')
 print('set multiplot layout 1,%d title "wsbroadcast beside the naive Beast peer: one event loop each, '
       'same run, same loadgen (bar: median; whisker: lowest to highest run)"' % len(panels))
@@ -45,7 +51,7 @@ for scenario, field, scale, title, fmt in panels:
     print(f'set title "{title}"')
     print("$data << EOD")
     for x, (kind, label, colour) in enumerate(kinds):
-        values = [r[field] * scale for r in runs.get((scenario, kind), [])]
+        values = [field_of(r, field) * scale for r in runs.get((scenario, kind), [])]
         if not values:
             sys.exit(f"plot.sh: {results}: no {scenario} run against {kind}")
         colour = int(colour[1:], 16)

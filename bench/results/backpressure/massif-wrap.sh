@@ -1,0 +1,2 @@
+#!/bin/sh
+exec valgrind -q --tool=massif --depth=30 --threshold=0.2 --massif-out-file=/tmp/massif/massif.out.%p /tmp/bin-new/wsbroadcast-server "$@"
