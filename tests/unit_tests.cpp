@@ -48,6 +48,19 @@ bool in_sender_order(const std::vector<std::string>& received, int senders) {
     return true;
 }
 
+// Once the sends are done, the writers, on `ioc`'s thread, need only a moment: wait (bounded, 5 s)
+// until every peer has `n` messages, reading their records on that thread.
+void wait_until_received(net::io_context& ioc, const std::vector<std::shared_ptr<fake_peer>>& peers, std::size_t n) {
+    for (int spin = 0; spin < 500; ++spin) {
+        std::promise<bool> done;
+        net::post(ioc, [&] {
+            done.set_value(std::all_of(peers.begin(), peers.end(), [&](auto& p) { return p->received.size() == n; }));
+        });
+        if (done.get_future().get()) return;
+        std::this_thread::sleep_for(10ms);
+    }
+}
+
 std::vector<std::string> numbered(int n, const std::string& prefix = "m") {
     std::vector<std::string> out;
     for (int i = 0; i < n; ++i) out.push_back(prefix + std::to_string(i));
@@ -343,16 +356,7 @@ TEST_CASE("sends from several threads at once keep each sender's order and lose 
             for (int i = 0; i < per_sender; ++i) manager.send("shared", std::to_string(t) + ":" + std::to_string(i));
         });
     for (auto& t : threads) t.join();
-    // Drain: once the sends are done the writers need only a moment, but bound the wait.
-    for (int spin = 0; spin < 500; ++spin) {
-        std::promise<bool> done;
-        net::post(ioc, [&] {
-            done.set_value(std::all_of(peers.begin(), peers.end(),
-                                       [](auto& p) { return p->received.size() == senders * per_sender; }));
-        });
-        if (done.get_future().get()) break;
-        std::this_thread::sleep_for(10ms);
-    }
+    wait_until_received(ioc, peers, senders * per_sender);
     guard.reset();
     subs.clear();
     ioc.stop();
@@ -640,15 +644,7 @@ TEST_CASE("publishers that wait for room keep the outboxes near the bound, in or
     std::thread p1([&] { publishers.run(); }), p2([&] { publishers.run(); });
     p1.join();
     p2.join();
-    for (int spin = 0; spin < 500; ++spin) {
-        std::promise<bool> done;
-        net::post(ioc, [&] {
-            done.set_value(std::all_of(peers.begin(), peers.end(),
-                                       [](auto& p) { return p->received.size() == senders * per_sender; }));
-        });
-        if (done.get_future().get()) break;
-        std::this_thread::sleep_for(10ms);
-    }
+    wait_until_received(ioc, peers, senders * per_sender);
     guard.reset();
     subs.clear();
     ioc.stop();
