@@ -57,7 +57,8 @@
 //   - Every member of ConnectionManager, connection_handle and subscription may be called from any
 //     thread and any coroutine, concurrently, except where its comment says otherwise. None blocks
 //     on I/O or awaits a peer: it takes a short lock, pushes a shared pointer into each
-//     recipient's outbox and wakes its writer.
+//     recipient's outbox and wakes its writer. On a thread of the sockets' io_context a send
+//     starts the first writes itself (non-blocking, up to 16 connections), once it holds no lock.
 //   - Every operation on a socket (reads, writes, closes) runs on the socket's executor. Give each
 //     socket a strand (Beast: make_strand(ioc)) when the io_context runs on more than one thread.
 //   - Order: if one send happens before another (the same thread made both, or the two threads
@@ -2041,12 +2042,9 @@ public:
         /// Queues `m` for this connection alone, as it is (no envelope), in order with what the
         /// manager sends it.
         send_result send(const message& m) const {
-            send_result result;
-            if (auto c = lock()) {
-                manager_->push(*c, m, result);
-                manager_->record(result);
-            }
-            return result;
+            sending s;
+            if (auto c = lock()) manager_->push(*c, m, s);
+            return manager_->finish(s);
         }
         send_result send(std::string_view text) const { return send(message::text(text)); }
 
@@ -2173,20 +2171,21 @@ public:
     template <class Keys>
         requires key_range<Keys>
     send_result send(const Keys& keys, const message& m) {
-        std::shared_lock lock(registry_mutex_);
-        send_result result;
-        std::unique_lock<std::mutex> in_order;
-        if (positions_here_) {
-            in_order = std::unique_lock(history_mutex_);
-            append_to_history(keys, m, result.positions);
+        sending s;
+        {
+            std::shared_lock lock(registry_mutex_);
+            std::unique_lock<std::mutex> in_order;
+            if (positions_here_) {
+                in_order = std::unique_lock(history_mutex_);
+                append_to_history(keys, m, s.result.positions);
+            }
+            std::vector<std::optional<message>> wrapped;  // envelopes, per key, built on first need
+            registry_.for_each_once(keys, [&](connection& c, std::size_t i, const Key& key) {
+                if (wrapped.empty() && c.envelopes) wrapped.resize(std::ranges::distance(keys));
+                push(c, framed(c, m, key, position_at(s.result, i), c.envelopes ? &wrapped[i] : nullptr), s);
+            });
         }
-        std::vector<std::optional<message>> wrapped;  // envelopes, per key, built on first need
-        registry_.for_each_once(keys, [&](connection& c, std::size_t i, const Key& key) {
-            if (wrapped.empty() && c.envelopes) wrapped.resize(std::ranges::distance(keys));
-            push(c, framed(c, m, key, position_at(result, i), c.envelopes ? &wrapped[i] : nullptr), result);
-        });
-        record(result);
-        return result;
+        return finish(s);
     }
 
     template <class Keys>
@@ -2274,19 +2273,19 @@ public:
         requires key_like<K>
     send_result deliver(const K& key, const message& m, position at) {
         if (!history_.enabled()) return send(key, m);
-        std::shared_lock lock(registry_mutex_);
-        send_result result;
-        std::lock_guard in_order(history_mutex_);
-        const auto fit = history_.accept(key, m, at, clock::now());
-        if (fit == history_type::fit::duplicate) return result;
-        if (fit == history_type::fit::discontinuous) close_resumable(key);
-        result.positions.push_back(at);
-        std::optional<message> wrapped;
-        const std::optional<position> where = at;
-        registry_.for_each(key,
-                           [&](connection& c, const Key& k) { push(c, framed(c, m, k, where, &wrapped), result); });
-        record(result);
-        return result;
+        sending s;
+        {
+            std::shared_lock lock(registry_mutex_);
+            std::lock_guard in_order(history_mutex_);
+            const auto fit = history_.accept(key, m, at, clock::now());
+            if (fit == history_type::fit::duplicate) return {};
+            if (fit == history_type::fit::discontinuous) close_resumable(key);
+            s.result.positions.push_back(at);
+            std::optional<message> wrapped;
+            const std::optional<position> where = at;
+            registry_.for_each(key, [&](connection& c, const Key& k) { push(c, framed(c, m, k, where, &wrapped), s); });
+        }
+        return finish(s);
     }
 
     /// With a relay that positions messages: the broker says `key`'s stream stands at `top` (its
@@ -2306,11 +2305,12 @@ public:
     /// Queues `m` to every connection once, as it is: a broadcast is no key's message, so
     /// envelope connections get no envelope.
     send_result broadcast(const message& m) {
-        std::shared_lock lock(registry_mutex_);
-        send_result result;
-        registry_.for_each_connection([&](connection& c) { push(c, m, result); });
-        record(result);
-        return result;
+        sending s;
+        {
+            std::shared_lock lock(registry_mutex_);
+            registry_.for_each_connection([&](connection& c) { push(c, m, s); });
+        }
+        return finish(s);
     }
 
     send_result broadcast(std::string_view text) { return broadcast(message::text(text)); }
@@ -2661,9 +2661,10 @@ private:
         info.replayed = replay.size();
         if (from.asks_history())
             (info.outcome == recovery::recovered ? recovered_ : not_recovered_).fetch_add(1, std::memory_order_relaxed);
-        send_result ignored;
-        if (c.envelopes && options_.envelope.subscribed) push(c, options_.envelope.subscribed(key, info), ignored);
-        for (const auto& m : replay) push(c, m, ignored);
+        sending s;
+        if (c.envelopes && options_.envelope.subscribed) push(c, options_.envelope.subscribed(key, info), s);
+        for (const auto& m : replay) push(c, m, s);
+        if (s.hand_out) post_flusher(*s.hand_out);  // the registry's lock is held: no writes from here
         replayed_.fetch_add(replay.size(), std::memory_order_relaxed);
     }
 
@@ -2729,21 +2730,22 @@ private:
 
     template <class K, class MakeMessage>
     send_result send_to_key(const K& key, MakeMessage make_message) {
-        std::shared_lock lock(registry_mutex_);
-        send_result result;
-        if (!positions_here_ && !registry_.has(key)) return result;
-        const message& m = make_message();  // built only when somebody listens or history keeps it
-        std::optional<position> at;
-        std::unique_lock<std::mutex> in_order;
-        if (positions_here_) {  // kept whether anybody listens or not
-            in_order = std::unique_lock(history_mutex_);
-            at = history_.append(key, m, clock::now());
-            result.positions.push_back(*at);
+        sending s;
+        {
+            std::shared_lock lock(registry_mutex_);
+            if (!positions_here_ && !registry_.has(key)) return {};
+            const message& m = make_message();  // built only when somebody listens or history keeps it
+            std::optional<position> at;
+            std::unique_lock<std::mutex> in_order;
+            if (positions_here_) {  // kept whether anybody listens or not
+                in_order = std::unique_lock(history_mutex_);
+                at = history_.append(key, m, clock::now());
+                s.result.positions.push_back(*at);
+            }
+            std::optional<message> wrapped;
+            registry_.for_each(key, [&](connection& c, const Key& k) { push(c, framed(c, m, k, at, &wrapped), s); });
         }
-        std::optional<message> wrapped;
-        registry_.for_each(key, [&](connection& c, const Key& k) { push(c, framed(c, m, k, at, &wrapped), result); });
-        record(result);
-        return result;
+        return finish(s);
     }
 
     /// Gives `m` its position in each of `keys` (a key named twice gets one). The history lock is
@@ -2815,8 +2817,25 @@ private:
         if (r.closed) overflow_closes_.fetch_add(r.closed, std::memory_order_relaxed);
     }
 
+    /// A send under way: what it did, and the executor of the connection whose wake-up started the
+    /// flush hand-out, if one did.
+    struct sending {
+        send_result result;
+        std::optional<typename Socket::executor_type> hand_out;
+    };
+
+    /// The end of a send, with no lock held: the send hands out the flushes it started itself
+    /// rather than posting the hand-out, so that its first writes leave before it returns, with
+    /// no wake-up in between (the first delivery and a targeted push's latency, issue 15).
+    send_result finish(sending& s) {
+        record(s.result);
+        if (s.hand_out) hand_out_flushes(*s.hand_out);
+        return std::move(s.result);
+    }
+
     /// Puts `m` in one outbox and counts what happened.
-    void push(connection& c, const message& m, send_result& result) {
+    void push(connection& c, const message& m, sending& s) {
+        auto& result = s.result;
         const auto r = c.push(m);
         if (!r.open) return;
         if (r.offer.overflowed) {
@@ -2826,7 +2845,7 @@ private:
             dropped_.fetch_add(r.offer.queued ? r.offer.evicted : 1, std::memory_order_relaxed);
         }
         if (r.offer.queued) ++result.queued;
-        if (r.wake) post_flush(c);
+        if (r.wake && queue_flush(c)) s.hand_out.emplace(c.socket.get_executor());
         if (r.offer.overflowed) post_overflow_close(c);
     }
 
@@ -2842,18 +2861,21 @@ private:
             net::dispatch(c->socket.get_executor(), [this, c] { watch(c, false); });  // the timer lives on it
     }
 
-    /// Queues a flush of `c`. Flushes are handed out in small chunks, each chunk posted behind
-    /// whatever else is waiting (reads, new pushes): a send to many connections then does not hold
-    /// everything else back for a whole round of writes, and what is sent during the round leaves
-    /// in one write per connection.
+    /// Queues a flush of `c`. Flushes are handed out in small chunks: the first by the send that
+    /// queued them (finish()) or here, posted; each further chunk posted behind whatever else is
+    /// waiting (reads, new pushes): a send to many connections then does not hold everything else
+    /// back for a whole round of writes, and what is sent during the round leaves in one write per
+    /// connection. Each flush is dispatched to its connection's executor: run at once where that
+    /// may be (its strand idle, on a thread of its io_context), else queued there.
     void post_flush(connection& c) {
-        bool start = false;
-        {
-            std::lock_guard lock(flushes_->mutex);
-            flushes_->due.push_back(c.weak_from_this());  // weak: a connection that dies meanwhile is skipped
-            start = !std::exchange(flushes_->running, true);
-        }
-        if (start) post_flusher(c.socket.get_executor());
+        if (queue_flush(c)) post_flusher(c.socket.get_executor());
+    }
+
+    /// Puts `c` in line for a flush; true if no hand-out was under way, so the caller must start one.
+    bool queue_flush(connection& c) {
+        std::lock_guard lock(flushes_->mutex);
+        flushes_->due.push_back(c.weak_from_this());  // weak: a connection that dies meanwhile is skipped
+        return !std::exchange(flushes_->running, true);
     }
 
     static constexpr std::size_t flush_chunk = 16;
@@ -2882,8 +2904,8 @@ private:
         }
         for (std::size_t i = 0; i < n; ++i)
             if (auto c = chunk[i].lock())
-                net::post(c->socket.get_executor(),
-                          detail::run_or_drop([this, c] { flush(c); }, [c] { c->flush_dropped(); }));
+                net::dispatch(c->socket.get_executor(),
+                              detail::run_or_drop([this, c] { flush(c); }, [c] { c->flush_dropped(); }));
         if (more) post_flusher(executor);
     }
 

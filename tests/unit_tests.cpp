@@ -1871,13 +1871,77 @@ TEST_CASE_FIXTURE(fixture, "a connection closed by the overflow policy leaves at
     settle();
 }
 
+namespace {
+// Records each write as it starts; completes it later, posted.
+struct recording_socket {
+    using executor_type = net::any_io_executor;
+    executor_type executor;
+    std::shared_ptr<std::vector<std::string>> started = std::make_shared<std::vector<std::string>>();
+    executor_type get_executor() const { return executor; }
+    template <class Token>
+    auto async_write(net::const_buffer buffer, Token&& token) {
+        started->emplace_back(static_cast<const char*>(buffer.data()), buffer.size());
+        return net::async_compose<Token, void(error_code, std::size_t)>(
+            [n = buffer.size(), posted = false, ex = executor](auto& self) mutable {
+                if (!std::exchange(posted, true)) return net::post(ex, std::move(self));
+                self.complete({}, n);
+            },
+            token, executor);
+    }
+};
+}  // namespace
+
+TEST_CASE_FIXTURE(fixture, "a send on the connections' thread starts its first writes before it returns") {
+    wsbroadcast::ConnectionManager<recording_socket> manager;
+    std::vector<recording_socket> sockets;  // each with its own record
+    for (int i = 0; i < 40; ++i) sockets.push_back(recording_socket{ioc.get_executor()});
+    std::vector<wsbroadcast::ConnectionManager<recording_socket>::subscription> subs;
+    subs.push_back(manager.subscribe(sockets[0], "one"));
+    for (std::size_t i = 1; i < sockets.size(); ++i) subs.push_back(manager.subscribe(sockets[i], "many"));
+    settle();
+    auto many_started = [&] {  // writes started to the connections on "many"
+        std::size_t n = 0;
+        for (std::size_t i = 1; i < sockets.size(); ++i) n += sockets[i].started->size();
+        return n;
+    };
+
+    // A targeted send: its one write has started by the time send() returns, with no handler run
+    // in between (before, a hand-out and then the flush were posted: two wake-ups of the loop).
+    std::size_t started_at_return = 99;
+    net::post(ioc, [&] {
+        CHECK(manager.send("one", "hello").queued == 1);
+        started_at_return = sockets[0].started->size();
+    });
+    settle();
+    CHECK(started_at_return == 1);
+    CHECK(*sockets[0].started == std::vector<std::string>{"hello"});
+
+    // A send to many starts a first chunk of writes itself; the rest are handed out behind
+    // whatever else waits, and every connection gets the message once.
+    net::post(ioc, [&] {
+        manager.send("many", "all");
+        started_at_return = many_started();
+    });
+    settle();
+    CHECK(started_at_return > 0);
+    CHECK(started_at_return < 39);
+    CHECK(many_started() == 39);
+
+    // From a thread that does not run the connections' io_context, nothing is written inline:
+    // the writes are queued to their executor.
+    manager.send("one", "later");
+    CHECK(sockets[0].started->size() == 1);
+    settle();
+    CHECK(*sockets[0].started == std::vector<std::string>{"hello", "later"});
+}
+
 TEST_CASE("a flush lost with its io_context does not stop flushes for good") {
     manager_type manager;
     {
         net::io_context doomed;
         auto p = std::make_shared<fake_peer>(doomed.get_executor());
         auto s = manager.subscribe(fake_socket(p), "k");
-        manager.send("k", "never written");  // posts the hand-out to `doomed`, which never runs it
+        manager.send("k", "never written");  // posts its flush to `doomed`, which never runs it
     }
     net::io_context ioc;
     auto p = std::make_shared<fake_peer>(ioc.get_executor());
