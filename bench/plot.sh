@@ -19,6 +19,7 @@ results, out = sys.argv[1], sys.argv[2]
 panels = [  # scenario, JSON field (a.b: field b of object a), scale, title, number format
     ("fanout", "server_cpu_us_per_delivery", 1, "fan-out to 1,000: server CPU per delivery (µs)", "%.2f"),
     ("targeted", "server_cpu_us_per_delivery", 1, "targeted, 10,000 ids: server CPU per push (µs)", "%.1f"),
+    ("targeted", "latency_us.p50", 1, "targeted, 8 publishers: latency p50 (µs)", "%.0f"),
     ("rate", "first_delivery_us.p50", 1, "20/s to 1,000: first delivery p50 (µs)", "%.0f"),
     ("idle", "rss_kib_per_connection", 1024, "10,000 idle: memory per connection (bytes)", "%.0f"),
 ]
@@ -41,7 +42,7 @@ with open(results) as f:
             sys.exit(f"plot.sh: {results}:{number}: a failed run ({', '.join(bad) or 'server_exit'}); not plotted")
         runs.setdefault((r["scenario"], r.get("server_kind", "wsbroadcast")), []).append(r)
 
-print('set terminal svg size 1400,380 font "sans,12" background rgb "white"')
+print('set terminal svg size 1750,380 font "sans,12" background rgb "white"')
 print(f'set output "{out}"')
 print('set multiplot layout 1,%d title "wsbroadcast beside the naive Beast peer: one event loop each, '
       'same run, same loadgen (bar: median; whisker: lowest to highest run)"' % len(panels))
