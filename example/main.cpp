@@ -1270,9 +1270,12 @@ net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::accept
     std::uint64_t failures = 0;  // in this burst
     for (;;) {
         beast::error_code ec;
-        // Each connection gets its own strand: its reader and writer never run at the same time.
-        auto socket =
-            co_await acceptor.async_accept(net::make_strand(ioc), net::redirect_error(net::use_awaitable, ec));
+        // With several threads, each connection gets its own strand: its reader and writer never
+        // run at the same time. One thread runs them one at a time anyway, and a strand would only
+        // add a lock and copies of itself to every handler of every connection.
+        const auto own = state.options.threads > 1 ? net::any_io_executor(net::make_strand(ioc))
+                                                   : net::any_io_executor(ioc.get_executor());
+        auto socket = co_await acceptor.async_accept(own, net::redirect_error(net::use_awaitable, ec));
         if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
         if (out_of_resources(ec)) {
             if (failures++ == 0)

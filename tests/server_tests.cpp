@@ -885,6 +885,29 @@ TEST_CASE("SIGTERM closes every client with 1001 and exits 0") {
     stopper.join();
 }
 
+TEST_CASE("with --threads 1 (no strand per connection) pushes reach everyone in order, and SIGTERM closes with 1001") {
+    server_process server({"--threads", "1"});
+    const auto port = server.port();
+    auto a1 = subscriber("solo-a", port), a2 = subscriber("solo-a", port), b = subscriber("solo-b", port);
+    publisher pub(port);
+    for (int i = 0; i < 200; ++i)
+        CHECK(pub.push(i % 2 ? "solo-a" : "solo-b", "n" + std::to_string(i)) == (i % 2 ? 2 : 1));
+    for (int i = 0; i < 200; ++i)
+        for (auto* c : i % 2 ? std::vector{a1.get(), a2.get()} : std::vector{b.get()})
+            CHECK(c->read() == "n" + std::to_string(i));
+    CHECK(request(http::verb::post, "/api/v1/ws/solo-a,solo-b", "both", port).body() == push_answer("both", 3));
+    for (auto* c : {a1.get(), a2.get(), b.get()}) CHECK(c->read() == "both");
+
+    std::thread stopper([&] { CHECK(server.stop(SIGTERM) == 0); });
+    for (auto* c : {a1.get(), a2.get(), b.get()}) {
+        beast::error_code ec;
+        CHECK_FALSE(c->read(io_timeout, &ec).has_value());
+        CHECK(ec == websocket::error::closed);
+        CHECK(c->ws.reason().code == websocket::close_code::going_away);
+    }
+    stopper.join();
+}
+
 TEST_CASE("SIGINT with no clients exits 0; --help exits 0; a bad option exits 2") {
     server_process server;
     CHECK(server.stop(SIGINT) == 0);
