@@ -2152,7 +2152,9 @@ public:
     // ---- sending -----------------------------------------------------------------------------
 
     /// Queues `m` to every connection subscribed to `key`. Never blocks, never waits on a peer.
-    /// Sending to a key nobody listens on does nothing and returns {}.
+    /// Sending to a key nobody listens on does nothing and returns {}. If a connection's write
+    /// cannot be scheduled for want of memory, every other one still is and then std::bad_alloc
+    /// is thrown: `m` is queued all the same, and that connection gets it with its next message.
     template <class K>
         requires key_like<K>
     send_result send(const K& key, const message& m) {
@@ -2902,11 +2904,22 @@ private:
             }
             more = flushes_->running = !due.empty();
         }
-        for (std::size_t i = 0; i < n; ++i)
-            if (auto c = chunk[i].lock())
+        // A flush that cannot be queued (its allocation fails) is told, by run_or_drop, so that
+        // its connection's next push schedules it again; the rest of the chunk and the next one
+        // must still go out, or they would wait for good. Then the caller learns of it.
+        std::exception_ptr failed;
+        for (std::size_t i = 0; i < n; ++i) {
+            auto c = chunk[i].lock();
+            if (!c) continue;
+            try {
                 net::dispatch(c->socket.get_executor(),
                               detail::run_or_drop([this, c] { flush(c); }, [c] { c->flush_dropped(); }));
-        if (more) post_flusher(executor);
+            } catch (...) {
+                if (!failed) failed = std::current_exception();
+            }
+        }
+        if (more) post_flusher(executor);  // if it throws, the queue was dropped: everyone in it told
+        if (failed) std::rethrow_exception(failed);
     }
 
     /// The most frames one write takes: what Asio hands the kernel in one writev.

@@ -1935,6 +1935,74 @@ TEST_CASE_FIXTURE(fixture, "a send on the connections' thread starts its first w
     CHECK(*sockets[0].started == std::vector<std::string>{"hello", "later"});
 }
 
+/// An executor of an io_context whose execute() throws std::bad_alloc while *failing is set: the
+/// allocation of a queued handler failing.
+template <class Inner>
+struct failing_executor {
+    Inner inner;
+    std::shared_ptr<bool> failing;
+
+    template <class F>
+    void execute(F&& f) const {
+        if (*failing) throw std::bad_alloc();
+        net::execution::execute(inner, std::forward<F>(f));  // Asio 1.22 keeps the member private
+    }
+    template <class P>
+    auto query(const P& p) const noexcept -> decltype(net::query(inner, p)) {
+        return net::query(inner, p);
+    }
+    template <class P>
+    auto require(const P& p) const -> failing_executor<std::decay_t<decltype(net::require(inner, p))>> {
+        return {net::require(inner, p), failing};
+    }
+    template <class P>
+    auto prefer(const P& p) const -> failing_executor<std::decay_t<decltype(net::prefer(inner, p))>> {
+        return {net::prefer(inner, p), failing};
+    }
+    friend bool operator==(const failing_executor& a, const failing_executor& b) noexcept {
+        return a.inner == b.inner && a.failing == b.failing;
+    }
+    friend bool operator!=(const failing_executor& a, const failing_executor& b) noexcept { return !(a == b); }
+};
+
+TEST_CASE("a flush that cannot be handed out stops neither the others nor later flushes") {
+    net::io_context ioc;
+    manager_type manager;
+    auto failing = std::make_shared<bool>(false);
+    // 20 connections on "many", more than one chunk of the hand-out; the second one's executor
+    // fails to queue anything while `failing` is set. One more connection on "other".
+    std::vector<std::shared_ptr<fake_peer>> many;
+    std::vector<manager_type::subscription> subs;
+    for (int i = 0; i < 20; ++i) {
+        net::any_io_executor ex = ioc.get_executor();
+        if (i == 1) ex = failing_executor<net::io_context::executor_type>{ioc.get_executor(), failing};
+        many.push_back(std::make_shared<fake_peer>(ex));
+        subs.push_back(manager.subscribe(fake_socket(many.back()), "many"));
+    }
+    auto other = std::make_shared<fake_peer>(ioc.get_executor());
+    subs.push_back(manager.subscribe(fake_socket(other), "other"));
+    auto settle = [&] {
+        for (int idle = 0; idle < 3;) idle = ioc.poll() == 0 ? idle + 1 : 0;
+    };
+    settle();
+
+    // The second flush cannot be queued: the send says so, after handing out all the others.
+    *failing = true;
+    CHECK_THROWS_AS(manager.send("many", "first"), std::bad_alloc);
+    *failing = false;
+    settle();
+    for (std::size_t i = 0; i < many.size(); ++i)
+        CHECK(many[i]->received == (i == 1 ? std::vector<std::string>{} : std::vector<std::string>{"first"}));
+
+    // Nothing is left waiting: later sends are written, the failed connection's with what it missed.
+    CHECK(manager.send("other", "elsewhere").queued == 1);
+    CHECK(manager.send("many", "second").queued == 20);
+    settle();
+    CHECK(other->received == std::vector<std::string>{"elsewhere"});
+    for (std::size_t i = 0; i < many.size(); ++i)
+        CHECK(many[i]->received == std::vector<std::string>{"first", "second"});
+}
+
 TEST_CASE("a flush lost with its io_context does not stop flushes for good") {
     manager_type manager;
     {
