@@ -18,6 +18,7 @@
 
 #include "cors.hpp"
 #include "environment.hpp"
+#include "http_answer.hpp"
 #include "log_format.hpp"
 #include "log_writer.hpp"
 #include "page.hpp"
@@ -43,6 +44,7 @@
 #include <openssl/crypto.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cctype>
 #include <charconv>
@@ -601,6 +603,15 @@ response make_response(const request& req, http::status status, std::string body
 // FastAPI's error shape, which LNbits clients already parse.
 response make_error(const request& req, http::status status, std::string_view detail) {
     return make_response(req, status, R"({"detail":)" + json_string(detail) + "}");
+}
+
+// An answer goes out as its head, flattened into `head` (which the session keeps from one
+// request to the next), and its body: two buffers, one write (see http_answer.hpp).
+template <class Stream>
+net::awaitable<void> write_answer(Stream& stream, const response& res, std::string& head, beast::error_code& ec) {
+    write_head(res.base(), head);
+    const std::array<net::const_buffer, 2> bytes{net::buffer(head), net::buffer(res.body())};
+    co_await net::async_write(stream, bytes, net::redirect_error(net::use_awaitable, ec));
 }
 
 // What a WebSocket runs over once the HTTP session hands it off: the bare socket for plain TCP (the
@@ -1186,6 +1197,7 @@ net::awaitable<void> http_session(State& state, Stream stream) {
         if (ec) co_return;  // not TLS, or a client that gave up: nothing to answer
     }
     beast::flat_buffer buffer;
+    std::string head;
     for (std::size_t served = 0;; ++served) {
         http::request_parser<http::string_body> parser;
         parser.header_limit(8 * 1024);
@@ -1207,7 +1219,7 @@ net::awaitable<void> http_session(State& state, Stream stream) {
             // A body too large comes after whole headers: a page on another origin may read why.
             if (too_large) allow_cross_origin(state.options, parser.get(), res);
             res.keep_alive(false);
-            co_await http::async_write(stream, res, net::redirect_error(net::use_awaitable, ec));
+            co_await write_answer(stream, res, head, ec);
             break;
         }
 
@@ -1217,7 +1229,7 @@ net::awaitable<void> http_session(State& state, Stream stream) {
             const bool multiplexed = offers_v1(req);
             if (auto res = refuse_upgrade(state, req, r, multiplexed)) {
                 res->keep_alive(false);
-                co_await http::async_write(stream, *res, net::redirect_error(net::use_awaitable, ec));
+                co_await write_answer(stream, *res, head, ec);
                 break;
             }
             // Handed off rather than awaited: this frame (parser, buffers) would otherwise live as
@@ -1241,7 +1253,7 @@ net::awaitable<void> http_session(State& state, Stream stream) {
         // must come back through the accept (and its limits) now and then.
         if (served + 1 >= state.options.max_requests_per_connection) res.keep_alive(false);
         const bool keep_alive = res.keep_alive();
-        co_await http::async_write(stream, res, net::redirect_error(net::use_awaitable, ec));
+        co_await write_answer(stream, res, head, ec);
         if (ec || !keep_alive) break;
     }
     if constexpr (std::is_same_v<Stream, beast::tcp_stream>) {

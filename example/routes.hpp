@@ -100,28 +100,35 @@ inline std::optional<std::string_view> query_param(std::string_view query, std::
     return std::nullopt;
 }
 
-/// JSON string escaping (RFC 8259): quotes, backslash and control characters.
+/// JSON string escaping (RFC 8259): quotes, backslash and control characters. What needs none is
+/// copied a run at a time (a push's answer echoes its data through here).
 inline std::string json_string(std::string_view s) {
-    std::string out = "\"";
-    for (unsigned char c : s) {
+    std::string out;
+    out.reserve(s.size() + 2);
+    out += '"';
+    std::size_t copied = 0;  // s before this is in out
+    for (std::size_t i = 0; i < s.size(); ++i) {
+        const auto c = static_cast<unsigned char>(s[i]);
+        if (c >= 0x20 && c != '"' && c != '\\') continue;
+        out.append(s, copied, i - copied);
+        copied = i + 1;
         switch (c) {
         case '"': out += "\\\""; break;
         case '\\': out += "\\\\"; break;
         case '\n': out += "\\n"; break;
         case '\r': out += "\\r"; break;
         case '\t': out += "\\t"; break;
-        default:
-            if (c < 0x20) {
-                static constexpr char digits[] = "0123456789abcdef";
-                out += "\\u00";
-                out += digits[c >> 4];
-                out += digits[c & 15];
-            } else {
-                out += static_cast<char>(c);
-            }
+        default: {
+            static constexpr char digits[] = "0123456789abcdef";
+            out += "\\u00";
+            out += digits[c >> 4];
+            out += digits[c & 15];
+        }
         }
     }
-    return out + '"';
+    out.append(s, copied);
+    out += '"';
+    return out;
 }
 
 /// Compares a presented secret with the expected one in time that depends only on their lengths,

@@ -3,12 +3,15 @@
 
 #include "cors.hpp"
 #include "environment.hpp"
+#include "http_answer.hpp"
 #include "log_format.hpp"
 #include "protocol.hpp"
 #include "redis_history.hpp"
 #include "relay_wire.hpp"
 #include "routes.hpp"
 
+#include <boost/beast/http/string_body.hpp>
+#include <boost/beast/http/write.hpp>
 #include <boost/json/src.hpp>  // Boost.JSON for protocol.hpp, compiled in this one file of the binary
 
 using namespace wsbroadcast_server;
@@ -109,6 +112,73 @@ TEST_CASE("JSON strings escape quotes, backslashes and control characters") {
     CHECK(json_string(R"({"a":"b\c"})") == R"("{\"a\":\"b\\c\"}")");
     CHECK(json_string("line\nbreak\ttab") == R"("line\nbreak\ttab")");
     CHECK(json_string(std::string("\x01\x1f", 2)) == R"("\u0001\u001f")");
+    // Escapes at either end and between runs that are copied whole.
+    CHECK(json_string(std::string("\x02"
+                                  "a\"b\\c\n")) == R"("\u0002a\"b\\c\n")");
+    CHECK(json_string("\"\"") == R"("\"\"")");
+    CHECK(json_string("") == R"("")");
+}
+
+namespace {
+namespace http = boost::beast::http;
+
+// What Beast's own serializer writes for the whole answer.
+std::string serialized_by_beast(const http::response<http::string_body>& res) {
+    std::ostringstream os;
+    os << res;
+    return os.str();
+}
+
+std::string written_in_one_piece(const http::response<http::string_body>& res) {
+    std::string head = "left over from the previous answer";
+    write_head(res.base(), head);
+    return head + res.body();
+}
+
+http::response<http::string_body> answer(http::status status, unsigned version, std::string body) {
+    http::response<http::string_body> res{status, version};
+    res.set(http::field::server, "wsbroadcast");
+    res.set(http::field::content_type, "application/json");
+    res.body() = std::move(body);
+    res.prepare_payload();
+    return res;
+}
+}  // namespace
+
+TEST_CASE("an answer's head is written byte for byte as Beast's serializer writes it") {
+    auto ok = answer(http::status::ok, 11, R"({"sent":true})");
+    CHECK(written_in_one_piece(ok) == serialized_by_beast(ok));
+    CHECK(written_in_one_piece(ok).starts_with("HTTP/1.1 200 OK\r\nServer: wsbroadcast\r\n"));
+
+    auto closing = answer(http::status::bad_request, 11, R"({"detail":"bad"})");
+    closing.keep_alive(false);
+    CHECK(written_in_one_piece(closing) == serialized_by_beast(closing));
+    CHECK(written_in_one_piece(closing).find("Connection: close\r\n") != std::string::npos);
+
+    auto old_client = answer(http::status::ok, 10, "{}");
+    old_client.keep_alive(true);
+    CHECK(written_in_one_piece(old_client) == serialized_by_beast(old_client));
+    CHECK(written_in_one_piece(old_client).starts_with("HTTP/1.0 200 OK\r\n"));
+
+    auto empty = answer(http::status::no_content, 11, "");
+    CHECK(written_in_one_piece(empty) == serialized_by_beast(empty));
+    CHECK(written_in_one_piece(empty).ends_with("\r\n\r\n"));
+
+    auto head_request = answer(http::status::ok, 11, "");
+    head_request.content_length(42);  // the GET's length, without its body
+    CHECK(written_in_one_piece(head_request) == serialized_by_beast(head_request));
+    CHECK(written_in_one_piece(head_request).find("Content-Length: 42\r\n") != std::string::npos);
+
+    auto busy = answer(http::status::service_unavailable, 11, R"({"detail":"busy"})");
+    busy.set(http::field::retry_after, "1");
+    busy.set("X-Custom", "a value");
+    CHECK(written_in_one_piece(busy) == serialized_by_beast(busy));
+    CHECK(written_in_one_piece(busy).starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+
+    auto unusual = answer(http::status::ok, 11, "x");
+    unusual.reason("Fine");
+    CHECK(written_in_one_piece(unusual) == serialized_by_beast(unusual));
+    CHECK(written_in_one_piece(unusual).starts_with("HTTP/1.1 200 Fine\r\n"));
 }
 
 TEST_CASE("routing") {
