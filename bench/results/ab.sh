@@ -3,10 +3,12 @@
 #
 # Two server builds, interleaved: each round runs every CASE against both, FIRST first in odd
 # rounds and SECOND first in even ones; one event loop each, the server on CPU 0, the loadgen on
-# CPU 1. A build named V is /tmp/bin-V/wsbroadcast-server (a Release build, bench/run.sh's flags).
+# CPU 1. A build named V is /tmp/bin-V/wsbroadcast-server (a Release build, bench/run.sh's flags);
+# the name naive is the naive Beast peer, build/bench/beast_naive (bench/compare.sh builds it).
 # Each JSON line is printed after "V CASE ", with the UTC time at the start and at the end.
-# CASE: targeted8 (targeted, 8 publishers), rate (1,000 subscribers, 20 pushes/s, 200 pushes),
-# or any loadgen scenario with its defaults (targeted, fanout, ...).
+# CASE: targeted8 (targeted, 8 publishers), rate (1,000 subscribers on one id, 20 pushes/s, 200
+# pushes), rateN (the same with N subscribers), or any loadgen scenario with its defaults
+# (targeted, fanout, ...).
 set -u
 cd "$(dirname "$0")/../.." || exit 2
 loadgen=${LOADGEN:-build/bench/bench/wsbroadcast-loadgen}
@@ -20,12 +22,14 @@ for ((r = 1; r <= rounds; r++)); do
   for case in "$@"; do
     case $case in
       targeted8) args=(--scenario targeted --publishers 8) ;;
-      rate) args=(--scenario rate --subscribers 1000 --rate 20 --messages 200) ;;
+      rate*) n=${case#rate} args=(--scenario rate --subscribers "${n:-1000}" --rate 20 --messages 200) ;;
       *) args=(--scenario "$case") ;;
     esac
     for v in $order; do
-      taskset -c 1 "$loadgen" --server "/tmp/bin-$v/wsbroadcast-server" "${args[@]}" --server-threads 1 \
-        --server-cpus 0 2>/dev/null | sed "s/^/$v $case /"
+      server=(--server "/tmp/bin-$v/wsbroadcast-server")
+      [ "$v" = naive ] && server=(--server-kind naive --server build/bench/beast_naive)
+      taskset -c 1 "$loadgen" "${server[@]}" "${args[@]}" --server-threads 1 --server-cpus 0 2>/dev/null |
+        sed "s/^/$v $case /"
     done
   done
 done
