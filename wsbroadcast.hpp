@@ -58,7 +58,9 @@
 //     thread and any coroutine, concurrently, except where its comment says otherwise. None blocks
 //     on I/O or awaits a peer: it takes a short lock, pushes a shared pointer into each
 //     recipient's outbox and wakes its writer. On a thread of the sockets' io_context a send
-//     starts the first writes itself (non-blocking, up to 16 connections), once it holds no lock.
+//     starts the first writes itself (non-blocking, up to 16 connections), once it holds no lock;
+//     to a key with many connections (and no history positioned here) it writes to the first one
+//     before it fills the other outboxes.
 //   - Every operation on a socket (reads, writes, closes) runs on the socket's executor. Give each
 //     socket a strand (Beast: make_strand(ioc)) when the io_context runs on more than one thread.
 //   - Order: if one send happens before another (the same thread made both, or the two threads
@@ -1426,6 +1428,13 @@ public:
         for (const auto& p : it->second.peers) f(*p.connection, it->first);
     }
 
+    /// f(connection, stored key) for the first subscriber of `key`, if it has one.
+    template <class K, class F>
+    void for_first(const K& key, F&& f) const {
+        auto it = find(key);
+        if (it != keys_.end() && !it->second.peers.empty()) f(*it->second.peers.front().connection, it->first);
+    }
+
     /// f(connection, i, stored key) once for each connection subscribed to any of `keys`, with i
     /// the index in `keys` of the first of them it is subscribed to.
     template <class Keys, class F>
@@ -2173,6 +2182,8 @@ public:
     template <class Keys>
         requires key_range<Keys>
     send_result send(const Keys& keys, const message& m) {
+        if (std::ranges::distance(keys) == 1)  // the common case, and its first write goes early
+            return send_to_key(*std::ranges::begin(keys), [&m]() -> const message& { return m; });
         sending s;
         {
             std::shared_lock lock(registry_mutex_);
@@ -2730,24 +2741,57 @@ private:
 
     // ---- the send path: registry, outbox, writer ------------------------------------------------
 
+    /// A send to one key. To many connections, the first is written to before the message goes
+    /// into the other outboxes: filling a thousand outboxes takes longer than the first write
+    /// (issue 15's first delivery). The lock is let go for that write, and the walk then skips
+    /// the connection it has served, so that a key whose subscribers changed meanwhile still gets
+    /// the message once in each connection subscribed by then. Not when send() gives positions:
+    /// the history lock keeps their order, and it is held over the whole walk.
     template <class K, class MakeMessage>
     send_result send_to_key(const K& key, MakeMessage make_message) {
         sending s;
-        {
-            std::shared_lock lock(registry_mutex_);
-            if (!positions_here_ && !registry_.has(key)) return {};
-            const message& m = make_message();  // built only when somebody listens or history keeps it
-            std::optional<position> at;
-            std::unique_lock<std::mutex> in_order;
-            if (positions_here_) {  // kept whether anybody listens or not
-                in_order = std::unique_lock(history_mutex_);
-                at = history_.append(key, m, clock::now());
-                s.result.positions.push_back(*at);
-            }
-            std::optional<message> wrapped;
-            registry_.for_each(key, [&](connection& c, const Key& k) { push(c, framed(c, m, k, at, &wrapped), s); });
+        std::shared_lock lock(registry_mutex_);
+        const auto listeners = registry_.count(key);
+        if (!positions_here_ && listeners == 0) return {};
+        const message& m = make_message();  // built only when somebody listens or history keeps it
+        std::optional<position> at;
+        std::unique_lock<std::mutex> in_order;
+        if (positions_here_) {  // kept whether anybody listens or not
+            in_order = std::unique_lock(history_mutex_);
+            at = history_.append(key, m, clock::now());
+            s.result.positions.push_back(*at);
         }
-        return finish(s);
+        std::optional<message> wrapped;
+        auto deliver = [&](connection& c, const Key& k) { push(c, framed(c, m, k, at, &wrapped), s); };
+        if (positions_here_ || listeners < 2) {
+            registry_.for_each(key, deliver);
+            if (in_order) in_order.unlock();
+            lock.unlock();
+            return finish(s);
+        }
+        connection_ptr first;
+        registry_.for_first(key, [&](connection& c, const Key& k) {
+            first = c.shared_from_this();
+            deliver(c, k);
+        });
+        lock.unlock();
+        std::exception_ptr failed;
+        if (auto executor = std::exchange(s.hand_out, std::nullopt)) {
+            try {
+                hand_out_flushes(*executor);
+            } catch (...) {
+                failed = std::current_exception();  // the message still goes to the others
+            }
+        }
+        lock.lock();
+        registry_.for_each(key, [&](connection& c, const Key& k) {
+            if (&c != first.get()) deliver(c, k);
+        });
+        lock.unlock();
+        if (s.hand_out) s.hand_out.emplace(first->socket.get_executor());  // where it went before
+        auto result = finish(s);
+        if (failed) std::rethrow_exception(failed);
+        return result;
     }
 
     /// Gives `m` its position in each of `keys` (a key named twice gets one). The history lock is

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <future>
 #include <map>
+#include <functional>
 #include <optional>
 #include <random>
 #include <string>
@@ -1877,10 +1878,12 @@ struct recording_socket {
     using executor_type = net::any_io_executor;
     executor_type executor;
     std::shared_ptr<std::vector<std::string>> started = std::make_shared<std::vector<std::string>>();
+    std::function<void()> on_start = nullptr;  // runs as each write starts
     executor_type get_executor() const { return executor; }
     template <class Token>
     auto async_write(net::const_buffer buffer, Token&& token) {
         started->emplace_back(static_cast<const char*>(buffer.data()), buffer.size());
+        if (on_start) on_start();
         return net::async_compose<Token, void(error_code, std::size_t)>(
             [n = buffer.size(), posted = false, ex = executor](auto& self) mutable {
                 if (!std::exchange(posted, true)) return net::post(ex, std::move(self));
@@ -1933,6 +1936,54 @@ TEST_CASE_FIXTURE(fixture, "a send on the connections' thread starts its first w
     CHECK(sockets[0].started->size() == 1);
     settle();
     CHECK(*sockets[0].started == std::vector<std::string>{"hello", "later"});
+}
+
+TEST_CASE_FIXTURE(fixture, "a send to many writes to its first connection before it fills the other outboxes") {
+    wsbroadcast::ConnectionManager<recording_socket> manager;
+    std::vector<recording_socket> sockets(40, recording_socket{ioc.get_executor()});
+    for (auto& s : sockets) s.started = std::make_shared<std::vector<std::string>>();
+    std::optional<std::size_t> queued_at_first_write;
+    bool changed = false;
+    std::vector<wsbroadcast::ConnectionManager<recording_socket>::subscription> subs;
+    sockets[0].on_start = [&] {
+        if (!queued_at_first_write) queued_at_first_write = manager.queued_bytes();
+        if (std::exchange(changed, true)) return;
+        // The subscribers change while that first write starts: one leaves (whose slot the last
+        // one takes), one joins. The first gets the message once, the one that left not at all.
+        subs[5].unsubscribe();
+        subs.push_back(manager.subscribe(sockets[39], "many"));
+    };
+    for (std::size_t i = 0; i < 39; ++i) subs.push_back(manager.subscribe(sockets[i], "many"));
+    settle();
+
+    // As the first write starts, only its own message is queued (before, all 39 outboxes were
+    // filled first: 39 x 6 bytes).
+    std::size_t queued = 0;
+    net::post(ioc, [&] { queued = manager.send("many", "hello!").queued; });
+    settle();
+    REQUIRE(queued_at_first_write);
+    CHECK(*queued_at_first_write == 6);
+    CHECK(queued == 39);  // 38 of the first 39, and the one that joined
+    for (std::size_t i = 0; i < sockets.size(); ++i) {
+        CAPTURE(i);
+        CHECK(*sockets[i].started == std::vector<std::string>(i == 5 ? 0 : 1, "hello!"));
+    }
+
+    // The same through send(keys) with one key, as the reference server's pushes go.
+    queued_at_first_write.reset();
+    net::post(ioc, [&] { queued = manager.send(std::vector<std::string>{"many"}, "twice!").queued; });
+    settle();
+    REQUIRE(queued_at_first_write);
+    CHECK(*queued_at_first_write == 6);
+    CHECK(queued == 39);
+
+    // From a thread that does not run the connections' io_context the first write is queued
+    // like the others, and each connection still gets the message once.
+    manager.send("many", "again");
+    settle();
+    CHECK(sockets[0].started->size() == 3);
+    CHECK(sockets[39].started->back() == "again");
+    CHECK(sockets[5].started->empty());
 }
 
 /// An executor of an io_context whose execute() throws std::bad_alloc while *failing is set: the
