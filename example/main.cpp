@@ -1253,6 +1253,11 @@ net::awaitable<void> http_session(State& state, Stream stream) {
         // must come back through the accept (and its limits) now and then.
         if (served + 1 >= state.options.max_requests_per_connection) res.keep_alive(false);
         const bool keep_alive = res.keep_alive();
+        // A push's answer waits behind whatever else is ready (the other publishers' requests
+        // read in the same wake-up): their deliveries leave before this answer, not after it.
+        // Deliveries are what the subscribers wait for; the answer only tells a publisher that the
+        // message is queued (issue 15's targeted latency, bench/README.md "Deliveries before answers").
+        if (pushes) co_await net::post(co_await net::this_coro::executor, net::use_awaitable);
         co_await write_answer(stream, res, head, ec);
         if (ec || !keep_alive) break;
     }

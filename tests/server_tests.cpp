@@ -33,6 +33,7 @@
 #include <hiredis/hiredis.h>
 #include <poll.h>
 #include <spawn.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -906,6 +907,53 @@ TEST_CASE("with --threads 1 (no strand per connection) pushes reach everyone in 
         CHECK(c->ws.reason().code == websocket::close_code::going_away);
     }
     stopper.join();
+}
+
+// The server is stopped while the pushes are written, so that its one event loop reads them all in
+// one wake-up; what the first publisher then reads shows what had left the server before its answer.
+TEST_CASE("pushes read together are all delivered before the first of them is answered") {
+    server_process server({"--threads", "1"});
+    const auto port = server.port();
+    constexpr int n = 8;
+    std::vector<std::unique_ptr<ws_client>> subscribers;
+    std::vector<std::unique_ptr<publisher>> publishers;
+    for (int i = 0; i < n; ++i) {
+        const auto id = "together-" + std::to_string(i);
+        subscribers.push_back(subscriber(id, port));
+        publishers.push_back(std::make_unique<publisher>(port));
+        CHECK(publishers.back()->push(id, "warm-up") == 1);  // its session is past the accept and reading
+        CHECK(subscribers.back()->read() == "warm-up");
+    }
+    REQUIRE(kill(server.pid(), SIGSTOP) == 0);
+    int status = 0;
+    REQUIRE(waitpid(server.pid(), &status, WUNTRACED) == server.pid());
+    REQUIRE(WIFSTOPPED(status));
+    for (int i = 0; i < n; ++i) {
+        const auto body = "m" + std::to_string(i);
+        const auto bytes = "POST /api/v1/ws/together-" + std::to_string(i) +
+                           " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + std::to_string(body.size()) +
+                           "\r\n\r\n" + body;
+        net::write(publishers[i]->stream.socket(), net::buffer(bytes));
+    }
+    REQUIRE(kill(server.pid(), SIGCONT) == 0);
+
+    const auto answer = [&](int i) {
+        auto& p = *publishers[i];
+        http::response<http::string_body> res;
+        p.stream.expires_after(io_timeout);
+        REQUIRE_FALSE(run(p.ioc, [&](auto done) { http::async_read(p.stream, p.buffer, res, done); }));
+        return res.body();
+    };
+    CHECK(answer(0) == push_answer("m0", 1));
+    int delivered = 0;  // messages already in their subscriber's socket as the first answer arrives
+    for (auto& s : subscribers) {
+        int queued = 0;
+        REQUIRE(ioctl(beast::get_lowest_layer(s->ws).socket().native_handle(), FIONREAD, &queued) == 0);
+        if (queued > 0) ++delivered;
+    }
+    CHECK(delivered == n);
+    for (int i = 1; i < n; ++i) CHECK(answer(i) == push_answer("m" + std::to_string(i), 1));
+    for (int i = 0; i < n; ++i) CHECK(subscribers[i]->read() == "m" + std::to_string(i));
 }
 
 TEST_CASE("SIGINT with no clients exits 0; --help exits 0; a bad option exits 2") {
