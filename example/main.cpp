@@ -1238,8 +1238,9 @@ net::awaitable<void> http_session(State& state, Stream stream) {
             co_return;
         }
         const bool pushes = r.kind == route_kind::push_body || r.kind == route_kind::push_path;
+        const bool awaited = pushes && (positioned(state) || writers_behind(state));
         response res;
-        if (pushes && (positioned(state) || writers_behind(state)))  // not a ?: g++ 12 miscompiles co_await in one
+        if (awaited)  // not a ?: g++ 12 miscompiles co_await in one
             res = co_await awaited_push(state, req, r);
         else
             res = handle(state, req, r);
@@ -1253,11 +1254,13 @@ net::awaitable<void> http_session(State& state, Stream stream) {
         // must come back through the accept (and its limits) now and then.
         if (served + 1 >= state.options.max_requests_per_connection) res.keep_alive(false);
         const bool keep_alive = res.keep_alive();
-        // A push's answer waits behind whatever else is ready (the other publishers' requests
-        // read in the same wake-up): their deliveries leave before this answer, not after it.
-        // Deliveries are what the subscribers wait for; the answer only tells a publisher that the
-        // message is queued (issue 15's targeted latency, bench/README.md "Deliveries before answers").
-        if (pushes) co_await net::post(co_await net::this_coro::executor, net::use_awaitable);
+        // A push sent here in this turn has its answer wait behind whatever else is ready (the
+        // other publishers' requests read in the same wake-up): their deliveries leave before this
+        // answer, not after it. Deliveries are what the subscribers wait for; the answer only tells
+        // a publisher that the message is queued (bench/README.md "Deliveries before answers"). An
+        // awaited push has already let the others go first, and through Redis its deliveries come
+        // later anyway.
+        if (pushes && !awaited) co_await net::post(co_await net::this_coro::executor, net::use_awaitable);
         co_await write_answer(stream, res, head, ec);
         if (ec || !keep_alive) break;
     }
