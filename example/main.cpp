@@ -12,7 +12,7 @@
 //
 // Read it top to bottom: register on accept (subscribe), push on publish (push), unregister on
 // close (inside manager.accept_and_serve). The session code is written once for both transports:
-// Stream is beast::tcp_stream or beast::ssl_stream<beast::tcp_stream>.
+// Stream is beast::tcp_stream or tls_stream (tls_stream.hpp).
 
 #include "wsbroadcast.hpp"
 
@@ -28,15 +28,14 @@
 #include "redis_relay.hpp"
 #include "routes.hpp"
 #include "systemd.hpp"
+#include "tls_stream.hpp"
 
 #include <boost/json/src.hpp>  // Boost.JSON, compiled here (header-only use): protocol.hpp reads commands
 
 #include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket.hpp>
-#include <boost/beast/websocket/ssl.hpp>
 #include <boost/version.hpp>
 
 #include <CLI/CLI.hpp>
@@ -616,7 +615,7 @@ net::awaitable<void> write_answer(Stream& stream, const response& res, std::stri
 
 // What a WebSocket runs over once the HTTP session hands it off: the bare socket for plain TCP (the
 // timers of a tcp_stream serve the HTTP timeouts and would cost memory on every idle connection;
-// the manager's liveness rule takes over), the TLS stream as it is.
+// the manager's liveness rule takes over), the TLS stream as it is (without its timer).
 template <class Stream>
 struct websocket_transport {
     using type = Stream;
@@ -672,7 +671,7 @@ struct server_state {
     const server_options& options;
     std::shared_ptr<relay_type> relay;  // with --redis; the manager holds it too
     manager_type manager;
-    tls_contexts* tls = nullptr;          // set when Stream is an ssl_stream
+    tls_contexts* tls = nullptr;          // set when Stream is a tls_stream
     std::atomic<std::size_t> pending{0};  // HTTP sessions not handed to the manager (--max-pending-connections)
     std::atomic<bool> draining{false};    // SIGINT/SIGTERM: /readyz says 503 while connections close
 };
@@ -1138,7 +1137,7 @@ void subscribe(State& state, Stream stream, request req, std::vector<std::string
         if constexpr (std::is_same_v<Stream, beast::tcp_stream>) {
             return typename State::ws_stream(stream.release_socket());
         } else {
-            lowest(stream).expires_never();
+            stream.expires_never();
             return typename State::ws_stream(std::move(stream));
         }
     }();
@@ -1151,13 +1150,7 @@ void subscribe(State& state, Stream stream, request req, std::vector<std::string
     std::string who;  // built for the debug log only: it is kept as long as the connection
     if (current_log_level >= log_level::debug) {
         beast::error_code ignored;
-        const auto& socket = [&]() -> auto& {
-            if constexpr (std::is_same_v<Stream, beast::tcp_stream>)
-                return lowest(ws);
-            else
-                return lowest(ws).socket();
-        }();
-        const auto peer = socket.remote_endpoint(ignored);
+        const auto peer = lowest(ws).remote_endpoint(ignored);
         who = "WebSocket " + what + (multiplexed ? " (wsbroadcast.v1)" : "") + " from " + peer.address().to_string() +
               ":" + std::to_string(peer.port());
         log(log_level::debug, who + " opening");
@@ -1192,7 +1185,7 @@ net::awaitable<void> http_session(State& state, Stream stream) {
     bool first = true;
     beast::error_code ec;
     if constexpr (!std::is_same_v<Stream, beast::tcp_stream>) {
-        lowest(stream).expires_after(handshake_timeout);
+        stream.expires_after(handshake_timeout);
         co_await stream.async_handshake(ssl::stream_base::server, net::redirect_error(net::use_awaitable, ec));
         if (ec) co_return;  // not TLS, or a client that gave up: nothing to answer
     }
@@ -1204,7 +1197,7 @@ net::awaitable<void> http_session(State& state, Stream stream) {
         parser.body_limit(state.options.max_message_bytes);
         // The first request must come soon (a silent connection is a probe or an attack); a
         // keep-alive connection between pushes may wait longer.
-        lowest(stream).expires_after(std::exchange(first, false) ? handshake_timeout : http_timeout);
+        stream.expires_after(std::exchange(first, false) ? handshake_timeout : http_timeout);
         co_await http::async_read(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
         if (ec == http::error::end_of_stream || ec == beast::error::timeout || ec == net::error::eof) break;
         if (ec) {
@@ -1267,7 +1260,7 @@ net::awaitable<void> http_session(State& state, Stream stream) {
     if constexpr (std::is_same_v<Stream, beast::tcp_stream>) {
         stream.socket().shutdown(tcp::socket::shutdown_send, ec);
     } else {
-        lowest(stream).expires_after(5s);
+        stream.expires_after(5s);
         co_await stream.async_shutdown(net::redirect_error(net::use_awaitable, ec));
     }
 }
@@ -1328,10 +1321,8 @@ net::awaitable<void> accept_loop(State& state, net::io_context& ioc, tcp::accept
             net::co_spawn(executor, http_session(state, beast::tcp_stream(std::move(socket))),
                           log_exception("session"));
         } else {
-            net::co_spawn(
-                executor,
-                http_session(state, beast::ssl_stream<beast::tcp_stream>(std::move(socket), state.tls->current())),
-                log_exception("session"));
+            net::co_spawn(executor, http_session(state, tls_stream(std::move(socket), state.tls->current())),
+                          log_exception("session"));
         }
     }
 }
@@ -1546,5 +1537,5 @@ int main(int argc, char** argv) {
         std::cerr << "wsbroadcast-server: cannot load the TLS certificate or key: " << e.what() << '\n';
         return 2;
     }
-    return run<beast::ssl_stream<beast::tcp_stream>>(*options, inherited, &*tls);
+    return run<tls_stream>(*options, inherited, &*tls);
 }
