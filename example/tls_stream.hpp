@@ -256,7 +256,7 @@ private:
             switch (step_) {
             case step::completing: return self.complete(result_, bytes_);
             case step::sending:
-                core_->writing = std::string();  // an idle connection keeps no buffer
+                std::string().swap(core_->writing);  // an idle connection keeps no buffer (`= {}` would keep it)
                 if (ec) return finish(self, ec);
                 if (!core_->output.empty()) return send(self);  // a read's or a close's, meanwhile
                 if (!wants_input_) return finish(self, result_);
@@ -313,6 +313,7 @@ private:
             error_code ignored;
             const auto sent = core_->socket->send(boost::asio::buffer(core_->output), 0, ignored);
             core_->output.erase(0, sent);
+            if (core_->output.empty()) std::string().swap(core_->output);  // nor here
         }
 
         template <class Self>

@@ -1660,7 +1660,7 @@ TEST_CASE("TLS: an idle wss:// connection keeps no TLS record buffers (Asio's ss
     std::this_thread::sleep_for(200ms);  // the last handshakes' reads settle into their idle wait
     const double per_connection = static_cast<double>(rss_kib(server.pid()) - before) / idle;
     MESSAGE("server RSS per idle wss:// connection: " << per_connection << " KiB");
-    // About 25 KiB here: Beast's WebSocket state (5 KiB, as over ws://), OpenSSL's SSL object and
+    // About 20 KiB here: Beast's WebSocket state (5 KiB, as over ws://), OpenSSL's SSL object and
     // keys. Asio's ssl::stream added two zero-filled 17 KiB buffers and a BIO pair: about 70.
     if (!sanitized) CHECK(per_connection < 40);
 

@@ -8,7 +8,7 @@
 # Each JSON line is printed after "V CASE ", with the UTC time at the start and at the end.
 # CASE: targeted8 (targeted, 8 publishers), rate (1,000 subscribers on one id, 20 pushes/s, 200
 # pushes), rateN (the same with N subscribers), or any loadgen scenario with its defaults
-# (targeted, fanout, ...).
+# (targeted, fanout, ...); a CASE ending in -tls runs over wss:// and https:// (idle-tls, ...).
 set -u
 cd "$(dirname "$0")/../.." || exit 2
 loadgen=${LOADGEN:-build/bench/bench/wsbroadcast-loadgen}
@@ -20,15 +20,17 @@ for ((r = 1; r <= rounds; r++)); do
   order="$first $second"
   ((r % 2)) || order="$second $first"
   for case in "$@"; do
-    case $case in
+    name=${case%-tls} tls=()
+    [ "$name" != "$case" ] && tls=(--tls)
+    case $name in
       targeted8) args=(--scenario targeted --publishers 8) ;;
-      rate*) n=${case#rate} args=(--scenario rate --subscribers "${n:-1000}" --rate 20 --messages 200) ;;
-      *) args=(--scenario "$case") ;;
+      rate*) n=${name#rate} args=(--scenario rate --subscribers "${n:-1000}" --rate 20 --messages 200) ;;
+      *) args=(--scenario "$name") ;;
     esac
     for v in $order; do
       server=(--server "/tmp/bin-$v/wsbroadcast-server")
       [ "$v" = naive ] && server=(--server-kind naive --server build/bench/beast_naive)
-      taskset -c 1 "$loadgen" "${server[@]}" "${args[@]}" --server-threads 1 --server-cpus 0 2>/dev/null |
+      taskset -c 1 "$loadgen" "${server[@]}" "${args[@]}" "${tls[@]}" --server-threads 1 --server-cpus 0 2>/dev/null |
         sed "s/^/$v $case /"
     done
   done
