@@ -1709,7 +1709,8 @@ TEST_CASE("TLS: the handshake deadline; messages over many records, in order; th
         // What the client sends spans records too: read and ignored below the limit, closed with
         // 1009 above it.
         beast::get_lowest_layer(ws).expires_after(io_timeout);
-        REQUIRE_FALSE(run(clients.ioc, [&](auto done) { ws.async_write(net::buffer(std::string(40000, 'c')), done); }));
+        const std::string below(40000, 'c'), above(70000, 'o');  // alive until their writes complete
+        REQUIRE_FALSE(run(clients.ioc, [&](auto done) { ws.async_write(net::buffer(below), done); }));
         publisher.push("records", "after 40000 bytes");
         CHECK(clients.read(ws) == "after 40000 bytes");
 
@@ -1719,7 +1720,7 @@ TEST_CASE("TLS: the handshake deadline; messages over many records, in order; th
         beast::get_lowest_layer(closing).expires_after(io_timeout);
         CHECK_FALSE(run(clients.ioc, [&](auto done) { closing.async_close(websocket::close_code::normal, done); }));
 
-        REQUIRE_FALSE(run(clients.ioc, [&](auto done) { ws.async_write(net::buffer(std::string(70000, 'o')), done); }));
+        REQUIRE_FALSE(run(clients.ioc, [&](auto done) { ws.async_write(net::buffer(above), done); }));
         beast::flat_buffer ignored;
         CHECK(run(clients.ioc, [&](auto done) { ws.async_read(ignored, done); }) == websocket::error::closed);
         CHECK(ws.reason().code == websocket::close_code::too_big);
