@@ -84,7 +84,6 @@ public:
     executor_type get_executor() noexcept { return socket_.get_executor(); }
     socket_type& next_layer() noexcept { return socket_; }
     const socket_type& next_layer() const noexcept { return socket_; }
-    SSL* native_handle() noexcept { return core_->ssl; }
 
     /// Like beast::tcp_stream's: once `d` has passed, what is pending fails with
     /// beast::error::timeout (the socket's operations are cancelled), and so does what starts later.
